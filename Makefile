@@ -1,0 +1,32 @@
+# dapeng — the two commands a fresh machine needs: `make run` and `make test`.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+
+.PHONY: install run test test-fast lint bench clean
+
+# Idempotent: re-installs only when pyproject.toml changed since the last install.
+install: $(STAMP)
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+run: install
+	$(BIN)/dapeng train examples/fashion-mnist-cnn.yaml --out runs/fashion-mnist-cnn
+
+test: install
+	$(BIN)/pytest -q -n 2 --dist loadgroup tests
+
+test-fast: install
+	$(BIN)/pytest -q -x tests/unit
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks examples
+
+bench: install
+	for b in benchmarks/*.py; do $(BIN)/python $$b --quick || exit 1; done
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

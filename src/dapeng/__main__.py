@@ -1,0 +1,5 @@
+import sys
+
+from dapeng.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,80 @@
+"""`dapeng` command line: one verb per stage, each a thin shell over the Python API.
+
+Each verb lives in `dapeng/cli/<verb>.py` and exposes
+`add_parser(subparsers) -> argparse.ArgumentParser` and `run(args) -> int`.
+Verb modules import torch only inside `run`, so `dapeng --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+
+from dapeng import __version__
+
+# verb name -> module under dapeng.cli (one explicit list, in the order of the life cycle)
+VERBS = {
+    "train": "train",
+    "eval": "evaluate",
+    "predict": "predict",
+    "explain": "explain",
+    "quantize": "quantize",
+    "distill": "distill",
+    "export": "export",
+    "serve": "serve",
+    "generate": "generate",
+    "embed": "embed",
+    "hub": "hub",
+    "data": "data",
+    "models": "models",
+}
+
+
+def _verb_modules() -> dict[str, str]:
+    return {
+        verb: f"dapeng.cli.{module}"
+        for verb, module in VERBS.items()
+        if importlib.util.find_spec(f"dapeng.cli.{module}") is not None
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dapeng",
+        description="Build, train, fine-tune, explain, compress and serve deep neural networks.",
+        epilog="Run `dapeng VERB --help` for an example of each verb.",
+    )
+    parser.add_argument("--version", action="version", version=f"dapeng {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for module in _verb_modules().values():
+        p = importlib.import_module(module).add_parser(sub)
+        p.set_defaults(_module=module)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "verb", None):
+        parser.print_help()
+        return 0
+    from dapeng.errors import DapengError
+
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except DapengError as err:
+        if args.debug:
+            raise
+        print(f"dapeng {args.verb}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dapeng {args.verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

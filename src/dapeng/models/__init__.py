@@ -1,0 +1,20 @@
+"""Architectures, one per file, built from `dapeng.layers`; the `MODELS` registry.
+
+Every model follows one contract (timm's): `forward_features(...)` returns features,
+`forward_head(features)` maps them to outputs, `reset_head(num_labels)` swaps the head
+for fine-tuning, and `forward(...)` is `forward_head(forward_features(...))`.
+Constructors take plain typed keyword arguments only.
+"""
+
+from __future__ import annotations
+
+from dapeng.registry import Registry
+
+MODELS: Registry = Registry("model")
+
+# The one explicit list of models: name -> "module:factory" (imported on first use).
+for _name, _target in {
+}.items():
+    MODELS.register(_name, _target)
+
+__all__ = ["MODELS"]

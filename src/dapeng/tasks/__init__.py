@@ -1,0 +1,14 @@
+"""Tasks: heads, losses, metrics, decoding and label maps, one file per task; the `TASKS` registry."""
+
+from __future__ import annotations
+
+from dapeng.registry import Registry
+
+TASKS: Registry = Registry("task")
+
+# The one explicit list of tasks: name -> "module:class" (imported on first use).
+for _name, _target in {
+}.items():
+    TASKS.register(_name, _target)
+
+__all__ = ["TASKS"]
