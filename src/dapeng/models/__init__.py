@@ -14,6 +14,14 @@ MODELS: Registry = Registry("model")
 
 # The one explicit list of models: name -> "module:factory" (imported on first use).
 for _name, _target in {
+    "mlp": "dapeng.models.mlp:MLP",
+    "lenet": "dapeng.models.lenet:LeNet",
+    "resnet": "dapeng.models.resnet:ResNet",
+    "textcnn": "dapeng.models.textcnn:TextCNN",
+    "rnn": "dapeng.models.rnn:rnn",
+    "gru": "dapeng.models.rnn:gru",
+    "lstm": "dapeng.models.rnn:lstm",
+    "transformer": "dapeng.models.transformer:TransformerEncoder",
 }.items():
     MODELS.register(_name, _target)
 

@@ -1,0 +1,213 @@
+"""Multi-head attention through `F.scaled_dot_product_attention`, with grouped-query heads and a KV cache.
+
+Attention weights are never materialised on the normal path (SDPA picks a fused kernel).
+Inside `capture_attention(model)` every attention layer computes them explicitly as well
+and appends them, in call order, to the list the context manager yields.
+
+Masks follow one convention everywhere: a bool tensor broadcastable to (B, H, T, S),
+True where a query may attend to a key. Models build a mask once per forward pass
+(`padding_mask`, `causal_mask`) and hand it to every layer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dapeng.layers.positions import apply_rotary
+
+
+def padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, S) bool/int, True for real tokens → (B, 1, 1, S) bool key mask.
+
+    A row with no real token at all attends to everything, so SDPA never sees an
+    all-False row (which would make NaNs).
+    """
+    keep = attention_mask.bool()
+    return (keep | ~keep.any(dim=1, keepdim=True))[:, None, None, :]
+
+
+def causal_mask(t: int, s: int | None = None, device: torch.device | None = None) -> torch.Tensor:
+    """(T, S) bool mask where query i (the last T of S positions) sees keys 0 … S-T+i."""
+    s = t if s is None else s
+    return torch.ones(t, s, dtype=torch.bool, device=device).tril(diagonal=s - t)
+
+
+class KVCache:
+    """A preallocated (static) key/value cache for one attention layer.
+
+    Keys and values are written in place at `pos`; attention reads the prefix
+    `[:pos + T]`. Nothing is reallocated while generating.
+
+    Args:
+        batch: number of sequences.
+        kv_heads: number of key/value heads.
+        max_len: capacity in positions.
+        head_dim: size of each head.
+        dtype: storage dtype.
+        device: storage device.
+    """
+
+    def __init__(
+        self,
+        batch: int,
+        kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.k = torch.zeros(batch, kv_heads, max_len, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write (B, Hkv, T, Dh) keys/values at `pos`; return the cached prefix (B, Hkv, pos + T, Dh)."""
+        end = pos + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions, asked to write up to {end}")
+        self.k[:, :, pos:end] = k
+        self.v[:, :, pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows `index` (beam search): row i becomes old row index[i]."""
+        self.k = self.k.index_select(0, index)
+        self.v = self.v.index_select(0, index)
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head (and grouped-query) attention with projections `q`, `k`, `v`, `o`.
+
+    Args:
+        dim: model width of the queries' input.
+        num_heads: query heads.
+        num_kv_heads: key/value heads (GQA when fewer than `num_heads`; default: `num_heads`).
+        head_dim: size of each head (default: `dim // num_heads`).
+        bias: whether q/k/v/o have biases (BERT: yes; Llama: no).
+        dropout: attention-probability dropout while training.
+        kv_dim: width of the keys' input for cross-attention (default: `dim`).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        bias: bool = True,
+        dropout: float = 0.0,
+        kv_dim: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads or num_heads
+        if num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        self.head_dim = head_dim or dim // num_heads
+        self.dropout = dropout
+        kv_dim = kv_dim or dim
+        self.q = nn.Linear(dim, num_heads * self.head_dim, bias=bias)
+        self.k = nn.Linear(kv_dim, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v = nn.Linear(kv_dim, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o = nn.Linear(num_heads * self.head_dim, dim, bias=bias)
+        # set by capture_attention: a list to append (B, H, T, S) weights to, or None
+        self.record: list[torch.Tensor] | None = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        causal: bool = False,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: KVCache | None = None,
+        pos: int = 0,
+    ) -> torch.Tensor:
+        """Attend from `x` (B, T, D) to `context` (B, S, D') or to itself.
+
+        Args:
+            x: queries' input.
+            context: keys' and values' input for cross-attention; None for self-attention.
+            mask: bool, broadcastable to (B, H, T, S), True where attention is allowed.
+            causal: also forbid keys after each query (aligned so the last query sees every key).
+            rope: (cos, sin) from `RotaryEmbedding` to rotate queries and keys.
+            cache: a KVCache to write this step's keys/values into at `pos` and read the prefix from.
+            pos: position of x's first token in the cache.
+        """
+        b, t, _ = x.shape
+        src = x if context is None else context
+        q = self.q(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
+        k = self.k(src).view(b, src.shape[1], self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, Dh)
+        v = self.v(src).view(b, src.shape[1], self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, Dh)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None:
+            k, v = cache.update(k, v, pos)
+        s = k.shape[2]
+        if causal and (mask is not None or s != t):
+            cm = causal_mask(t, s, device=x.device)
+            mask = cm if mask is None else mask & cm
+            causal = False
+        if self.record is None:
+            y = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                dropout_p=self.dropout if self.training else 0.0,
+                is_causal=causal,
+                enable_gqa=self.num_kv_heads != self.num_heads,
+            )
+        else:
+            y = self._attend_explicitly(q, k, v, mask, causal)
+        return self.o(y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))  # (B, T, D)
+
+    def _attend_explicitly(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool
+    ) -> torch.Tensor:
+        """Softmax attention with the weights in hand, recorded for `capture_attention`."""
+        groups = self.num_heads // self.num_kv_heads
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, T, S)
+        if causal:
+            mask = causal_mask(q.shape[2], k.shape[2], device=q.device)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        weights = scores.float().softmax(dim=-1).to(q.dtype)  # (B, H, T, S)
+        self.record.append(weights)
+        if self.training and self.dropout > 0:
+            weights = F.dropout(weights, self.dropout)
+        return weights @ v  # (B, H, T, Dh)
+
+
+@contextmanager
+def capture_attention(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Record the attention weights of every `MultiHeadAttention` in `model` while inside the block.
+
+    Yields a list that fills, in call order (layer order), with one (B, H, T, S) tensor per
+    attention call; rows sum to 1. The model's outputs are unchanged.
+
+    Example:
+        >>> with capture_attention(model) as maps:
+        ...     logits = model(input_ids, attention_mask)
+        >>> len(maps)  # number of attention layers
+    """
+    maps: list[torch.Tensor] = []
+    layers = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
+    for layer in layers:
+        layer.record = maps
+    try:
+        yield maps
+    finally:
+        for layer in layers:
+            layer.record = None

@@ -1,0 +1,159 @@
+"""A Transformer encoder laid out like BERT (Devlin et al. 2019), for classification, tagging and embeddings.
+
+Module names mirror BERT's so converted checkpoints (e.g. MiniLM-L6) load one-to-one:
+
+    embeddings.word / .position / .token_type / .norm
+    layers[i].attn.q / .k / .v / .o, layers[i].norm1, layers[i].ffn.up / .down, layers[i].norm2
+
+(The Hugging Face name mapping lives in `dapeng.hub`, not here.)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dapeng.errors import ModelError
+from dapeng.layers.attention import padding_mask
+from dapeng.layers.blocks import EncoderBlock
+from dapeng.layers.pooling import pool_sequence
+from dapeng.layers.positions import LearnedPositions
+
+
+class Embeddings(nn.Module):
+    """Word + learned absolute position + token-type embeddings, then LayerNorm and dropout (BERT)."""
+
+    def __init__(
+        self, vocab_size: int, hidden: int, max_positions: int, type_vocab_size: int, pad_id: int, eps: float, dropout: float
+    ) -> None:
+        super().__init__()
+        self.word = nn.Embedding(vocab_size, hidden, padding_idx=pad_id)
+        self.position = LearnedPositions(max_positions, hidden)
+        self.token_type = nn.Embedding(type_vocab_size, hidden) if type_vocab_size > 0 else None
+        self.norm = nn.LayerNorm(hidden, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        t = input_ids.shape[1]
+        x = self.word(input_ids) + self.position(torch.arange(t, device=input_ids.device))  # (B, T, D)
+        if self.token_type is not None:
+            # BERT adds type 0 when no segment ids are given
+            x = x + (self.token_type(token_type_ids) if token_type_ids is not None else self.token_type.weight[0])
+        return self.dropout(self.norm(x))
+
+
+class TransformerEncoder(nn.Module):
+    """BERT-layout encoder with a pooling + linear head.
+
+    Args:
+        vocab_size: token vocabulary size.
+        num_labels: classes (per text, or per token with pooling="none").
+        pad_id: id of the padding token.
+        hidden: model width (MiniLM-L6: 384).
+        layers: encoder blocks (MiniLM-L6: 6).
+        heads: attention heads (MiniLM-L6: 12).
+        intermediate: feed-forward inner width (MiniLM-L6: 1536).
+        max_positions: longest input (BERT: 512).
+        type_vocab_size: segment types (BERT: 2; 0 for none).
+        layer_norm_eps: LayerNorm epsilon (BERT: 1e-12).
+        norm_first: pre-LN blocks plus a final LayerNorm; False is BERT's post-LN.
+        dropout: embedding, attention and residual dropout, and before the head.
+        pooling: "cls" (first token), "mean", "max" or "none" (per-token outputs for tagging).
+        activation: feed-forward activation ("gelu": exact erf, as BERT).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        num_labels: int = 2,
+        pad_id: int = 0,
+        hidden: int = 256,
+        layers: int = 4,
+        heads: int = 4,
+        intermediate: int = 1024,
+        max_positions: int = 512,
+        type_vocab_size: int = 2,
+        layer_norm_eps: float = 1e-12,
+        norm_first: bool = False,
+        dropout: float = 0.1,
+        pooling: str = "mean",
+        activation: str = "gelu",
+    ) -> None:
+        super().__init__()
+        if pooling not in ("cls", "mean", "max", "none"):
+            raise ValueError(f"unknown pooling {pooling!r} for transformer; choose cls, mean, max or none")
+        self.pooling = pooling
+        self.max_positions = max_positions
+        self.embeddings = Embeddings(vocab_size, hidden, max_positions, type_vocab_size, pad_id, layer_norm_eps, dropout)
+        self.layers = nn.ModuleList(
+            EncoderBlock(hidden, heads, intermediate, dropout, layer_norm_eps, norm_first, activation)
+            for _ in range(layers)
+        )
+        self.final_norm = nn.LayerNorm(hidden, eps=layer_norm_eps) if norm_first else None
+        self.dropout = nn.Dropout(dropout)
+        self.num_features = hidden
+        self.head = nn.Linear(hidden, num_labels)
+        self.apply(_init_bert)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.word
+
+    def encode(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token ids (B, T) → final hidden states (B, T, D) (BERT's `last_hidden_state`)."""
+        if input_ids.shape[1] > self.max_positions:
+            raise ModelError(
+                f"input of {input_ids.shape[1]} tokens exceeds max_positions={self.max_positions}",
+                "truncate the input or build the model with a larger max_positions",
+            )
+        mask = padding_mask(attention_mask) if attention_mask is not None else None  # (B, 1, 1, T)
+        x = self.embeddings(input_ids, token_type_ids)  # (B, T, D)
+        for layer in self.layers:
+            x = layer(x, mask)
+        return self.final_norm(x) if self.final_norm is not None else x
+
+    def forward_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Pooled features (B, D), or per-token (B, T, D) with pooling="none"."""
+        x = self.encode(input_ids, attention_mask, token_type_ids)
+        mask = attention_mask.bool() if attention_mask is not None else None
+        return pool_sequence(x, mask, self.pooling)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(features))  # (B, K) or (B, T, K)
+
+    def reset_head(self, num_labels: int) -> None:
+        self.head = nn.Linear(self.num_features, num_labels)
+        _init_bert(self.head)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, T) token ids, (B, T) bool mask → (B, K) logits, or (B, T, K) with pooling="none"."""
+        return self.forward_head(self.forward_features(input_ids, attention_mask, token_type_ids))
+
+
+def _init_bert(module: nn.Module) -> None:
+    """BERT's initialisation: N(0, 0.02) weights, zero biases, unit LayerNorm, zero padding row."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+    elif isinstance(module, LearnedPositions):
+        nn.init.normal_(module.weight, std=0.02)
