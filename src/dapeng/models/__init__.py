@@ -22,6 +22,7 @@ for _name, _target in {
     "gru": "dapeng.models.rnn:gru",
     "lstm": "dapeng.models.rnn:lstm",
     "transformer": "dapeng.models.transformer:TransformerEncoder",
+    "lm": "dapeng.models.lm:LlamaLM",
 }.items():
     MODELS.register(_name, _target)
 

@@ -1,0 +1,315 @@
+"""A decoder-only language model laid out like Llama (Touvron et al. 2023), with fast KV-cache generation.
+
+Pre-RMSNorm blocks, rotary positions (rotate-half layout, base `rope_theta`), grouped-query
+attention through SDPA's `enable_gqa` (keys/values are never repeated per head), SwiGLU
+feed-forward, optionally tied input/output embeddings. Module names:
+
+    embed, layers[i].norm1, layers[i].attn.q / .k / .v / .o, layers[i].norm2,
+    layers[i].ffn.gate / .up / .down, norm, lm_head (absent when tied)
+
+SmolLM2-135M: vocab_size=49152, hidden=576, layers=30, heads=9, kv_heads=3,
+intermediate=1536, rope_theta=100000, rms_norm_eps=1e-5, tie_embeddings=True.
+
+Decoding is eager and lean (per-op overhead dominates on CPU): one static, preallocated
+KV cache per layer written in place, the RoPE tables gathered once per step for all layers,
+no mask at all for unpadded batches, and the vocabulary projection only for the last position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dapeng.errors import ModelError
+from dapeng.layers.attention import KVCache, MultiHeadAttention, causal_mask
+from dapeng.layers.feedforward import SwiGLU
+from dapeng.layers.norms import RMSNorm
+from dapeng.layers.positions import RotaryEmbedding
+
+
+class DecoderBlock(nn.Module):
+    """`x + attn(norm1(x))`, then `x + ffn(norm2(x))` (Llama's pre-norm residual block)."""
+
+    def __init__(
+        self, hidden: int, heads: int, kv_heads: int, head_dim: int, intermediate: int, eps: float, dropout: float
+    ) -> None:
+        super().__init__()
+        self.norm1 = RMSNorm(hidden, eps)
+        self.attn = MultiHeadAttention(hidden, heads, kv_heads, head_dim, bias=False, dropout=dropout)
+        self.norm2 = RMSNorm(hidden, eps)
+        self.ffn = SwiGLU(hidden, intermediate, dropout=dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        causal: bool,
+        cache: KVCache | None = None,
+        pos: int = 0,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), mask=mask, causal=causal, rope=rope, cache=cache, pos=pos)
+        return x + self.ffn(self.norm2(x))  # (B, T, D)
+
+
+class LlamaLM(nn.Module):
+    """Llama-layout causal language model.
+
+    Args:
+        vocab_size: token vocabulary size.
+        pad_id: id used to fill finished rows while generating (Llama itself has no padding row).
+        hidden: model width.
+        layers: decoder blocks.
+        heads: query heads.
+        kv_heads: key/value heads (grouped-query attention when fewer than `heads`).
+        intermediate: SwiGLU inner width.
+        head_dim: size of each head (default hidden // heads).
+        max_positions: longest context (RoPE table size).
+        rope_theta: RoPE base.
+        rms_norm_eps: RMSNorm epsilon.
+        tie_embeddings: reuse the input embedding matrix as the output projection.
+        dropout: attention and residual dropout while training (Llama: 0).
+        num_labels: output size of the head; default vocab_size (a language model).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        pad_id: int = 0,
+        hidden: int = 256,
+        layers: int = 4,
+        heads: int = 8,
+        kv_heads: int = 4,
+        intermediate: int = 768,
+        head_dim: int | None = None,
+        max_positions: int = 1024,
+        rope_theta: float = 10000.0,
+        rms_norm_eps: float = 1e-5,
+        tie_embeddings: bool = True,
+        dropout: float = 0.0,
+        num_labels: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.pad_id = pad_id
+        self.kv_heads = kv_heads
+        self.head_dim = head_dim or hidden // heads
+        self.max_positions = max_positions
+        self.embed = nn.Embedding(vocab_size, hidden)
+        self.rope = RotaryEmbedding(self.head_dim, max_positions, rope_theta)
+        self.layers = nn.ModuleList(
+            DecoderBlock(hidden, heads, kv_heads, self.head_dim, intermediate, rms_norm_eps, dropout)
+            for _ in range(layers)
+        )
+        self.norm = RMSNorm(hidden, rms_norm_eps)
+        self.num_features = hidden
+        tied = tie_embeddings and (num_labels is None or num_labels == vocab_size)
+        # tied: no lm_head module at all, so the state dict holds one copy (safetensors refuses shared tensors)
+        self.lm_head = None if tied else nn.Linear(hidden, num_labels or vocab_size, bias=False)
+        self.apply(_init_llama)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed
+
+    def _check_length(self, length: int) -> None:
+        if length > self.max_positions:
+            raise ModelError(
+                f"{length} positions exceed max_positions={self.max_positions}",
+                "shorten the prompt or max_new_tokens, or build the model with a larger max_positions",
+            )
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids (B, T) → final normed hidden states (B, T, D).
+
+        `attention_mask` (B, T) marks real tokens; left or right padding both work, because
+        positions count real tokens only and padded keys are masked.
+        """
+        t = input_ids.shape[1]
+        self._check_length(t)
+        x = self.embed(input_ids)  # (B, T, D)
+        if attention_mask is None:
+            rope = self.rope(torch.arange(t, device=x.device), x.dtype)
+            mask, causal = None, True
+        else:
+            keep = attention_mask.bool()
+            rope = self.rope(_positions(keep), x.dtype)
+            mask, causal = _prefix_mask(keep, t), False  # (B, 1, T, T)
+        for layer in self.layers:
+            x = layer(x, rope, mask, causal)
+        return self.norm(x)
+
+    def forward_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.encode(input_ids, attention_mask)  # (B, T, D)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        if self.lm_head is None:
+            return F.linear(features, self.embed.weight)  # (…, V)
+        return self.lm_head(features)
+
+    def reset_head(self, num_labels: int) -> None:
+        """A fresh, untied (hidden → num_labels) output projection."""
+        self.lm_head = nn.Linear(self.num_features, num_labels, bias=False)
+        _init_llama(self.lm_head)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) token ids → (B, T, V) next-token logits."""
+        return self.forward_head(self.forward_features(input_ids, attention_mask))
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> list[KVCache]:
+        """One preallocated KVCache per layer for `batch` sequences of up to `max_len` positions."""
+        self._check_length(max_len)
+        weight = self.embed.weight
+        return [
+            KVCache(batch, self.kv_heads, max_len, self.head_dim, dtype or weight.dtype, weight.device)
+            for _ in self.layers
+        ]
+
+    def _step(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        caches: list[KVCache],
+        pos: int,
+        mask: torch.Tensor | None,
+        causal: bool,
+    ) -> torch.Tensor:
+        """Run `input_ids` (B, T) written at cache slot `pos`; return logits of the last position (B, V)."""
+        x = self.embed(input_ids)  # (B, T, D)
+        rope = self.rope(positions, x.dtype)
+        for layer, cache in zip(self.layers, caches):
+            x = layer(x, rope, mask, causal, cache, pos)
+        return self.forward_head(self.norm(x[:, -1]))  # (B, V)
+
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        stop_ids: Sequence[int] = (),
+        stream: bool = False,
+        attention_mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor | Iterator[int | list[int]]:
+        """Continue prompts with a KV cache: greedy when temperature is 0, else sampled.
+
+        Args:
+            input_ids: (B, T) prompts; left-pad a batch of different lengths and pass `attention_mask`.
+            max_new_tokens: tokens to add at most.
+            temperature: 0 picks the most likely token; otherwise logits are divided by it and sampled.
+            top_k: sample only among the k most likely tokens.
+            top_p: sample only from the smallest set of tokens whose probability reaches p (nucleus).
+            stop_ids: a row ends after producing one of these (kept in the output); generation stops
+                when every row has ended, and ended rows are filled with `pad_id`.
+            stream: return an iterator over new tokens instead (an int per step for one row,
+                a list of ints per step for a batch).
+            attention_mask: (B, T) bool, True for real prompt tokens.
+            generator: random generator for reproducible sampling.
+
+        Returns:
+            (B, T + new) token ids, prompts included; or the iterator when streaming.
+        """
+        steps = self._generate_steps(
+            input_ids, max_new_tokens, temperature, top_k, top_p, stop_ids, attention_mask, generator
+        )
+        if stream:
+            return _as_python(steps, input_ids.shape[0])
+        new = list(steps)
+        if not new:
+            return input_ids.clone()
+        return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1)
+
+    @torch.inference_mode()
+    def _generate_steps(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float,
+        top_k: int | None,
+        top_p: float | None,
+        stop_ids: Sequence[int],
+        attention_mask: torch.Tensor | None,
+        generator: torch.Generator | None,
+    ) -> Iterator[torch.Tensor]:
+        """Yield (B,) new tokens, one step at a time."""
+        b, t = input_ids.shape
+        total = t + max_new_tokens
+        caches = self.new_cache(b, total)
+        device = input_ids.device
+        if attention_mask is None:
+            keys = None
+            positions = torch.arange(t, device=device)
+            logits = self._step(input_ids, positions, caches, 0, None, True)
+            next_pos = torch.tensor([t], device=device)
+        else:
+            keys = torch.ones(b, total, dtype=torch.bool, device=device)
+            keys[:, :t] = attention_mask.bool()
+            positions = _positions(keys[:, :t])  # (B, T)
+            logits = self._step(input_ids, positions, caches, 0, _prefix_mask(keys[:, :t], t), False)
+            next_pos = positions[:, -1:] + 1  # (B, 1)
+        stops = torch.tensor(list(stop_ids), device=device) if stop_ids else None
+        finished = torch.zeros(b, dtype=torch.bool, device=device)
+        for i in range(max_new_tokens):
+            token = _select(logits, temperature, top_k, top_p, generator)  # (B,)
+            if stops is not None:
+                token = token.masked_fill(finished, self.pad_id)
+                finished |= torch.isin(token, stops)
+            yield token
+            if i == max_new_tokens - 1 or (stops is not None and bool(finished.all())):
+                return
+            pos = t + i
+            # one query per row attends to every cached key: no causal mask is needed
+            mask = None if keys is None else keys[:, None, None, : pos + 1]
+            logits = self._step(token[:, None], next_pos, caches, pos, mask, False)
+            next_pos = next_pos + 1
+
+
+def _positions(keep: torch.Tensor) -> torch.Tensor:
+    """Positions that count real tokens only, so left-padded rows start at 0: (B, T) long."""
+    return (keep.long().cumsum(dim=1) - 1).clamp_min(0)
+
+
+def _prefix_mask(keep: torch.Tensor, t: int) -> torch.Tensor:
+    """(B, 1, T, T): causal and no padded keys; each query may always see itself, so padded rows aren't NaN."""
+    allowed = causal_mask(t, device=keep.device) & keep[:, None, None, :]
+    return allowed | torch.eye(t, dtype=torch.bool, device=keep.device)
+
+
+def _select(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Pick the next token (B,) from (B, V) logits: argmax, or temperature / top-k / top-p sampling."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token when the tokens before it already reach top_p (the first always stays)
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+def _as_python(steps: Iterator[torch.Tensor], batch: int) -> Iterator[int | list[int]]:
+    for token in steps:
+        yield int(token[0]) if batch == 1 else token.tolist()
+
+
+def _init_llama(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear | nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
