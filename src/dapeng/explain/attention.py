@@ -1,0 +1,112 @@
+"""Attention maps: every layer's and head's weights, rollout across layers, an LLM's
+attention over its prompt.
+
+The weights come from `dapeng.layers.attention.capture_attention(model)`: inside it every
+attention layer also records its (B, H, T, S) weights, in layer order; outside it
+attention runs through SDPA and materialises none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from dapeng.errors import ModelError
+
+
+def capture(model: nn.Module, run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Run `run()` (a forward of `model`) and return its output and the attention maps.
+
+    Raises:
+        ModelError: the model has no attention layers.
+    """
+    from dapeng.layers.attention import capture_attention
+
+    with torch.no_grad(), capture_attention(model) as maps:
+        out = run()
+    maps = [m.detach().float() for m in maps]
+    if not maps:
+        raise ModelError(
+            f"{type(model).__name__} has no attention layers",
+            "use --method ig or saliency, or a transformer model",
+        )
+    return out, maps
+
+
+def rollout(maps: list[torch.Tensor], residual: float = 0.5) -> torch.Tensor:
+    """Attention rollout (Abnar & Zuidema, 2020): how much each output position draws on
+    each input position once the residual paths of every layer are accounted for.
+
+    Each layer's head-averaged weights are mixed with the identity (the residual stream),
+    rows renormalised, and the layers multiplied from the first up.
+
+    Args:
+        maps: per layer (B, H, T, T) self-attention weights; cross-attention layers
+            (T != S) are skipped, since they do not map the sequence onto itself.
+        residual: the weight of the identity in each layer's mix.
+
+    Returns:
+        (B, T, T) whose rows sum to 1.
+    """
+    self_maps = [m for m in maps if m.shape[-1] == m.shape[-2]]
+    if not self_maps:
+        raise ModelError("no self-attention layers to roll out", "use --method attention")
+    batch, _, length, _ = self_maps[0].shape
+    eye = torch.eye(length, dtype=torch.float32, device=self_maps[0].device).expand(batch, -1, -1)
+    result = eye
+    for weights in self_maps:
+        mixed = residual * eye + (1 - residual) * weights.float().mean(1)  # (B, T, T)
+        mixed = mixed / mixed.sum(-1, keepdim=True)
+        result = mixed @ result
+    return result
+
+
+def token_importance(roll: torch.Tensor, mask: torch.Tensor | None, pooling: str | None) -> torch.Tensor:
+    """What the model's pooled output draws from each token: (B, T).
+
+    A [CLS]-pooled encoder reads row 0 of the rollout; a mean- or max-pooled one reads
+    every real token, so its rows are averaged.
+    """
+    if pooling == "cls":
+        return roll[:, 0]
+    if mask is None:
+        return roll.mean(1)
+    weights = mask.float().unsqueeze(-1)  # (B, T, 1)
+    return (roll * weights).sum(1) / weights.sum(1).clamp_min(1)
+
+
+def prompt_attention(
+    model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int = 1
+) -> tuple[list[int], list[float], list[torch.Tensor]]:
+    """Greedy-generate `new_tokens` tokens and return the attention of the last one.
+
+    The last generated token is predicted at the position just before it, so that
+    position's attention row, in every layer and head, is what the model looked at in the
+    prompt (and earlier generated tokens) to produce it.
+
+    Args:
+        model: a decoder-only LM: input_ids (B, T) -> logits (B, T, V).
+        prompt_ids: (1, P).
+
+    Returns:
+        The generated ids, their probabilities, and per layer the (H, S) attention row
+        (S = P + new_tokens - 1) that produced the last of them.
+    """
+    ids = prompt_ids
+    generated: list[int] = []
+    probs: list[float] = []
+    for step in range(new_tokens):
+        last = step == new_tokens - 1
+        if last:
+            logits, maps = capture(model, lambda ids=ids: model(ids))
+        else:
+            with torch.no_grad():
+                logits = model(ids)
+        p = logits[0, -1].float().softmax(-1)
+        token = int(p.argmax())
+        generated.append(token)
+        probs.append(float(p[token]))
+        ids = torch.cat([ids, torch.tensor([[token]], device=ids.device)], dim=1)
+    return generated, probs, [m[0, :, -1, :] for m in maps]

@@ -1,0 +1,341 @@
+"""`explain(pipeline, inputs, method=...)`: from raw inputs to `Explanation`s.
+
+The inputs take the one path of DESIGN.md — `task.encode` then `task.collate` — so the
+model sees exactly what `predict` feeds it; the algorithms live in `attributions.py`
+(Captum) and `attention.py`, the words in `words.py`.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dapeng.errors import DapengError, ModelError, NotFoundError
+from dapeng.explain import attention as attn
+from dapeng.explain.attributions import image_attributions, text_attributions
+from dapeng.explain.explanation import Explanation
+from dapeng.explain.words import WordAlignment, align_words, merge_tokens
+
+METHODS = ("ig", "saliency", "gradcam", "attention", "rollout")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def explain(
+    pipeline: Any,
+    inputs: Any,
+    method: str = "ig",
+    target: str | int | None = None,
+    memory_budget_mb: float = 2048,
+    n_steps: int = 50,
+) -> list[Explanation]:
+    """Explain the pipeline's predictions for `inputs`, one `Explanation` per input.
+
+    Args:
+        pipeline: anything with `.model`, `.task` and `.labels` (a `dapeng.Pipeline`).
+        inputs: one input or a list: texts, `{"text": ...}` records, image paths, image
+            bytes, numpy arrays (H, W[, C]) or PIL images.
+        method: "ig" (Integrated Gradients), "saliency", "gradcam" (images), "attention"
+            (every layer's and head's weights) or "rollout" (attention rollout).
+        target: the label to explain (name or index); the predicted one when None.
+            For a language model, the index of the generated token to explain.
+        memory_budget_mb: bound on the activations one attribution pass holds at once;
+            the internal batch is chosen to fit it.
+        n_steps: Integrated Gradients steps to start with (doubled while the attributions
+            miss completeness by more than 5%, up to 8x).
+
+    Raises:
+        DapengError: an unknown method or target, or a method the model cannot support.
+    """
+    if method not in METHODS:
+        raise DapengError(f"unknown explanation method {method!r}", f"choose one of: {', '.join(METHODS)}")
+    model: nn.Module = pipeline.model
+    was_training = model.training
+    model.eval()
+    try:
+        return [
+            _explain_one(pipeline, record, raw, method, target, memory_budget_mb, n_steps)
+            for record, raw in _records(pipeline.task, inputs)
+        ]
+    finally:
+        model.train(was_training)
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def _load_image(value: Any) -> np.ndarray:
+    from PIL import Image
+
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, (bytes, bytearray)):
+        value = Image.open(io.BytesIO(value))
+    elif isinstance(value, (str, Path)):
+        try:
+            value = Image.open(value)
+        except OSError as err:
+            raise DapengError(f"cannot read image {str(value)!r}: {err}", "pass a PNG or JPEG file") from None
+    if isinstance(value, Image.Image):
+        return np.asarray(value)
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    raise DapengError(f"cannot explain an input of type {type(value).__name__}", "pass text or an image")
+
+
+def _is_image_path(value: Any) -> bool:
+    return isinstance(value, Path) or (
+        isinstance(value, str) and value.lower().endswith(IMAGE_SUFFIXES) and Path(value).is_file()
+    )
+
+
+def _records(task: Any, inputs: Any) -> list[tuple[dict[str, Any], Any]]:
+    """(record, raw input) per input; a lone input becomes a list of one."""
+    single = isinstance(inputs, (str, bytes, bytearray, dict, Path, np.ndarray, torch.Tensor)) or hasattr(
+        inputs, "getpixel"
+    )
+    items = [inputs] if single else list(inputs)
+    out = []
+    for item in items:
+        if isinstance(item, dict):
+            record = {k: v for k, v in item.items() if k not in ("label", "labels", "tags")}
+            if "image" in record:
+                record["image"] = _load_image(record["image"])
+            out.append((record, record.get("image", record.get("text"))))
+        elif isinstance(item, str) and not _is_image_path(item):
+            out.append(({"text": item}, item))
+        else:
+            image = _load_image(item)
+            out.append(({"image": image}, image))
+    return out
+
+
+def _batch(task: Any, record: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    batch = task.collate(task.encode([record]))
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+# ---------------------------------------------------------------- targets
+
+
+def _label_names(pipeline: Any, k: int) -> list[str]:
+    labels = getattr(pipeline, "labels", None)
+    return [str(x) for x in labels] if labels else [str(i) for i in range(k)]
+
+
+def resolve_target(labels: list[str], target: str | int | None, probs: torch.Tensor) -> int:
+    """The label index to explain: `target` by name or index, else the argmax of `probs`."""
+    if target is None:
+        return int(probs.argmax())
+    if isinstance(target, str):
+        if target in labels:
+            return labels.index(target)
+        folded = [x.lower() for x in labels]
+        if target.lower() in folded:
+            return folded.index(target.lower())
+        if not target.lstrip("-").isdigit():
+            raise NotFoundError(f"unknown label {target!r}", f"choose one of: {', '.join(labels)}")
+        target = int(target)
+    if not 0 <= target < len(labels):
+        raise NotFoundError(f"label index {target} out of range", f"use 0..{len(labels) - 1}")
+    return int(target)
+
+
+# ---------------------------------------------------------------- one input
+
+
+def _explain_one(
+    pipeline: Any, record: dict[str, Any], raw: Any, method: str, target: Any, budget: float, n_steps: int
+) -> Explanation:
+    batch = _batch(pipeline.task, record, _device(pipeline.model))
+    if "input_ids" in batch:
+        return _explain_text(pipeline, record, batch, method, target, budget, n_steps)
+    if "images" in batch:
+        return _explain_image(pipeline, record, raw, batch, method, target, budget, n_steps)
+    raise DapengError(
+        f"cannot explain inputs of task {getattr(pipeline.task, 'name', '?')!r}",
+        "explanations cover text (input_ids) and image (images) tasks",
+    )
+
+
+def _forward(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return model(ids) if mask is None else model(ids, mask)
+
+
+def _pad_id(task: Any, alignment: WordAlignment) -> int:
+    for source in (getattr(task, "pad_id", None), _kwarg(task, "pad_id"), alignment.pad_id):
+        if source is not None:
+            return int(source)
+    return 0
+
+
+def _kwarg(task: Any, name: str) -> Any:
+    try:
+        return task.model_kwargs().get(name)
+    except Exception:  # a task rebuilt for inference may not know its sizes; other sources remain
+        return None
+
+
+def _explain_text(
+    pipeline: Any, record: dict[str, Any], batch: dict[str, Any], method: str, target: Any, budget: float,
+    n_steps: int,
+) -> Explanation:
+    model, task = pipeline.model, pipeline.task
+    ids: torch.Tensor = batch["input_ids"][:1]  # (1, T)
+    mask = batch.get("attention_mask")
+    mask = None if mask is None else mask[:1]
+    text = record.get("text") if isinstance(record.get("text"), str) else " ".join(record.get("tokens", []))
+    alignment = align_words(task, text, ids[0].tolist(), batch.get("word_ids"))
+    with torch.no_grad():
+        out = _forward(model, ids, mask).float()
+    if out.dim() == 3 and not getattr(pipeline, "labels", None):
+        return _explain_prompt(pipeline, ids, alignment, method, target)
+    if method == "gradcam":
+        raise ModelError("Grad-CAM explains image models", "use --method ig or saliency for text")
+    if method in ("attention", "rollout"):
+        return _explain_attention(pipeline, ids, mask, out, alignment, method, target)
+    keep = torch.tensor([w is not None for w in alignment.word_of_token], device=ids.device)
+    baseline = torch.where(keep, torch.full_like(ids, _pad_id(task, alignment)), ids)
+    if out.dim() == 3:  # a tagger: (1, T, K), one explanation row per word
+        return _explain_tags(pipeline, ids, mask, baseline, out, alignment, method, budget, n_steps)
+    probs = out[0].softmax(-1)
+    labels = _label_names(pipeline, probs.numel())
+    k = resolve_target(labels, target, probs)
+    result = text_attributions(model, ids, mask, baseline, [k], method, n_steps, 8 * n_steps, budget)
+    predicted = int(probs.argmax())
+    return Explanation(
+        method=method, kind="text", label=labels[k], label_index=k, probability=float(probs[k]),
+        predicted=labels[predicted], predicted_probability=float(probs[predicted]),
+        scores=merge_tokens(result.scores[0], alignment), text=alignment.text, words=alignment.words,
+        spans=alignment.spans, completeness=result.completeness[0] if result.completeness else None,
+        internal_batch_size=result.internal_batch_size,
+    )
+
+
+def _explain_tags(
+    pipeline: Any, ids: torch.Tensor, mask: torch.Tensor | None, baseline: torch.Tensor, out: torch.Tensor,
+    alignment: WordAlignment, method: str, budget: float, n_steps: int,
+) -> Explanation:
+    probs = out[0].softmax(-1)  # (T, K)
+    labels = _label_names(pipeline, probs.shape[-1])
+    firsts = alignment.first_tokens()
+    tags = [int(probs[t].argmax()) for t in firsts]
+    targets = [(t, k) for t, k in zip(firsts, tags)]
+    result = text_attributions(pipeline.model, ids, mask, baseline, targets, method, n_steps, 8 * n_steps, budget)
+    matrix = np.stack([merge_tokens(row, alignment) for row in result.scores])  # (W, W)
+    tag_probs = [float(probs[t, k]) for t, k in targets]
+    names = [labels[k] for k in tags]
+    return Explanation(
+        method=method, kind="tokens", label="per-token", label_index=-1,
+        probability=float(np.mean(tag_probs)) if tag_probs else 0.0, predicted=" ".join(names),
+        predicted_probability=float(np.mean(tag_probs)) if tag_probs else 0.0, scores=matrix,
+        text=alignment.text, words=alignment.words, spans=alignment.spans, tags=names,
+        internal_batch_size=result.internal_batch_size,
+        extra={"tag_probabilities": tag_probs,
+               "completeness": result.completeness} if result.completeness else {"tag_probabilities": tag_probs},
+    )
+
+
+def _explain_attention(
+    pipeline: Any, ids: torch.Tensor, mask: torch.Tensor | None, out: torch.Tensor, alignment: WordAlignment,
+    method: str, target: Any,
+) -> Explanation:
+    model = pipeline.model
+    _, maps = attn.capture(model, lambda: _forward(model, ids, mask))
+    roll = attn.rollout(maps)  # (1, T, T)
+    importance = attn.token_importance(roll, mask, getattr(model, "pooling", None))[0]  # (T,)
+    probs = out[0].softmax(-1) if out.dim() == 2 else out[0].softmax(-1).amax(0)
+    labels = _label_names(pipeline, probs.numel())
+    k = resolve_target(labels, target, probs)
+    predicted = int(probs.argmax())
+    return Explanation(
+        method=method, kind="attention", label=labels[k], label_index=k, probability=float(probs[k]),
+        predicted=labels[predicted], predicted_probability=float(probs[predicted]),
+        scores=merge_tokens(importance.cpu().numpy(), alignment), text=alignment.text,
+        words=alignment.words, spans=alignment.spans, tokens=alignment.tokens,
+        attention=None if method == "rollout" and len(maps) > 6 else [m[0].cpu().numpy() for m in maps],
+        rollout=roll[0].cpu().numpy(),
+    )
+
+
+def _explain_prompt(
+    pipeline: Any, ids: torch.Tensor, alignment: WordAlignment, method: str, target: Any
+) -> Explanation:
+    """A language model: its attention over the prompt for the `target`-th generated token."""
+    if method not in ("attention", "rollout"):
+        raise ModelError(
+            "a language model's generations are explained by attention",
+            "use --method attention (the attention over the prompt for a generated token)",
+        )
+    index = int(target) if target is not None else 0
+    generated, probs, rows = attn.prompt_attention(pipeline.model, ids, new_tokens=index + 1)
+    mean = torch.stack([r.mean(0) for r in rows]).mean(0)[: ids.shape[1]]  # (P,) over layers and heads
+    piece = alignment.token_text(generated[-1])
+    return Explanation(
+        method="attention", kind="attention", label=piece, label_index=generated[-1], probability=probs[-1],
+        predicted=piece, predicted_probability=probs[-1],
+        scores=merge_tokens(mean.cpu().numpy(), alignment), text=alignment.text, words=alignment.words,
+        spans=alignment.spans, tokens=alignment.tokens + [alignment.token_text(t) for t in generated[:-1]],
+        attention=[r.cpu().numpy() for r in rows],
+        extra={"generated": [alignment.token_text(t) for t in generated]},
+    )
+
+
+def _display_image(raw: Any, height: int, width: int) -> np.ndarray:
+    """The input as (H, W, C) floats in [0, 1], resized to the model's input size."""
+    from PIL import Image
+
+    image = np.asarray(raw)
+    if image.ndim == 3 and image.shape[0] in (1, 3) and image.shape[-1] not in (1, 3, 4):
+        image = image.transpose(1, 2, 0)  # (C, H, W) -> (H, W, C)
+    if image.dtype != np.uint8:
+        image = np.clip(image * (255.0 if image.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    if image.ndim == 3 and image.shape[-1] == 4:
+        image = image[..., :3]
+    if image.shape[:2] != (height, width):
+        image = np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+    image = image.astype(np.float32) / 255.0
+    return image[..., None] if image.ndim == 2 else image
+
+
+def _explain_image(
+    pipeline: Any, record: dict[str, Any], raw: Any, batch: dict[str, Any], method: str, target: Any,
+    budget: float, n_steps: int,
+) -> Explanation:
+    model, task = pipeline.model, pipeline.task
+    images: torch.Tensor = batch["images"][:1].float()  # (1, C, H, W)
+    with torch.no_grad():
+        probs = model(images).float()[0].softmax(-1)
+    labels = _label_names(pipeline, probs.numel())
+    k = resolve_target(labels, target, probs)
+    predicted = int(probs.argmax())
+    height, width = images.shape[-2:]
+    display = _display_image(raw, height, width)
+    common = dict(
+        method=method, label=labels[k], label_index=k, probability=float(probs[k]), predicted=labels[predicted],
+        predicted_probability=float(probs[predicted]), image=display,
+    )
+    if method in ("attention", "rollout"):
+        _, maps = attn.capture(model, lambda: model(images))
+        roll = attn.rollout(maps)[0]
+        return Explanation(kind="attention", scores=roll.mean(0).cpu().numpy(), rollout=roll.cpu().numpy(),
+                           attention=[m[0].cpu().numpy() for m in maps], **common)
+    black = {**record, "image": np.zeros_like(np.asarray(record["image"]))}
+    baseline = _batch(task, black, images.device)["images"][:1].float()
+    result = image_attributions(model, images, baseline, k, method, n_steps, 8 * n_steps, budget)
+    return Explanation(
+        kind="image", scores=result.scores[0], internal_batch_size=result.internal_batch_size,
+        completeness=result.completeness[0] if result.completeness else None, **common,
+    )
+
