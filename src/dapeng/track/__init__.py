@@ -1,1 +1,15 @@
+"""Tracking: TensorBoard events, a JSONL metrics log, a progress bar and a training-curve plot.
 
+Each tracker is a Trainer callback by duck typing (it has `on_<event>(trainer, **info)`
+methods) and never imports the Trainer, so a hand-written loop can drive it too: call
+`on_log(None, logs=...)` with a dict that holds a `step`.
+"""
+
+from __future__ import annotations
+
+from dapeng.track.curves import plot_curves
+from dapeng.track.jsonl import JsonlLogger, read_jsonl
+from dapeng.track.progress import ProgressBar, quiet
+from dapeng.track.tensorboard import TensorBoardLogger
+
+__all__ = ["JsonlLogger", "ProgressBar", "TensorBoardLogger", "plot_curves", "quiet", "read_jsonl"]

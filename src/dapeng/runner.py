@@ -1,0 +1,245 @@
+"""Config → run directory: the one function behind `dapeng train` (and `dapeng eval`).
+
+```
+RUN/config.yaml      the fully resolved config (every default spelled out)
+RUN/model/           Artifact of the best checkpoint (dapeng.load(RUN) reads it)
+RUN/checkpoints/     last.pt (full trainer state, for --resume) and best.pt
+RUN/metrics.jsonl    one object per log event
+RUN/metrics.json     {"train": {...}, "eval": {...}, "test": {...}}
+RUN/tb/              TensorBoard events
+RUN/curves.png       training curves
+```
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dapeng.config import RunConfig, TrainConfig, dump_config, load_config
+from dapeng.errors import CheckpointError, ConfigError, ModelError
+
+__all__ = ["build_task_and_model", "evaluate", "load_run_config", "train", "trainer_kwargs"]
+
+CONFIG = "config.yaml"
+METRICS = "metrics.json"
+METRICS_LOG = "metrics.jsonl"
+
+
+def trainer_kwargs(train: TrainConfig) -> dict[str, Any]:
+    """Map the `train:` section to the Trainer's plain keyword arguments."""
+    opt, sched = train.optimizer, train.schedule
+    return {
+        "epochs": train.epochs, "max_steps": train.max_steps, "batch_size": train.batch_size,
+        "eval_batch_size": train.eval_batch_size,
+        "optimizer": opt.name, "lr": opt.lr, "weight_decay": opt.weight_decay, "momentum": opt.momentum,
+        "nesterov": opt.nesterov, "betas": opt.betas, "eps": opt.eps,
+        "schedule": sched.name, "warmup_steps": sched.warmup_steps, "step_size": sched.step_size,
+        "gamma": sched.gamma, "min_lr_ratio": sched.min_lr_ratio,
+        "l1": train.l1, "grad_accum": train.grad_accum, "grad_clip": train.grad_clip,
+        "precision": train.precision, "device": train.device, "compile": train.compile,
+        "early_stopping": train.early_stopping, "monitor": train.monitor, "mode": train.mode,
+        "seed": train.seed, "deterministic": train.deterministic,
+        "checkpoint_every": train.checkpoint_every, "eval_every": train.eval_every, "log_every": train.log_every,
+    }
+
+
+def load_splits(cfg: RunConfig) -> Any:
+    """The run's records, from the data package (imported late: it pulls in readers)."""
+    from dapeng.data import load_splits as load
+
+    return load(cfg.data)
+
+
+def build_task_and_model(cfg: RunConfig, train_records: Sequence[Any]) -> tuple[Any, Any, dict[str, Any]]:
+    """The task (set up on the training records), the model and the kwargs that rebuild it.
+
+    With `model.init`, the model comes from a hub name or an Artifact (`dapeng.hub.init.load_init`).
+    """
+    from dapeng.models import MODELS
+    from dapeng.tasks import TASKS
+
+    try:
+        task = TASKS.create(cfg.task, **cfg.task_options)
+    except TypeError as err:
+        raise ConfigError(f"config key task_options: {err}", f"see the options of task {cfg.task!r}") from None
+    task.setup(train_records)
+    if cfg.model.init:
+        if importlib.util.find_spec("dapeng.hub.init") is None:
+            raise ConfigError("config key model.init: fine-tuning from a hub model needs the hub", "unset model.init")
+        from dapeng.hub.init import load_init
+
+        loaded = load_init(cfg.model, task)
+        model, kwargs = loaded if isinstance(loaded, tuple) else (loaded, dict(cfg.model.kwargs))
+        return task, model, kwargs
+    kwargs = {**task.model_kwargs(), **cfg.model.kwargs}
+    try:
+        model = MODELS.create(cfg.model.name, **kwargs)
+    except TypeError as err:
+        raise ModelError(f"config key model.kwargs: model {cfg.model.name!r} rejects them: {err}",
+                         "see `dapeng models` for its arguments") from None
+    return task, model, kwargs
+
+
+def train(
+    config: RunConfig,
+    out: str | Path,
+    resume: bool = False,
+    *,
+    callbacks: Sequence[Any] = (),
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train the model a config describes and write the run directory (module docstring).
+
+    Args:
+        config: the validated run config.
+        out: the run directory.
+        resume: continue the killed or finished run in `out` from its last checkpoint.
+        callbacks: extra Trainer callbacks.
+        progress: show a progress bar (still quiet when stderr is no TTY or DAPENG_QUIET=1).
+
+    Returns:
+        `{"run": ..., "model": ..., "metrics": {"train", "eval", "test"}, "steps": ...}`.
+
+    Raises:
+        ConfigError: `out` already holds a run (without `resume`), or the config differs
+            from the run's own on `resume`.
+    """
+    import torch
+
+    from dapeng.hub.artifact import save_artifact
+    from dapeng.track import JsonlLogger, ProgressBar, TensorBoardLogger, plot_curves, quiet, read_jsonl
+    from dapeng.train.checkpoint import atomic_write
+    from dapeng.train.precision import seed_everything
+    from dapeng.train.trainer import LAST, Trainer
+
+    out = Path(out)
+    ckpt_dir = out / "checkpoints"
+    _check_run_dir(config, out, ckpt_dir / LAST, resume)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / CONFIG, lambda f: f.write(dump_config(config).encode()))
+
+    seed_everything(config.train.seed)
+    splits = load_splits(config)
+    task, model, model_kwargs = build_task_and_model(config, splits.train)
+    train_items = task.encode(splits.train)
+    eval_items = task.encode(splits.eval) if splits.eval else []
+    test_items = task.encode(splits.test) if splits.test else []
+
+    trackers: list[Any] = [JsonlLogger(out / METRICS_LOG), TensorBoardLogger(out / "tb")]
+    if progress and not quiet():
+        trackers.append(ProgressBar(desc=f"train {config.model.name}"))
+    trainer = Trainer(model, task, checkpoint_dir=ckpt_dir, callbacks=[*trackers, *callbacks],
+                      **trainer_kwargs(config.train))
+    summary = trainer.fit(train_items, eval_items or None, resume=resume)
+    trainer.load_best()
+
+    metrics = {
+        "train": {k: v for k, v in summary.items() if v is not None},
+        "eval": _strip(trainer.evaluate(eval_items, prefix="eval")) if eval_items else {},
+        "test": _strip(trainer.evaluate(test_items, prefix="test")) if test_items else {},
+    }
+    metrics["train"]["precision"] = trainer.precision
+    metrics["train"]["device"] = str(trainer.device)
+    atomic_write(out / METRICS, lambda f: f.write((json.dumps(metrics, indent=2) + "\n").encode()))
+    model_dir = save_artifact(
+        out / "model",
+        model=trainer.model.to("cpu"),
+        model_name=config.model.name,
+        model_kwargs=model_kwargs,
+        task_name=config.task,
+        task_state=task.state(),
+        metrics={"eval": metrics["eval"], "test": metrics["test"]},
+        card=_card_facts(config),
+        parent=config.model.init,
+    )
+    plot_curves(read_jsonl(out / METRICS_LOG), out / "curves.png", title=f"{config.model.name} on {_data_name(config)}")
+    del torch  # imported above only to fail early when torch is missing
+    return {"run": str(out), "model": str(model_dir), "metrics": metrics, "steps": summary["steps"],
+            "stopped": summary["stopped"]}
+
+
+def load_run_config(run: str | Path) -> RunConfig:
+    """The resolved config of a run directory."""
+    path = Path(run) / CONFIG
+    if not path.is_file():
+        raise CheckpointError(f"{str(run)!r} is not a run directory: {CONFIG} is missing",
+                              "pass a directory written by `dapeng train`")
+    return load_config(path)
+
+
+def evaluate(run: str | Path, split: str = "test", precision: str = "auto", batch_size: int | None = None) -> dict[str, float]:
+    """Evaluate a run's model (`RUN/model`) on one split of its data: `eval`, `test` or `train`."""
+    from dapeng.hub.artifact import load_artifact
+    from dapeng.train.trainer import Trainer
+
+    if split not in ("train", "eval", "test"):
+        raise ConfigError(f"split {split!r} is not one of train, eval, test")
+    run = Path(run)
+    cfg = load_run_config(run)
+    artifact = load_artifact(run / "model", precision="fp32")
+    records = getattr(load_splits(cfg), split)
+    if not records:
+        raise ConfigError(f"the run's data has no {split!r} split", "try --split eval")
+    items = artifact.task.encode(records)
+    trainer = Trainer(artifact.model, artifact.task, precision=precision, device=cfg.train.device,
+                      batch_size=batch_size or cfg.train.eval_batch_size or cfg.train.batch_size)
+    return _strip(trainer.evaluate(items, prefix=split))
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _strip(metrics: dict[str, float]) -> dict[str, float]:
+    """`eval/accuracy` → `accuracy` inside the per-split sections of metrics.json."""
+    return {k.split("/", 1)[-1]: v for k, v in metrics.items()}
+
+
+def _data_name(cfg: RunConfig) -> str:
+    return cfg.data.dataset or (Path(cfg.data.train).name if cfg.data.train else "data")
+
+
+def _card_facts(cfg: RunConfig) -> dict[str, str]:
+    facts = {"data": f"Trained on `{_data_name(cfg)}`"}
+    if cfg.data.dataset:
+        try:
+            from dapeng.data.catalog import CATALOG
+
+            entry = CATALOG.get(cfg.data.dataset) if hasattr(CATALOG, "get") else None
+            license_ = getattr(entry, "license", None) if entry is not None else None
+            if license_:
+                facts["license"] = f"Data license: {license_}."
+            description = getattr(entry, "description", None) if entry is not None else None
+            if description:
+                facts["data"] += f": {description}"
+        except ImportError:
+            pass
+    facts["data"] += f" (seed {cfg.data.seed}{f', first {cfg.data.limit} records' if cfg.data.limit else ''})."
+    return facts
+
+
+def _check_run_dir(cfg: RunConfig, out: Path, last: Path, resume: bool) -> None:
+    if resume:
+        if not last.is_file():
+            raise CheckpointError(f"nothing to resume in {str(out)!r}: no checkpoint yet",
+                                  "run again without --resume")
+        saved = out / CONFIG
+        if saved.is_file():
+            before = load_config(saved).model_dump(mode="json")
+            now = cfg.model_dump(mode="json")
+            changed = sorted(_diff(before, now))
+            if changed:
+                raise ConfigError(f"--resume with a different config: {', '.join(changed[:5])} changed",
+                                  "resume with the run's own config.yaml, or train into a new --out")
+    elif last.is_file():
+        raise ConfigError(f"{str(out)!r} already holds a run", "pass --resume to continue it, or choose another --out")
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = set(a) | set(b)
+        return [k for key in keys for k in _diff(a.get(key), b.get(key), f"{prefix}{key}.")]
+    return [prefix.rstrip(".")] if a != b else []
