@@ -295,3 +295,41 @@ def test_image_bytes_input():
     Image.fromarray(an_image()).save(buf, format="PNG")
     [e] = explain(image_pipeline(), buf.getvalue(), method="saliency")
     assert e.scores.shape == (20, 20)
+
+
+# ---------------------------------------------------------------- faithfulness
+
+
+class LinearImage(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(400, 3)
+
+    def forward(self, images):
+        return self.fc(images.flatten(1))
+
+
+def test_deletion_curve_ranks_faithful_orders_lower():
+    from dapeng.explain.faithfulness import completeness_rate, deletion_auc, deletion_curve
+
+    torch.manual_seed(0)
+    pipe = FakePipeline(LinearImage(), FakeImageTask(), ["shirt", "shoe", "bag"])
+    [e] = explain(pipe, an_image(), method="ig")
+    ig_auc = deletion_auc(pipe, an_image(), e.label_index, scores=e.scores)
+    rng = np.random.default_rng(0)
+    random_auc = np.mean([deletion_auc(pipe, an_image(), e.label_index, order=rng.permutation(400)) for _ in range(5)])
+    assert ig_auc < random_auc
+    fractions, curve, _ = deletion_curve(
+        lambda b: b.sum(1), torch.ones(1, 4), torch.zeros(1, 4), torch.arange(4)[None], np.arange(4)
+    )
+    np.testing.assert_allclose(fractions, [0, 0.25, 0.5, 0.75, 1])
+    np.testing.assert_allclose(curve, [4, 3, 2, 1, 0])
+    assert completeness_rate([e.completeness]) == 1.0
+
+
+def test_text_deletion_auc_runs_on_words():
+    from dapeng.explain.faithfulness import deletion_auc
+
+    pipe = text_pipeline("textcnn")
+    [e] = explain(pipe, "the plot was dull .", method="saliency")
+    assert 0.0 <= deletion_auc(pipe, "the plot was dull .", e.label_index, scores=e.scores) <= 1.0

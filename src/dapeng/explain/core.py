@@ -32,6 +32,7 @@ def explain(
     target: str | int | None = None,
     memory_budget_mb: float = 2048,
     n_steps: int = 50,
+    max_steps: int | None = None,
 ) -> list[Explanation]:
     """Explain the pipeline's predictions for `inputs`, one `Explanation` per input.
 
@@ -45,8 +46,8 @@ def explain(
             For a language model, the index of the generated token to explain.
         memory_budget_mb: bound on the activations one attribution pass holds at once;
             the internal batch is chosen to fit it.
-        n_steps: Integrated Gradients steps to start with (doubled while the attributions
-            miss completeness by more than 5%, up to 8x).
+        n_steps: Integrated Gradients steps to start with, doubled while the attributions
+            miss completeness by more than 5%, up to `max_steps` (default 8 x n_steps).
 
     Raises:
         DapengError: an unknown method or target, or a method the model cannot support.
@@ -54,12 +55,13 @@ def explain(
     if method not in METHODS:
         raise DapengError(f"unknown explanation method {method!r}", f"choose one of: {', '.join(METHODS)}")
     model: nn.Module = pipeline.model
+    steps = (n_steps, max_steps or 8 * n_steps)
     was_training = model.training
     model.eval()
     try:
         return [
-            _explain_one(pipeline, record, raw, method, target, memory_budget_mb, n_steps)
-            for record, raw in _records(pipeline.task, inputs)
+            _explain_one(pipeline, record, raw, method, target, memory_budget_mb, steps)
+            for record, raw in _records(pipeline, inputs)
         ]
     finally:
         model.train(was_training)
@@ -93,12 +95,17 @@ def _is_image_path(value: Any) -> bool:
     )
 
 
-def _records(task: Any, inputs: Any) -> list[tuple[dict[str, Any], Any]]:
-    """(record, raw input) per input; a lone input becomes a list of one."""
-    single = isinstance(inputs, (str, bytes, bytearray, dict, Path, np.ndarray, torch.Tensor)) or hasattr(
-        inputs, "getpixel"
-    )
-    items = [inputs] if single else list(inputs)
+def _records(pipeline: Any, inputs: Any) -> list[tuple[dict[str, Any], Any]]:
+    """(record, raw input) per input; anything but a list or tuple is one input.
+
+    A `dapeng.Pipeline` reads inputs itself (`to_records`, as `predict` does); other
+    pipeline-like objects get texts as {"text": ...} and anything else as an image.
+    """
+    items = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+    to_records = getattr(pipeline, "to_records", None)
+    if callable(to_records):
+        records = to_records(items)
+        return [(r, r.get("image", r.get("text"))) for r in records]
     out = []
     for item in items:
         if isinstance(item, dict):
@@ -154,13 +161,13 @@ def resolve_target(labels: list[str], target: str | int | None, probs: torch.Ten
 
 
 def _explain_one(
-    pipeline: Any, record: dict[str, Any], raw: Any, method: str, target: Any, budget: float, n_steps: int
+    pipeline: Any, record: dict[str, Any], raw: Any, method: str, target: Any, budget: float, steps: tuple[int, int]
 ) -> Explanation:
     batch = _batch(pipeline.task, record, _device(pipeline.model))
     if "input_ids" in batch:
-        return _explain_text(pipeline, record, batch, method, target, budget, n_steps)
+        return _explain_text(pipeline, record, batch, method, target, budget, steps)
     if "images" in batch:
-        return _explain_image(pipeline, record, raw, batch, method, target, budget, n_steps)
+        return _explain_image(pipeline, record, raw, batch, method, target, budget, steps)
     raise DapengError(
         f"cannot explain inputs of task {getattr(pipeline.task, 'name', '?')!r}",
         "explanations cover text (input_ids) and image (images) tasks",
@@ -187,7 +194,7 @@ def _kwarg(task: Any, name: str) -> Any:
 
 def _explain_text(
     pipeline: Any, record: dict[str, Any], batch: dict[str, Any], method: str, target: Any, budget: float,
-    n_steps: int,
+    steps: tuple[int, int],
 ) -> Explanation:
     model, task = pipeline.model, pipeline.task
     ids: torch.Tensor = batch["input_ids"][:1]  # (1, T)
@@ -206,11 +213,11 @@ def _explain_text(
     keep = torch.tensor([w is not None for w in alignment.word_of_token], device=ids.device)
     baseline = torch.where(keep, torch.full_like(ids, _pad_id(task, alignment)), ids)
     if out.dim() == 3:  # a tagger: (1, T, K), one explanation row per word
-        return _explain_tags(pipeline, ids, mask, baseline, out, alignment, method, budget, n_steps)
+        return _explain_tags(pipeline, ids, mask, baseline, out, alignment, method, budget, steps)
     probs = out[0].softmax(-1)
     labels = _label_names(pipeline, probs.numel())
     k = resolve_target(labels, target, probs)
-    result = text_attributions(model, ids, mask, baseline, [k], method, n_steps, 8 * n_steps, budget)
+    result = text_attributions(model, ids, mask, baseline, [k], method, *steps, budget)
     predicted = int(probs.argmax())
     return Explanation(
         method=method, kind="text", label=labels[k], label_index=k, probability=float(probs[k]),
@@ -223,14 +230,14 @@ def _explain_text(
 
 def _explain_tags(
     pipeline: Any, ids: torch.Tensor, mask: torch.Tensor | None, baseline: torch.Tensor, out: torch.Tensor,
-    alignment: WordAlignment, method: str, budget: float, n_steps: int,
+    alignment: WordAlignment, method: str, budget: float, steps: tuple[int, int],
 ) -> Explanation:
     probs = out[0].softmax(-1)  # (T, K)
     labels = _label_names(pipeline, probs.shape[-1])
     firsts = alignment.first_tokens()
     tags = [int(probs[t].argmax()) for t in firsts]
     targets = [(t, k) for t, k in zip(firsts, tags)]
-    result = text_attributions(pipeline.model, ids, mask, baseline, targets, method, n_steps, 8 * n_steps, budget)
+    result = text_attributions(pipeline.model, ids, mask, baseline, targets, method, *steps, budget)
     matrix = np.stack([merge_tokens(row, alignment) for row in result.scores])  # (W, W)
     tag_probs = [float(probs[t, k]) for t, k in targets]
     names = [labels[k] for k in tags]
@@ -311,7 +318,7 @@ def _display_image(raw: Any, height: int, width: int) -> np.ndarray:
 
 def _explain_image(
     pipeline: Any, record: dict[str, Any], raw: Any, batch: dict[str, Any], method: str, target: Any,
-    budget: float, n_steps: int,
+    budget: float, steps: tuple[int, int],
 ) -> Explanation:
     model, task = pipeline.model, pipeline.task
     images: torch.Tensor = batch["images"][:1].float()  # (1, C, H, W)
@@ -333,7 +340,7 @@ def _explain_image(
                            attention=[m[0].cpu().numpy() for m in maps], **common)
     black = {**record, "image": np.zeros_like(np.asarray(record["image"]))}
     baseline = _batch(task, black, images.device)["images"][:1].float()
-    result = image_attributions(model, images, baseline, k, method, n_steps, 8 * n_steps, budget)
+    result = image_attributions(model, images, baseline, k, method, *steps, budget)
     return Explanation(
         kind="image", scores=result.scores[0], internal_batch_size=result.internal_batch_size,
         completeness=result.completeness[0] if result.completeness else None, **common,

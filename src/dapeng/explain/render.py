@@ -40,6 +40,7 @@ def _atomic_write(path: Path, data: bytes) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -271,6 +272,16 @@ def _text_png(e: Explanation) -> bytes:
     return _figure_bytes(fig, e)
 
 
+def _token_ticks(ax, tokens: list[str], shape: tuple[int, ...], bottom: bool, left: bool) -> None:
+    """Token names on the outer axes of the grid, when there are few enough to read."""
+    if not 0 < len(tokens) <= MAX_AXIS_LABELS:
+        return
+    if bottom and shape[-1] <= len(tokens):
+        ax.set_xticks(range(shape[-1]), tokens[: shape[-1]], rotation=90, fontsize=5)
+    if left and shape[0] == len(tokens):
+        ax.set_yticks(range(shape[0]), tokens, fontsize=5)
+
+
 def _attention_png(e: Explanation) -> bytes:
     plt = _pyplot()
     maps = [np.asarray(m, dtype=np.float64) for m in (e.attention or [])]
@@ -297,6 +308,7 @@ def _attention_png(e: Explanation) -> bytes:
                     ax.set_title(f"head {hi}", fontsize=8)
                 if hi == 0:
                     ax.set_ylabel(f"layer {li}", fontsize=8)
+                _token_ticks(ax, tokens, weights.shape, bottom=li == layers - 1, left=hi == 0)
             elif roll is not None and hi == cols - 1 and li == 0:
                 ax.imshow(roll if roll.ndim == 2 else roll[None], cmap="magma", vmin=0, aspect="auto")
                 ax.set_title("rollout", fontsize=8)
