@@ -131,6 +131,7 @@ class MultiHeadAttention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: KVCache | None = None,
         pos: int = 0,
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Attend from `x` (B, T, D) to `context` (B, S, D') or to itself.
 
@@ -142,12 +143,14 @@ class MultiHeadAttention(nn.Module):
             rope: (cos, sin) from `RotaryEmbedding` to rotate queries and keys.
             cache: a KVCache to write this step's keys/values into at `pos` and read the prefix from.
             pos: position of x's first token in the cache.
+            kv: keys and values already projected by `project_kv` (cross-attention while decoding).
         """
         b, t, _ = x.shape
-        src = x if context is None else context
         q = self.q(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
-        k = self.k(src).view(b, src.shape[1], self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, Dh)
-        v = self.v(src).view(b, src.shape[1], self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, Dh)
+        if kv is not None:
+            k, v = kv
+        else:
+            k, v = self.project_kv(x if context is None else context)  # (B, Hkv, S, Dh) each
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
@@ -170,6 +173,13 @@ class MultiHeadAttention(nn.Module):
         else:
             y = self._attend_explicitly(q, k, v, mask, causal)
         return self.o(y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))  # (B, T, D)
+
+    def project_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Project (B, S, D') inputs to keys and values, each (B, Hkv, S, Dh)."""
+        b, s, _ = context.shape
+        k = self.k(context).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v(context).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return k, v
 
     def _attend_explicitly(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool

@@ -23,6 +23,7 @@ for _name, _target in {
     "lstm": "dapeng.models.rnn:lstm",
     "transformer": "dapeng.models.transformer:TransformerEncoder",
     "lm": "dapeng.models.lm:LlamaLM",
+    "seq2seq": "dapeng.models.seq2seq:Seq2SeqTransformer",
 }.items():
     MODELS.register(_name, _target)
 
