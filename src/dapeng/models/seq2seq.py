@@ -104,8 +104,9 @@ class Seq2SeqTransformer(nn.Module):
         self.scale = math.sqrt(hidden)
         tgt_vocab_size = tgt_vocab_size or vocab_size
         self.src_embed = nn.Embedding(vocab_size, hidden, padding_idx=pad_id)
+        # a shared vocabulary shares one matrix; no alias module, since safetensors refuses shared tensors
         self.tgt_embed = (
-            self.src_embed if tgt_vocab_size == vocab_size else nn.Embedding(tgt_vocab_size, hidden, padding_idx=pad_id)
+            None if tgt_vocab_size == vocab_size else nn.Embedding(tgt_vocab_size, hidden, padding_idx=pad_id)
         )
         self.positions = SinusoidalPositions(hidden, max_positions)
         self.dropout = nn.Dropout(dropout)
@@ -130,6 +131,10 @@ class Seq2SeqTransformer(nn.Module):
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.src_embed
+
+    @property
+    def target_embeddings(self) -> nn.Embedding:
+        return self.src_embed if self.tgt_embed is None else self.tgt_embed
 
     def _embed(self, embedding: nn.Embedding, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
         end = start + ids.shape[1]
@@ -159,7 +164,7 @@ class Seq2SeqTransformer(nn.Module):
         """Target ids (B, T) attending to memory (B, S, D) → decoder states (B, T, D) (teacher forcing)."""
         memory_mask = padding_mask(attention_mask) if attention_mask is not None else None
         self_mask = padding_mask(decoder_attention_mask) if decoder_attention_mask is not None else None
-        x = self._embed(self.tgt_embed, decoder_input_ids)
+        x = self._embed(self.target_embeddings, decoder_input_ids)
         for block in self.decoder:
             x = block(x, block.cross_attn.project_kv(memory), self_mask, memory_mask)
         return self.decoder_norm(x)
@@ -178,7 +183,7 @@ class Seq2SeqTransformer(nn.Module):
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         if self.head is None:
-            return F.linear(features, self.tgt_embed.weight)  # (…, V)
+            return F.linear(features, self.target_embeddings.weight)  # (…, V)
         return self.head(features)
 
     def reset_head(self, num_labels: int) -> None:
@@ -238,7 +243,7 @@ class Seq2SeqTransformer(nn.Module):
         scores[:, 1:] = float("-inf")  # all beams start identical: keep one until the first expansion
         scores = scores.view(-1)  # (B·K,)
         for pos in range(max_new_tokens):
-            x = self._embed(self.tgt_embed, tokens[:, -1:], start=pos)  # (B·K, 1, D)
+            x = self._embed(self.target_embeddings, tokens[:, -1:], start=pos)  # (B·K, 1, D)
             for block, kv, cache in zip(self.decoder, cross, caches):
                 x = block(x, kv, None, memory_mask, cache, pos)
             logprobs = self.forward_head(self.decoder_norm(x[:, -1])).float().log_softmax(dim=-1)  # (B·K, V)
