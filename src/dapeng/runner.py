@@ -173,13 +173,13 @@ def load_run_config(run: str | Path) -> RunConfig:
 
 def evaluate(run: str | Path, split: str = "test", precision: str = "auto", batch_size: int | None = None) -> dict[str, float]:
     """Evaluate a run's model (`RUN/model`) on one split of its data: `eval`, `test` or `train`."""
-    from dapeng.hub.artifact import load_artifact
-    from dapeng.train.trainer import Trainer
-
     if split not in ("train", "eval", "test"):
         raise ConfigError(f"split {split!r} is not one of train, eval, test")
     run = Path(run)
     cfg = load_run_config(run)
+    from dapeng.hub.artifact import load_artifact
+    from dapeng.train.trainer import Trainer
+
     artifact = load_artifact(run / "model", precision="fp32")
     records = getattr(load_splits(cfg), split)
     if not records:

@@ -425,10 +425,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
 
     def _end_epoch(self, eval: Sequence[Any] | None) -> None:
-        if eval and not self.eval_every:
-            self._evaluate_and_monitor(eval)
         self.state.epoch += 1
         self.state.batch = 0
+        if eval and not self.eval_every:
+            self._evaluate_and_monitor(eval)
         self._emit("on_epoch_end")
         if self.checkpoint_dir is not None and not self.checkpoint_every:
             self.save_checkpoint()

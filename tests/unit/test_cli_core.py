@@ -1,0 +1,103 @@
+"""`dapeng --help/--version`, `dapeng train` and `dapeng eval`: light imports, one-line errors, exit codes."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from _trainer_toy import make_records, register
+
+from dapeng.cli.main import main
+from dapeng.data.splits import Splits
+
+torch.set_num_threads(1)
+register()
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dapeng", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_help_does_not_import_torch():
+    code = (
+        "import sys\n"
+        "from dapeng.cli.main import main\n"
+        "for argv in (['--help'], ['train', '--help'], ['eval', '--help']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "heavy = [m for m in ('torch', 'numpy', 'safetensors', 'tensorboard') if m in sys.modules]\n"
+        "print('HEAVY', heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
+    assert "HEAVY []" in out
+    assert "dapeng train examples/" in out  # the help shows an example
+
+
+def test_version():
+    result = run_cli("--version")
+    assert result.returncode == 0 and result.stdout.startswith("dapeng ")
+
+
+def toy_config(tmp_path, **train):
+    path = tmp_path / "toy.yaml"
+    path.write_text(yaml.safe_dump({
+        "task": "toy-classification", "data": {}, "model": {"name": "toy-mlp", "kwargs": {"hidden": 8}},
+        "train": {"epochs": 2, "batch_size": 8, "precision": "fp32", "optimizer": {"lr": 0.05}, **train},
+    }))
+    return path
+
+
+def test_bad_config_is_one_line_and_exit_2(tmp_path):
+    path = toy_config(tmp_path, optimizer={"name": "adamx"})
+    result = run_cli("train", str(path), "--out", str(tmp_path / "run"))
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "dapeng train: error: config key train.optimizer.name: 'adamx' is not one of sgd, adam, adamw"
+    )
+    assert "Traceback" not in result.stderr
+    debug = run_cli("--debug", "train", str(path), "--out", str(tmp_path / "run"))
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "ConfigError" in debug.stderr
+
+
+def test_bad_override_and_missing_run(tmp_path):
+    result = run_cli("train", str(toy_config(tmp_path)), "--set", "train.epochs=zero")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "train.epochs" in result.stderr
+    result = run_cli("eval", str(tmp_path / "no-run"))
+    assert result.returncode == 2 and "not a run directory" in result.stderr
+
+
+@pytest.fixture
+def toy_splits(monkeypatch):
+    records = make_records(120)
+    monkeypatch.setattr("dapeng.runner.load_splits", lambda cfg: Splits(records[:80], records[80:100], records[100:]))
+
+
+def test_train_then_eval_in_process(tmp_path, capsys, toy_splits):
+    run = tmp_path / "run"
+    assert main(["train", str(toy_config(tmp_path)), "--out", str(run), "--json", "--set", "train.log_every=2"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["steps"] == 20 and result["metrics"]["test"]["accuracy"] > 0.8
+    for name in ("config.yaml", "model/dapeng.json", "model/model.safetensors", "model/card.md",
+                 "checkpoints/last.pt", "checkpoints/best.pt", "metrics.jsonl", "metrics.json", "curves.png"):
+        assert (run / name).is_file(), name
+    assert any((run / "tb").iterdir())
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["train"]["log_every"] == 2 and saved["train"]["schedule"]["name"] == "constant"
+    assert set(json.loads((run / "metrics.json").read_text())) == {"train", "eval", "test"}
+
+    assert main(["eval", str(run), "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["metrics"] == pytest.approx(result["metrics"]["test"], rel=1e-5)
+
+    # the same --out again is refused; --resume of a finished run is a no-op that rewrites the report
+    assert main(["train", str(toy_config(tmp_path)), "--out", str(run)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(["train", str(toy_config(tmp_path)), "--out", str(run), "--resume", "--set", "train.log_every=2"]) == 0
+    assert "20 steps" in capsys.readouterr().out
+    assert main(["train", str(toy_config(tmp_path, epochs=3)), "--out", str(run), "--resume"]) == 2
+    assert "train.epochs" in capsys.readouterr().err

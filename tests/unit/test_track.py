@@ -1,0 +1,86 @@
+"""Tracking: TensorBoard events read back with TensorBoard's own reader, JSONL, progress, curves."""
+
+import json
+import types
+
+import pytest
+import torch
+from _trainer_toy import ToyNet, ToyTask, make_records
+
+from dapeng.track import JsonlLogger, ProgressBar, TensorBoardLogger, plot_curves, quiet, read_jsonl
+from dapeng.train.trainer import Trainer
+
+torch.set_num_threads(1)
+
+
+def fit_with(callbacks, tmp_path, epochs=2):
+    records = make_records(64)
+    task = ToyTask()
+    task.setup(records)
+    model = ToyNet(**task.model_kwargs())
+    trainer = Trainer(model, task, epochs=epochs, batch_size=8, log_every=2, precision="fp32",
+                      checkpoint_dir=tmp_path / "ckpt", callbacks=callbacks)
+    trainer.fit(task.encode(records[:48]), task.encode(records[48:]))
+    return trainer
+
+
+def test_tensorboard_events_are_readable(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    fit_with([TensorBoardLogger(tmp_path / "tb")], tmp_path)
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/samples_per_sec", "eval/loss", "eval/accuracy"} <= tags
+    assert [e.step for e in acc.Scalars("train/loss")] == [2, 4, 6, 8, 10, 12]
+    assert [e.step for e in acc.Scalars("eval/accuracy")] == [6, 12]
+
+
+def test_jsonl_log_and_resume_truncation(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    fit_with([JsonlLogger(path)], tmp_path)
+    records = read_jsonl(path)
+    assert [r["step"] for r in records if "train/loss" in r] == [2, 4, 6, 8, 10, 12]
+    assert all("time" in r for r in records)
+    # a resumed run drops what the killed run logged after its checkpoint (step 6)
+    with path.open("a") as f:
+        f.write('{"step": 13, "train/lo')  # a torn last line
+    JsonlLogger(path).on_fit_start(types.SimpleNamespace(state=types.SimpleNamespace(step=6)))
+    assert max(r["step"] for r in read_jsonl(path)) == 6
+    assert all(json.loads(line) for line in path.read_text().splitlines())
+
+
+def test_nan_is_written_as_null(tmp_path):
+    logger = JsonlLogger(tmp_path / "m.jsonl")
+    logger.on_log(None, {"step": 1, "train/loss": float("nan")})
+    assert read_jsonl(tmp_path / "m.jsonl")[0]["train/loss"] is None
+
+
+def test_progress_bar_and_curves(tmp_path, capsys):
+    jsonl = tmp_path / "metrics.jsonl"
+    bar = ProgressBar()
+    fit_with([bar, JsonlLogger(jsonl)], tmp_path)
+    assert bar.bar is None  # closed at the end
+    err = capsys.readouterr().err
+    assert "12/12" in err and "loss=" in err
+    png = plot_curves(read_jsonl(jsonl), tmp_path / "curves.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_curves([], tmp_path / "none.png") is None
+
+
+def test_quiet(monkeypatch):
+    monkeypatch.setenv("DAPENG_QUIET", "1")
+    assert quiet()
+    monkeypatch.delenv("DAPENG_QUIET")
+    assert quiet(json_output=True)
+    monkeypatch.setattr("sys.stderr", types.SimpleNamespace(isatty=lambda: False))
+    assert quiet()
+
+
+@pytest.mark.parametrize("logger", [JsonlLogger, TensorBoardLogger])
+def test_trackers_work_from_a_hand_written_loop(tmp_path, logger):
+    tracker = logger(tmp_path / "out")
+    tracker.on_log(None, {"step": 1, "train/loss": 0.5})
+    if isinstance(tracker, TensorBoardLogger):
+        tracker.close()
+    assert any((tmp_path / "out").parent.iterdir())
