@@ -1,0 +1,378 @@
+"""The inference unit: an Artifact's model and task, from raw inputs to typed outputs.
+
+    pipe = dapeng.load("runs/rt-cnn")            # a run directory, an Artifact folder or a hub name
+    pipe.predict("a gripping, funny film")       # -> {"label": "fresh", ...}
+    pipe.predict(["one", "two"], batch_size=64)  # -> [..., ...]
+
+`predict` follows the one path of DESIGN.md: raw input → record → `task.encode` →
+`task.collate` → model (eval mode, `torch.inference_mode`, the Artifact's precision) →
+`task.decode`. The HTTP server (`dapeng.serve`) and `dapeng predict` are shells over it.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import inspect
+import io
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dapeng.errors import CheckpointError, DapengError
+
+__all__ = ["InputError", "Pipeline", "load", "to_json"]
+
+_ARTIFACT_FILE = "dapeng.json"
+
+
+class InputError(DapengError):
+    """An input the pipeline can't read; `loc` says which one (e.g. `(3,)` or `(3, "text")`)."""
+
+    def __init__(self, message: str, hint: str | None = None, loc: tuple[Any, ...] = ()) -> None:
+        super().__init__(message, hint)
+        self.loc = loc
+
+
+def load(name_or_path: str | Path, precision: str = "auto") -> Pipeline:
+    """Load a Pipeline from an Artifact folder, a run directory (its `model/`) or a hub name.
+
+    Args:
+        name_or_path: a folder holding `dapeng.json`, a run directory, or a name in the
+            local hub (`my-model`, `my-model@2`, `minilm-l6`).
+        precision: "auto" (bf16 where the hardware runs it natively, else fp32), "fp32" or "bf16".
+
+    Raises:
+        CheckpointError: a folder that is neither an Artifact nor a run directory.
+        NotFoundError: an unknown hub name.
+    """
+    from dapeng.hub.artifact import load_artifact
+
+    path = Path(name_or_path)
+    if path.is_dir():
+        artifact_dir = _artifact_dir(path)
+        name = path.name if artifact_dir == path else path.resolve().name
+    else:
+        from dapeng.hub.store import resolve
+
+        artifact_dir = resolve(str(name_or_path))
+        name = str(name_or_path).partition("@")[0]
+    artifact = load_artifact(artifact_dir, precision="bf16" if precision == "bf16" else "fp32")
+    return Pipeline(artifact.model, artifact.task, name=name, meta=artifact.meta, path=artifact.path,
+                    precision=precision)
+
+
+def _artifact_dir(path: Path) -> Path:
+    if (path / _ARTIFACT_FILE).is_file():
+        return path
+    if (path / "model" / _ARTIFACT_FILE).is_file():
+        return path / "model"
+    raise CheckpointError(
+        f"{path} holds no model: neither {path / _ARTIFACT_FILE} nor {path / 'model' / _ARTIFACT_FILE} exists",
+        "pass a run directory written by `dapeng train`, an Artifact folder, or a hub name",
+    )
+
+
+class Pipeline:
+    """A model and its task, ready for inference.
+
+    Args:
+        model: the network; switched to eval mode here.
+        task: the task that encodes inputs and decodes outputs (its `from_state` form).
+        name: what to call the model (the server's model name).
+        meta: the Artifact's `dapeng.json`.
+        path: the Artifact folder it came from.
+        precision: "auto", "fp32" or "bf16" for the forward pass.
+        device: where to run; default CUDA when present, else the CPU.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Any,
+        *,
+        name: str = "model",
+        meta: dict[str, Any] | None = None,
+        path: Path | None = None,
+        precision: str = "auto",
+        device: str | torch.device = "auto",
+    ) -> None:
+        from dapeng.train.precision import resolve_device, resolve_precision
+
+        self.device = resolve_device(device) if isinstance(device, str) else device
+        self.model = model.to(self.device).eval()
+        self.task = task
+        self.name = name
+        self.meta = meta or {}
+        self.path = path
+        # Quantized weights run their own int8 kernels with fp32 activations: no autocast over them.
+        quantized = bool(self.meta.get("quantization"))
+        self.precision = "fp32" if quantized else resolve_precision(precision, self.device)
+        self.input_field = _input_field(task)
+        self._forward_params = _accepted_params(model)
+
+    @property
+    def labels(self) -> list[str] | None:
+        """The label names, in the order of the model's outputs (None for tasks without labels)."""
+        labels = self.meta.get("labels")
+        if labels is None:
+            labels = getattr(self.task, "labels", None)
+        return list(labels) if labels is not None else None
+
+    @property
+    def task_name(self) -> str:
+        return str(getattr(self.task, "name", self.meta.get("task", "")))
+
+    @property
+    def can_generate(self) -> bool:
+        return callable(getattr(self.task, "generate", None))
+
+    @property
+    def can_embed(self) -> bool:
+        return callable(getattr(self.task, "embed", None))
+
+    def __repr__(self) -> str:
+        return f"Pipeline(name={self.name!r}, task={self.task_name!r}, precision={self.precision!r})"
+
+    # -- inputs ---------------------------------------------------------------------------
+
+    def to_records(
+        self, inputs: Sequence[Any], *, max_chars: int | None = None, allow_paths: bool = True
+    ) -> list[dict[str, Any]]:
+        """Turn raw inputs into task records, checking each one.
+
+        Texts are strings (or `{"text": ...}` records); images are file paths, encoded bytes,
+        `{"b64": ...}`, numpy arrays or nested lists of pixel values (H, W[, C]).
+
+        Args:
+            max_chars: longest text accepted.
+            allow_paths: read image file paths (off for inputs that come over HTTP).
+
+        Raises:
+            InputError: naming the input that can't be read.
+        """
+        return [self._record(x, i, max_chars, allow_paths) for i, x in enumerate(inputs)]
+
+    def _record(self, raw: Any, index: int, max_chars: int | None, allow_paths: bool) -> dict[str, Any]:
+        field = self.input_field
+        if isinstance(raw, dict) and not _is_b64(raw):
+            if field not in raw:
+                raise InputError(f"input {index} has no {field!r} field", f"send {{{field!r}: ...}}", (index,))
+            record = dict(raw)
+            record[field] = self._value(raw[field], (index, field), max_chars, allow_paths)
+            return record
+        return {field: self._value(raw, (index,), max_chars, allow_paths)}
+
+    def _value(self, raw: Any, loc: tuple[Any, ...], max_chars: int | None, allow_paths: bool) -> Any:
+        if self.input_field == "image":
+            return _read_image(raw, loc, allow_paths)
+        if self.input_field == "tokens" and isinstance(raw, list) and all(isinstance(t, str) for t in raw):
+            return raw
+        if not isinstance(raw, str):
+            raise InputError(f"input {_where(loc)} must be a string, not {_kind(raw)}", None, loc)
+        if max_chars is not None and len(raw) > max_chars:
+            raise InputError(f"input {_where(loc)} has {len(raw)} characters", f"the limit is {max_chars}", loc)
+        return raw.split() if self.input_field == "tokens" else raw
+
+    # -- predict --------------------------------------------------------------------------
+
+    def predict(self, inputs: Any, batch_size: int = 32) -> Any:
+        """Predict for one input or a list of them.
+
+        A list (or tuple) is a batch and gives a list of outputs; anything else (a string,
+        a path, bytes, an array, a record dict) is one input and gives one output.
+        """
+        single = not isinstance(inputs, list | tuple)
+        records = self.to_records([inputs] if single else inputs)
+        outputs = self.predict_records(records, batch_size=batch_size)
+        return outputs[0] if single else outputs
+
+    def predict_records(self, records: Sequence[dict[str, Any]], batch_size: int = 32) -> list[Any]:
+        """Predict for task records, `batch_size` at a time (texts grouped by length)."""
+        if batch_size < 1:
+            raise DapengError(f"batch_size must be at least 1, not {batch_size}")
+        order = self._length_order(records) if len(records) > batch_size else list(range(len(records)))
+        outputs: list[Any] = [None] * len(records)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            for index, output in zip(chunk, self._predict_batch([records[i] for i in chunk])):
+                outputs[index] = output
+        return outputs
+
+    def _length_order(self, records: Sequence[dict[str, Any]]) -> list[int]:
+        # Sorting texts by length before batching keeps padding (wasted compute) small.
+        field = self.input_field
+        if all(isinstance(r.get(field), str | list) for r in records):
+            return sorted(range(len(records)), key=lambda i: len(records[i][field]))
+        return list(range(len(records)))
+
+    def _predict_batch(self, records: list[dict[str, Any]]) -> list[Any]:
+        with self.inference():
+            batch = _to_device(self.task.collate(self.task.encode(records)), self.device)
+            outputs = self.forward(batch)
+        outputs = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in outputs.items()}
+        decoded = list(self.task.decode(outputs))
+        if len(decoded) != len(records):
+            raise DapengError(f"task {self.task_name!r} decoded {len(decoded)} outputs for {len(records)} inputs")
+        return decoded
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Run the model on a collated batch; the task's own `forward` wins when it has one."""
+        task_forward = getattr(self.task, "forward", None)
+        if callable(task_forward):
+            return task_forward(self.model, batch)
+        kwargs = {k: v for k, v in batch.items() if k in self._forward_params}
+        out = self.model(**kwargs)
+        return out if isinstance(out, dict) else {"logits": out}
+
+    @contextlib.contextmanager
+    def inference(self) -> Iterator[None]:
+        """Eval mode, no autograd, and the pipeline's precision."""
+        from dapeng.train.precision import autocast
+
+        self.model.eval()
+        with torch.inference_mode(), autocast(self.precision, self.device):
+            yield
+
+    # -- the other verbs ------------------------------------------------------------------
+
+    def explain(self, inputs: Any, method: str = "ig", target: str | int | None = None, **kwargs: Any) -> Any:
+        """Explain predictions with `dapeng.explain.explain` (attributions or attention maps)."""
+        from dapeng.explain import explain
+
+        return explain(self, inputs, method=method, target=target, **kwargs)
+
+    def embed(self, texts: str | Sequence[str]) -> np.ndarray:
+        """Sentence embeddings, `(n, dim)`, with the model's own pooling."""
+        fn = self._task_verb("embed", "has no embeddings", "load an encoder such as minilm-l6")
+        with self.inference():
+            return fn(self.model, [texts] if isinstance(texts, str) else list(texts))
+
+    def generate(self, prompt: Any, **kwargs: Any) -> Any:
+        """Generated text for `prompt` (an iterator of pieces with `stream=True`)."""
+        fn = self._task_verb("generate", "can't generate text", "load a language model such as smollm2-135m")
+        self.model.eval()
+        return fn(self.model, prompt, **kwargs)
+
+    def _task_verb(self, verb: str, what: str, hint: str) -> Any:
+        fn = getattr(self.task, verb, None)
+        if not callable(fn):
+            raise DapengError(f"model {self.name!r} (task {self.task_name!r}) {what}", hint)
+        return fn
+
+
+def _input_field(task: Any) -> str:
+    """The record field raw inputs go into: the task's `input_field`, else guessed from its name."""
+    field = getattr(task, "input_field", None)
+    if isinstance(field, str):
+        return field
+    name = str(getattr(task, "name", ""))
+    if "image" in name:
+        return "image"
+    if "token" in name or "tagging" in name:
+        return "tokens"
+    return "text"
+
+
+def _accepted_params(model: nn.Module) -> set[str]:
+    params = inspect.signature(model.forward).parameters
+    return set(params)
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    if device.type == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _is_b64(raw: dict[str, Any]) -> bool:
+    return set(raw) == {"b64"}
+
+
+def _read_image(raw: Any, loc: tuple[Any, ...], allow_paths: bool) -> np.ndarray:
+    """An image as a uint8 (H, W[, C]) array, from a path, bytes, base64, an array or nested lists."""
+    if isinstance(raw, np.ndarray):
+        array = raw
+    elif isinstance(raw, dict) and _is_b64(raw):
+        if not isinstance(raw["b64"], str):
+            raise InputError(f"input {_where(loc)}: 'b64' must be a base64 string", None, loc)
+        try:
+            data = base64.b64decode(raw["b64"], validate=True)
+        except ValueError:
+            raise InputError(f"input {_where(loc)}: 'b64' is not valid base64", None, loc) from None
+        array = _decode_image(data, loc)
+    elif isinstance(raw, bytes | bytearray):
+        array = _decode_image(bytes(raw), loc)
+    elif isinstance(raw, str | Path) and allow_paths:
+        try:
+            array = _decode_image(Path(raw).read_bytes(), loc)
+        except OSError as err:
+            raise InputError(f"input {_where(loc)}: can't read {raw}: {err.strerror}", None, loc) from None
+    elif isinstance(raw, list):
+        try:
+            array = np.asarray(raw, dtype=np.float64)
+        except (ValueError, TypeError):
+            raise InputError(f"input {_where(loc)} is not a rectangular array of numbers", None, loc) from None
+        if not np.isfinite(array).all() or array.min(initial=0) < 0 or array.max(initial=0) > 255:
+            raise InputError(f"input {_where(loc)}: pixel values must lie in 0..255", None, loc)
+    else:
+        what = "a base64 image ({'b64': ...}) or an array of pixels" if not allow_paths else "an image"
+        raise InputError(f"input {_where(loc)} must be {what}, not {_kind(raw)}", None, loc)
+    if array.ndim not in (2, 3) or 0 in array.shape or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
+        raise InputError(f"input {_where(loc)} has shape {array.shape}", "images are (H, W) or (H, W, C)", loc)
+    if array.dtype != np.uint8:
+        array = np.clip(np.rint(array), 0, 255).astype(np.uint8)
+    return array
+
+
+def _decode_image(data: bytes, loc: tuple[Any, ...]) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            if image.mode not in ("L", "RGB"):
+                image = image.convert("RGB")
+            return np.asarray(image)
+    except (UnidentifiedImageError, OSError, ValueError):
+        raise InputError(f"input {_where(loc)} is not an image file PIL can read", None, loc) from None
+
+
+def _where(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def to_json(value: Any) -> Any:
+    """Make outputs JSON-able: tensors and arrays to lists, dataclasses and `to_dict()` objects to dicts.
+
+    Non-finite floats become None, since JSON has no NaN.
+    """
+    if isinstance(value, dict):
+        return {str(k): to_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_json(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, str | int | bool) or value is None:
+        return value
+    if torch.is_tensor(value):
+        return to_json(value.detach().float().cpu().tolist() if value.is_floating_point() else value.tolist())
+    if isinstance(value, np.ndarray | np.generic):
+        return to_json(value.tolist())
+    if hasattr(value, "to_dict"):
+        return to_json(value.to_dict())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return to_json(dataclasses.asdict(value))
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)

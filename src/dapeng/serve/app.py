@@ -1,0 +1,587 @@
+"""The HTTP server: KServe / TF-Serving V1 endpoints, OpenAI completions, health and metrics.
+
+    app = create_app({"rt": dapeng.load("runs/rt")}, ServeConfig(max_batch_size=32))
+
+Every model gets a `DynamicBatcher` and one worker thread; the event loop only parses,
+validates and answers. Bad input is a 4xx that says what is wrong (422 naming the field,
+404 for an unknown model, 413 for a body too large); a full queue is a 503 with
+`Retry-After`; a request over its time limit is a 504. A 500 means a bug, never bad input.
+
+(No `from __future__ import annotations` here: FastAPI reads the request-body classes,
+which `build_request_models` makes at run time, from the handlers' live annotations.)
+"""
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import secrets
+import signal
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from dapeng import __version__
+from dapeng.errors import DapengError
+from dapeng.serve.batcher import BatcherStopped, DynamicBatcher, QueueFull
+from dapeng.serve.config import ServeConfig
+from dapeng.serve.metrics import Metrics
+from dapeng.serve.schemas import (
+    Batching,
+    ChatCompletion,
+    Completion,
+    ErrorBody,
+    ExplainResponse,
+    ModelInfo,
+    ModelList,
+    PredictResponse,
+    Status,
+    build_request_models,
+)
+
+__all__ = ["ServeState", "create_app"]
+
+log = logging.getLogger("dapeng.serve")
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,99}$")
+_MODEL_PATH = re.compile(r"^/v1/models/([^/:]+)(:\w+)?$")
+_UNGUARDED = ("/health", "/ready", "/metrics")
+
+
+def _error(code: int, description: str) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": ErrorBody, "description": description}}
+
+
+_NOT_FOUND = _error(404, "unknown model")
+_BUSY = _error(503, "queue full or shutting down; retry after the Retry-After header's seconds")
+_TIMEOUT = _error(504, "the request ran past the server's time limit")
+_TOO_LARGE = _error(413, "request body larger than the server accepts")
+
+
+class _ApiError(Exception):
+    """An HTTP error with the usual `{"detail": ...}` body and optional headers."""
+
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
+        self.status = status
+        self.detail = detail
+        self.headers = headers
+
+
+def _invalid(loc: Iterable[Any], message: str) -> RequestValidationError:
+    return RequestValidationError([{"type": "value_error", "loc": ("body", *loc), "msg": message, "input": None}])
+
+
+@dataclass
+class ModelSlot:
+    """One served model: its pipeline, its worker thread and its batcher."""
+
+    name: str
+    pipeline: Any
+    executor: ThreadPoolExecutor
+    batcher: DynamicBatcher
+
+    @property
+    def generates(self) -> bool:
+        return bool(getattr(self.pipeline, "can_generate", False))
+
+    def records(self, instances: list[Any], config: ServeConfig) -> list[Any]:
+        """Validated records for `instances` (422 naming the bad one)."""
+        to_records = getattr(self.pipeline, "to_records", None)
+        try:
+            if callable(to_records):
+                return to_records(instances, max_chars=config.max_input_chars, allow_paths=False)
+        except DapengError as err:
+            raise _invalid(("instances", *getattr(err, "loc", ())), str(err)) from None
+        for i, value in enumerate(instances):
+            if isinstance(value, str) and len(value) > config.max_input_chars:
+                raise _invalid(("instances", i), f"input {i} is longer than {config.max_input_chars} characters")
+        return instances
+
+    def info(self) -> ModelInfo:
+        labels = getattr(self.pipeline, "labels", None)
+        return ModelInfo(
+            name=self.name,
+            ready=True,
+            task=str(getattr(self.pipeline, "task_name", "") or ""),
+            labels=[str(x) for x in labels] if labels is not None else None,
+            precision=getattr(self.pipeline, "precision", None),
+            generates=self.generates,
+            batching=Batching(max_batch_size=self.batcher.max_batch_size, max_wait_ms=self.batcher.max_wait * 1000),
+        )
+
+
+class ServeState:
+    """Everything one app serves: models, settings, metrics, and whether it is draining."""
+
+    def __init__(self, pipelines: Mapping[str, Any], config: ServeConfig) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.draining = False
+        self.started = False
+        self.slots: dict[str, ModelSlot] = {}
+        for name, pipeline in pipelines.items():
+            if not _NAME.match(name):
+                raise DapengError(f"bad model name {name!r}", "use letters, digits, '.', '_', '@' and '-'")
+            self.slots[name] = self._slot(name, pipeline)
+
+    def _slot(self, name: str, pipeline: Any) -> ModelSlot:
+        from dapeng.pipeline import to_json
+
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"dapeng-{name}")
+        batch_size = self.config.max_batch_size
+
+        def predict(records: list[Any]) -> list[Any]:
+            # JSON conversion runs here, in the worker, to keep it off the event loop.
+            return to_json(pipeline.predict(records, batch_size=max(batch_size, len(records))))
+
+        batcher = DynamicBatcher(
+            predict,
+            executor,
+            max_batch_size=batch_size,
+            max_wait_ms=self.config.max_wait_ms,
+            max_queue=self.config.max_queue,
+            on_batch=lambda size, seconds: self.metrics.observe_batch(name, size, seconds),
+        )
+        self.metrics.track_queue(name, lambda: batcher.queue_depth, lambda: batcher.in_flight)
+        return ModelSlot(name, pipeline, executor, batcher)
+
+    def slot(self, name: str) -> ModelSlot:
+        slot = self.slots.get(name)
+        if slot is None:
+            raise _ApiError(404, f"unknown model {name!r}; served: {', '.join(sorted(self.slots)) or 'none'}")
+        return slot
+
+    async def start(self) -> None:
+        self._set_torch_threads()
+        for slot in self.slots.values():
+            slot.batcher.start()
+        self.started = True
+
+    def _set_torch_threads(self) -> None:
+        """Give torch a fixed share of the cores, so the HTTP side keeps CPU to answer with."""
+        import torch
+
+        torch.set_num_threads(self.config.torch_threads)
+
+    async def stop(self) -> None:
+        """Finish accepted work, then release the worker threads."""
+        self.draining = True
+        await asyncio.gather(*(slot.batcher.stop() for slot in self.slots.values()))
+        for slot in self.slots.values():
+            slot.executor.shutdown(wait=True)
+
+    def begin_drain(self) -> None:
+        """Refuse new requests (503) and report not-ready, while accepted ones finish."""
+        self.draining = True
+
+
+def _hook_termination(state: ServeState) -> Callable[[], None]:
+    """Mark the app as draining as soon as SIGTERM/SIGINT arrive, then let uvicorn shut down.
+
+    Uvicorn closes the listening socket and waits for in-flight requests; draining also
+    answers 503 on connections that are kept alive, and turns /ready to 503 so a load
+    balancer stops sending work. Only the main thread may set signal handlers; elsewhere
+    (a server run in a thread) this does nothing and `begin_drain` is called directly.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def handler(sig: int, frame: Any) -> None:
+        state.begin_drain()
+        prior = previous[signal.Signals(sig)]
+        if callable(prior):
+            prior(sig, frame)
+
+    for sig in previous:
+        signal.signal(sig, handler)
+
+    def restore() -> None:
+        for sig, prior in previous.items():
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(sig, prior)
+
+    return restore
+
+
+def create_app(pipelines: Mapping[str, Any], config: ServeConfig | None = None) -> FastAPI:
+    """A FastAPI app serving `pipelines` (name → anything with `.predict(list) -> list`).
+
+    Args:
+        pipelines: the models to serve by name; `dapeng.Pipeline`s, or any object whose
+            `predict(inputs: list, batch_size=...)` returns one JSON-able output per input.
+        config: batching, limits and the API key.
+    """
+    config = config or ServeConfig()
+    state = ServeState(pipelines, config)
+    bodies = build_request_models(config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await state.start()
+        restore = _hook_termination(state)
+        try:
+            yield
+        finally:
+            restore()
+            await state.stop()
+
+    app = FastAPI(
+        title="dapeng model server",
+        version=__version__,
+        description="KServe/TF-Serving V1 prediction, explanations and OpenAI-compatible completions.",
+        lifespan=lifespan,
+        max_body_size=config.max_body_bytes,
+    )
+    app.state.serve = state
+    app.add_middleware(_Gate, state=state)
+    _install_error_handlers(app)
+
+    guard = [Depends(_api_key_guard(config.api_key))] if config.api_key else []
+    models = APIRouter(dependencies=guard, responses=_error(401, "missing or wrong API key") if guard else None)
+    _add_model_routes(models, state, bodies)
+    _add_openai_routes(models, state, bodies)
+    app.include_router(models)
+    _add_ops_routes(app, state)
+    return app
+
+
+def _api_key_guard(key: str) -> Callable[..., Any]:
+    bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
+    header = APIKeyHeader(name="X-API-Key", auto_error=False, description="the API key")
+
+    async def check(
+        credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
+        api_key: str | None = Depends(header),
+    ) -> None:
+        given = [api_key, credentials.credentials if credentials else None]
+        if not any(g is not None and secrets.compare_digest(g.encode(), key.encode()) for g in given):
+            raise _ApiError(401, "missing or wrong API key", {"WWW-Authenticate": "Bearer"})
+
+    return check
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(_ApiError)
+    async def api_error(request: Request, exc: _ApiError) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
+
+
+class _Gate:
+    """Pure ASGI middleware (no per-request task, unlike `@app.middleware`): refuses work
+    while draining and records request metrics. (FastAPI's `max_body_size` enforces the
+    body limit, chunked bodies included.)"""
+
+    def __init__(self, app: Any, state: ServeState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state, config = self.state, self.state.config
+        path: str = scope["path"]
+        start = time.perf_counter()
+        status = [500]
+
+        async def send_and_record(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            if state.draining and path not in _UNGUARDED:
+                await _reply(send_and_record, 503, "shutting down",
+                             {"Retry-After": str(config.retry_after_s), "Connection": "close"})
+            else:
+                await self.app(scope, receive, send_and_record)
+        finally:
+            endpoint, model = _labels(path, state)
+            state.metrics.observe_request(endpoint, model, status[0], time.perf_counter() - start)
+
+
+async def _reply(send: Callable[..., Any], status: int, detail: str, headers: dict[str, str] | None = None) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _labels(path: str, state: ServeState) -> tuple[str, str]:
+    """Metric labels for `path`, bounded: unknown models and paths share one label each."""
+    match = _MODEL_PATH.match(path)
+    if match:
+        model = match.group(1) if match.group(1) in state.slots else "unknown"
+        return f"/v1/models/{{name}}{match.group(2) or ''}", model
+    if path in ("/v1/models", "/v1/completions", "/v1/chat/completions", *_UNGUARDED):
+        return path, ""
+    return "other", ""
+
+
+def _busy(config: ServeConfig, detail: str) -> _ApiError:
+    return _ApiError(503, detail, {"Retry-After": str(config.retry_after_s)})
+
+
+async def _submit(state: ServeState, slot: ModelSlot, records: list[Any]) -> list[Any]:
+    try:
+        return await slot.batcher.submit(records, timeout=state.config.timeout_s)
+    except QueueFull as err:
+        raise _busy(state.config, str(err)) from None
+    except BatcherStopped as err:
+        raise _busy(state.config, str(err)) from None
+    except TimeoutError:
+        raise _ApiError(504, f"no answer within {state.config.timeout_s:g} s") from None
+    except DapengError as err:
+        raise _invalid(("instances",), str(err)) from None
+
+
+def _add_model_routes(router: APIRouter, state: ServeState, bodies: Any) -> None:
+    config = state.config
+    PredictRequest, ExplainRequest = bodies.predict, bodies.explain  # noqa: N806 (pydantic classes)
+
+    @router.get("/v1/models", response_model=ModelList, tags=["models"])
+    async def list_models() -> ModelList:
+        """The served models."""
+        return ModelList(models=[slot.info() for slot in state.slots.values()])
+
+    @router.get("/v1/models/{name}", response_model=ModelInfo, responses=_NOT_FOUND, tags=["models"])
+    async def model_info(name: str) -> ModelInfo:
+        """One model: its task, labels, precision and batching."""
+        return state.slot(name).info()
+
+    @router.post(
+        "/v1/models/{name}:predict",
+        response_model=PredictResponse,
+        responses={**_NOT_FOUND, **_TOO_LARGE, **_BUSY, **_TIMEOUT},
+        tags=["models"],
+    )
+    async def predict(name: str, body: PredictRequest) -> PredictResponse:  # type: ignore[valid-type]
+        """Predict for each instance (KServe / TF-Serving V1), batched with other requests."""
+        slot = state.slot(name)
+        records = slot.records(body.instances, config)  # type: ignore[attr-defined]
+        return PredictResponse(predictions=await _submit(state, slot, records))
+
+    @router.post(
+        "/v1/models/{name}:explain",
+        response_model=ExplainResponse,
+        responses={**_NOT_FOUND, **_TOO_LARGE, **_BUSY, **_TIMEOUT},
+        tags=["models"],
+    )
+    async def explain(name: str, body: ExplainRequest) -> ExplainResponse:  # type: ignore[valid-type]
+        """Explain each instance's prediction (attributions or attention maps)."""
+        from dapeng.pipeline import to_json
+
+        slot = state.slot(name)
+        if not callable(getattr(slot.pipeline, "explain", None)):
+            raise _invalid(("name",), f"model {name!r} has no explanations")
+        records = slot.records(body.instances, config)  # type: ignore[attr-defined]
+        field = getattr(slot.pipeline, "input_field", None)
+        inputs = [r[field] if field and isinstance(r, dict) else r for r in records]
+
+        def run() -> Any:
+            return to_json(slot.pipeline.explain(inputs, method=body.method, target=body.target))  # type: ignore[attr-defined]
+
+        result = await _in_worker(state, slot, run, ("method",))
+        items = result if isinstance(result, list) else [result]
+        return ExplainResponse(explanations=[x if isinstance(x, dict) else {"value": x} for x in items])
+
+
+async def _in_worker(state: ServeState, slot: ModelSlot, fn: Callable[[], Any], loc: tuple[str, ...]) -> Any:
+    """Run `fn` in the model's worker thread (outside the batcher), with the time limit."""
+    if state.draining:
+        raise _busy(state.config, "shutting down")
+    loop = asyncio.get_running_loop()
+    try:
+        return await asyncio.wait_for(loop.run_in_executor(slot.executor, fn), state.config.timeout_s)
+    except TimeoutError:
+        raise _ApiError(504, f"no answer within {state.config.timeout_s:g} s") from None
+    except DapengError as err:
+        raise _invalid(loc, str(err)) from None
+
+
+def _generation_kwargs(body: Any, pipeline: Any) -> dict[str, Any]:
+    """Sampling options for `pipeline.generate`, in its own names, only those it accepts."""
+    import inspect
+
+    options = {
+        "max_new_tokens": body.max_tokens,
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "top_k": body.top_k,
+        "stop": [body.stop] if isinstance(body.stop, str) else body.stop,
+        "seed": body.seed,
+    }
+    options = {k: v for k, v in options.items() if v is not None}
+    task_generate = getattr(getattr(pipeline, "task", None), "generate", None) or pipeline.generate
+    try:
+        params = inspect.signature(task_generate).parameters
+    except (TypeError, ValueError):
+        return options
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return options
+    return {k: v for k, v in options.items() if k in params}
+
+
+def _chat_prompt(pipeline: Any, messages: list[Any]) -> Any:
+    """The task's chat template applied to `messages`, or a plain transcript without one."""
+    plain = [{"role": m.role, "content": m.content} for m in messages]
+    task = getattr(pipeline, "task", None)
+    for name in ("chat_prompt", "apply_chat_template"):
+        template = getattr(task, name, None)
+        if callable(template):
+            return template(plain)
+    lines = [f"{m['role']}: {m['content']}" for m in plain]
+    return "\n".join([*lines, "assistant:"])
+
+
+def _add_openai_routes(router: APIRouter, state: ServeState, bodies: Any) -> None:
+    CompletionRequest, ChatRequest = bodies.completion, bodies.chat  # noqa: N806 (pydantic classes)
+    sse = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or server-sent events with stream"}}
+
+    def generator(name: str) -> ModelSlot:
+        slot = state.slot(name)
+        if not slot.generates:
+            raise _invalid(("model",), f"model {name!r} does not generate text; use /v1/models/{name}:predict")
+        return slot
+
+    @router.post(
+        "/v1/completions",
+        response_model=Completion,
+        responses={**sse, **_NOT_FOUND, **_BUSY, **_TIMEOUT},
+        tags=["openai"],
+    )
+    async def completions(body: CompletionRequest) -> Any:  # type: ignore[valid-type]
+        """OpenAI-compatible text completion (`"stream": true` for server-sent events)."""
+        slot = generator(body.model)  # type: ignore[attr-defined]
+        kwargs = _generation_kwargs(body, slot.pipeline)
+        ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:  # type: ignore[attr-defined]
+            def chunk(piece: str, finish: str | None) -> dict[str, Any]:
+                return {"id": ident, "object": "text_completion", "created": created, "model": slot.name,
+                        "choices": [{"index": 0, "text": piece, "finish_reason": finish, "logprobs": None}]}
+
+            return _sse(state, slot, body.prompt, kwargs, chunk)  # type: ignore[attr-defined]
+        text = await _generate(state, slot, body.prompt, kwargs)  # type: ignore[attr-defined]
+        return Completion(id=ident, created=created, model=slot.name,
+                          choices=[{"index": 0, "text": text, "finish_reason": "stop"}])
+
+    @router.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletion,
+        responses={**sse, **_NOT_FOUND, **_BUSY, **_TIMEOUT},
+        tags=["openai"],
+    )
+    async def chat_completions(body: ChatRequest) -> Any:  # type: ignore[valid-type]
+        """OpenAI-compatible chat completion (`"stream": true` for server-sent events)."""
+        slot = generator(body.model)  # type: ignore[attr-defined]
+        prompt = _chat_prompt(slot.pipeline, body.messages)  # type: ignore[attr-defined]
+        kwargs = _generation_kwargs(body, slot.pipeline)
+        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:  # type: ignore[attr-defined]
+            first = [True]
+
+            def chunk(piece: str, finish: str | None) -> dict[str, Any]:
+                delta: dict[str, Any] = {"content": piece} if finish is None else {}
+                if first[0]:
+                    delta["role"], first[0] = "assistant", False
+                return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": slot.name,
+                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+            return _sse(state, slot, prompt, kwargs, chunk)
+        text = await _generate(state, slot, prompt, kwargs)
+        return ChatCompletion(id=ident, created=created, model=slot.name,
+                              choices=[{"index": 0, "message": {"content": text}, "finish_reason": "stop"}])
+
+
+async def _generate(state: ServeState, slot: ModelSlot, prompt: Any, kwargs: dict[str, Any]) -> str:
+    result = await _in_worker(state, slot, lambda: slot.pipeline.generate(prompt, **kwargs), ("prompt",))
+    return result if isinstance(result, str) else "".join(result)
+
+
+def _sse(
+    state: ServeState,
+    slot: ModelSlot,
+    prompt: Any,
+    kwargs: dict[str, Any],
+    chunk: Callable[[str, str | None], dict[str, Any]],
+) -> StreamingResponse:
+    """Stream `pipeline.generate(prompt, stream=True)` as server-sent events, ending with [DONE].
+
+    The generator runs in the model's worker thread and hands pieces to the event loop;
+    when the client goes away, the worker stops at the next piece.
+    """
+    if state.draining:
+        raise _busy(state.config, "shutting down")
+    loop = asyncio.get_running_loop()
+    pieces: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+    cancelled = threading.Event()
+
+    def produce() -> None:
+        try:
+            for piece in slot.pipeline.generate(prompt, stream=True, **kwargs):
+                if cancelled.is_set():
+                    break
+                loop.call_soon_threadsafe(pieces.put_nowait, ("piece", piece))
+        except Exception as err:
+            loop.call_soon_threadsafe(pieces.put_nowait, ("error", err))
+        finally:
+            loop.call_soon_threadsafe(pieces.put_nowait, ("end", None))
+
+    loop.run_in_executor(slot.executor, produce)
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            while True:
+                kind, value = await pieces.get()
+                if kind == "piece":
+                    yield f"data: {json.dumps(chunk(str(value), None))}\n\n"
+                elif kind == "error":
+                    log.error("generation failed for model %s: %s", slot.name, value)
+                    yield f"data: {json.dumps({'error': {'message': str(value)}})}\n\n"
+                else:
+                    yield f"data: {json.dumps(chunk('', 'stop'))}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
+        finally:
+            cancelled.set()
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _add_ops_routes(app: FastAPI, state: ServeState) -> None:
+    @app.get("/health", response_model=Status, tags=["ops"])
+    async def health() -> Status:
+        """Liveness: the process answers."""
+        return Status(status="ok")
+
+    @app.get("/ready", response_model=Status, responses={503: {"model": Status, "description": "not ready"}},
+             tags=["ops"])
+    async def ready() -> Any:
+        """Readiness: models loaded and not shutting down (a load balancer's health check)."""
+        if state.draining or not state.started:
+            return JSONResponse({"status": "draining" if state.draining else "starting"}, status_code=503)
+        return Status(status="ready")
+
+    @app.get("/metrics", response_class=PlainTextResponse, tags=["ops"])
+    async def metrics() -> PlainTextResponse:
+        """Prometheus metrics: requests, latencies, batch sizes, queue depth."""
+        return PlainTextResponse(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+

@@ -1,0 +1,59 @@
+"""Prometheus metrics of one server: requests, latencies, batch sizes, queue depth.
+
+Each app owns its `CollectorRegistry`, so several servers (or tests) in one process never
+collide. With `--workers N` each process reports its own numbers; scrape each replica
+(or add `worker` labels at the load balancer) rather than expecting one merged view.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+__all__ = ["Metrics"]
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    """The server's counters, histograms and gauges."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "dapeng_requests", "HTTP requests answered", ["endpoint", "model", "code"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "dapeng_request_latency_seconds", "time from request to response", ["endpoint", "model"],
+            buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "dapeng_batch_size", "items per forward pass", ["model"], buckets=_BATCH_BUCKETS, registry=self.registry
+        )
+        self.batch_latency = Histogram(
+            "dapeng_batch_latency_seconds", "time of one forward pass", ["model"],
+            buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.queue_depth = Gauge("dapeng_queue_depth", "items waiting for a batch", ["model"], registry=self.registry)
+        self.in_flight = Gauge(
+            "dapeng_in_flight", "items accepted and not yet answered (queued + computing)", ["model"],
+            registry=self.registry,
+        )
+
+    def track_queue(self, model: str, depth: Callable[[], float], in_flight: Callable[[], float]) -> None:
+        """Report the model's queue depth and in-flight items, read at every scrape."""
+        self.queue_depth.labels(model=model).set_function(depth)
+        self.in_flight.labels(model=model).set_function(in_flight)
+
+    def observe_batch(self, model: str, size: int, seconds: float) -> None:
+        self.batch_size.labels(model=model).observe(size)
+        self.batch_latency.labels(model=model).observe(seconds)
+
+    def observe_request(self, endpoint: str, model: str, code: int, seconds: float) -> None:
+        self.requests.labels(endpoint=endpoint, model=model, code=str(code)).inc()
+        self.latency.labels(endpoint=endpoint, model=model).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
