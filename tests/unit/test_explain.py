@@ -333,3 +333,15 @@ def test_text_deletion_auc_runs_on_words():
     pipe = text_pipeline("textcnn")
     [e] = explain(pipe, "the plot was dull .", method="saliency")
     assert 0.0 <= deletion_auc(pipe, "the plot was dull .", e.label_index, scores=e.scores) <= 1.0
+
+
+def test_truncated_input_aligns_the_words_it_kept():
+    from dapeng.explain.words import align_words
+
+    task = FakeTextTask()
+    text = "the film was great"
+    ids = task.tokenizer.encode(text).ids  # [CLS] the film was great [SEP]
+    truncated = ids[:3] + ids[-1:]  # [CLS] the film [SEP], as tasks truncate
+    a = align_words(task, text, truncated)
+    assert a.words == ["the", "film"] and a.word_of_token == [None, 0, 1, None]
+    assert a.spans == [(0, 3), (4, 8)]

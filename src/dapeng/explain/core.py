@@ -259,7 +259,9 @@ def _explain_attention(
     model = pipeline.model
     _, maps = attn.capture(model, lambda: _forward(model, ids, mask))
     roll = attn.rollout(maps)  # (1, T, T)
-    importance = attn.token_importance(roll, mask, getattr(model, "pooling", None))[0]  # (T,)
+    # "attention" reads the last layer's head-averaged weights, "rollout" all layers'.
+    flow = roll if method == "rollout" else maps[-1].mean(1)  # (1, T, T)
+    importance = attn.token_importance(flow, mask, getattr(model, "pooling", None))[0]  # (T,)
     probs = out[0].softmax(-1) if out.dim() == 2 else out[0].softmax(-1).amax(0)
     labels = _label_names(pipeline, probs.numel())
     k = resolve_target(labels, target, probs)
@@ -269,7 +271,7 @@ def _explain_attention(
         predicted=labels[predicted], predicted_probability=float(probs[predicted]),
         scores=merge_tokens(importance.cpu().numpy(), alignment), text=alignment.text,
         words=alignment.words, spans=alignment.spans, tokens=alignment.tokens,
-        attention=None if method == "rollout" and len(maps) > 6 else [m[0].cpu().numpy() for m in maps],
+        attention=[m[0].cpu().numpy() for m in maps],
         rollout=roll[0].cpu().numpy(),
     )
 

@@ -243,7 +243,8 @@ def _image_png(e: Explanation) -> bytes:
         cmap="RdBu_r" if signed else "inferno",
         vmin=-limit if signed else 0,
         vmax=limit,
-        alpha=0.65,
+        # Signed maps fade where attribution is small, so the input shows through there.
+        alpha=np.clip(np.abs(heat) / limit, 0, 1) * 0.9 if signed else 0.6,
         interpolation="nearest" if e.method != "gradcam" else "bilinear",
     )
     axes[1].set_title(f"{e.method}: {e.label}")

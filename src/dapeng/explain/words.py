@@ -117,8 +117,13 @@ def align_words(
         enc = tok.encode(text)
         real = [int(i) for i in ids]
         n = len(real)
-        if list(enc.ids[:n]) == real or list(enc.ids) == real[: len(enc.ids)]:
-            return _from_encoding(enc, text, tokens, pad, tok, n)
+        same = 0
+        while same < min(n, len(enc.ids)) and enc.ids[same] == real[same]:
+            same += 1
+        # A truncated input keeps its closing special token ([SEP]) after the cut, and a
+        # padded one ends in padding: the tokens past the common prefix belong to no word.
+        if same >= n - 1 or all(pad is not None and t == pad for t in real[same:]):
+            return _from_encoding(enc, text, tokens, pad, tok, same, n)
     # No alignment: each non-padding token stands for itself.
     of = [None if (pad is not None and int(i) == pad) else p for p, i in enumerate(ids)]
     index = {p: w for w, p in enumerate(p for p in of if p is not None)}
@@ -127,10 +132,13 @@ def align_words(
     return WordAlignment(of, words, None, None, tokens, pad, tok)
 
 
-def _from_encoding(enc: Any, text: str, tokens: list[str], pad: int | None, tok: Any, n: int) -> WordAlignment:
-    word_ids = list(enc.word_ids[:n]) + [None] * max(0, n - len(enc.ids))
-    offsets = list(enc.offsets[:n])
-    special = list(enc.special_tokens_mask[:n]) + [1] * max(0, n - len(enc.ids))
+def _from_encoding(
+    enc: Any, text: str, tokens: list[str], pad: int | None, tok: Any, same: int, n: int
+) -> WordAlignment:
+    """Words from the first `same` tokens of `enc` (those equal to the task's ids); n tokens in all."""
+    word_ids = list(enc.word_ids[:same]) + [None] * (n - same)
+    offsets = list(enc.offsets[:same]) + [(0, 0)] * (n - same)
+    special = list(enc.special_tokens_mask[:same]) + [1] * (n - same)
     renumber: dict[int, int] = {}
     of: list[int | None] = []
     spans: list[list[int]] = []
