@@ -81,6 +81,8 @@ def build_task_and_model(cfg: RunConfig, train_records: Sequence[Any]) -> tuple[
     except TypeError as err:
         raise ModelError(f"config key model.kwargs: model {cfg.model.name!r} rejects them: {err}",
                          "see `dapeng models` for its arguments") from None
+    if hasattr(task, "init_model"):  # data-dependent initialisation, e.g. GloVe word vectors
+        task.init_model(model)
     return task, model, kwargs
 
 
