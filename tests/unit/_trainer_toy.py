@@ -106,3 +106,11 @@ def register() -> None:
 
     TASKS.register("toy-classification", ToyTask)
     MODELS.register("toy-mlp", ToyNet)
+
+
+def toy_splits(cfg: Any = None) -> Any:
+    """160 toy records as the runner's train/eval/test splits (stands in for `dapeng.data.load_splits`)."""
+    from dapeng.data.splits import Splits
+
+    records = make_records(160)
+    return Splits(records[:112], records[112:136], records[136:])
