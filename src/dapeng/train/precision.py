@@ -77,7 +77,9 @@ def set_deterministic(enabled: bool) -> None:
     """Ask torch for deterministic kernels (and cuBLAS for a fixed workspace) when `enabled`."""
     if enabled:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(enabled, warn_only=True)
+    # Only when it changes: the call imports torch._inductor (seconds) even to switch off.
+    if torch.are_deterministic_algorithms_enabled() != enabled:
+        torch.use_deterministic_algorithms(enabled, warn_only=True)
     torch.backends.cudnn.deterministic = enabled
     torch.backends.cudnn.benchmark = False
 
