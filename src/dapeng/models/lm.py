@@ -130,6 +130,9 @@ class LlamaLM(nn.Module):
         t = input_ids.shape[1]
         self._check_length(t)
         x = self.embed(input_ids)  # (B, T, D)
+        # an unpadded batch takes SDPA's fused causal path (checked eagerly only, see transformer.py)
+        if attention_mask is not None and not torch.compiler.is_compiling() and bool(attention_mask.all()):
+            attention_mask = None
         if attention_mask is None:
             rope = self.rope(torch.arange(t, device=x.device), x.dtype)
             mask, causal = None, True

@@ -110,7 +110,11 @@ class TransformerEncoder(nn.Module):
                 f"input of {input_ids.shape[1]} tokens exceeds max_positions={self.max_positions}",
                 "truncate the input or build the model with a larger max_positions",
             )
-        mask = padding_mask(attention_mask) if attention_mask is not None else None  # (B, 1, 1, T)
+        mask = None
+        # an unpadded batch needs no mask, and SDPA runs faster without one (checked eagerly only:
+        # a data-dependent branch would break a compiled graph)
+        if attention_mask is not None and (torch.compiler.is_compiling() or not bool(attention_mask.all())):
+            mask = padding_mask(attention_mask)  # (B, 1, 1, T)
         x = self.embeddings(input_ids, token_type_ids)  # (B, T, D)
         for layer in self.layers:
             x = layer(x, mask)
