@@ -7,7 +7,6 @@ import pytest
 from safetensors.numpy import save_file
 
 from dapeng.errors import CheckpointError, DapengError, NotFoundError
-from dapeng.hub.card import render_card
 from dapeng.hub.store import Store, parse_name
 
 
@@ -56,7 +55,7 @@ def test_parse_name():
 
 def test_add_rejects_incomplete_or_truncated_artifacts(tmp_path):
     store = Store(tmp_path / "hub")
-    with pytest.raises(CheckpointError, match="dapeng.json is missing"):
+    with pytest.raises(CheckpointError, match="not found"):
         store.add((tmp_path / "empty"), "x")
     a = make_artifact(tmp_path / "a")
     blob = (a / "model.safetensors").read_bytes()
@@ -76,9 +75,3 @@ def test_unknown_name_and_version(tmp_path):
         store.resolve("nope")
     with pytest.raises(NotFoundError):
         store.remove("nope")
-
-
-def test_card_marks_unknown_fields():
-    card = render_card({"task": "sentence-embedding", "model": {"name": "transformer", "kwargs": {}}}, name="m")
-    assert card.startswith("# m")
-    assert "none (trained from scratch)" in card and "Not recorded" in card and "semantic search" in card

@@ -15,7 +15,6 @@ the store that is renamed into place, so an interrupted `add` never leaves half 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -75,25 +74,9 @@ class Entry:
 
     def meta(self) -> dict[str, Any]:
         """The Artifact's `dapeng.json`."""
+        from dapeng.hub.artifact import read_meta
+
         return read_meta(self.path)
-
-
-def read_meta(path: Path) -> dict[str, Any]:
-    """Read and check an Artifact folder's `dapeng.json`.
-
-    Raises:
-        CheckpointError: the folder lacks a file an Artifact needs, or its JSON is unreadable.
-    """
-    for fname in _REQUIRED_FILES:
-        if not (path / fname).is_file():
-            raise CheckpointError(f"{path} is not a dapeng Artifact: {fname} is missing", "point at a model/ folder")
-    try:
-        meta = json.loads((path / "dapeng.json").read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path / 'dapeng.json'} is unreadable: {err}", "re-save the model") from None
-    if not isinstance(meta, dict) or "model" not in meta or "task" not in meta:
-        raise CheckpointError(f"{path / 'dapeng.json'} lacks 'model' or 'task'", "re-save the model")
-    return meta
 
 
 def check_weights(path: Path) -> None:
@@ -173,6 +156,8 @@ class Store:
         base, version = parse_name(name)
         if version is not None:
             raise HubError(f"can't add as {name!r}", f"versions are assigned: add as {base!r}")
+        from dapeng.hub.artifact import read_meta, render_card
+
         path = Path(path)
         meta = read_meta(path)
         check_weights(path)
@@ -183,9 +168,7 @@ class Store:
             staged = tmp / "a"
             shutil.copytree(path, staged)
             if card is not None or not (staged / "card.md").is_file():
-                from dapeng.hub.card import render_card
-
-                (staged / "card.md").write_text(card if card is not None else render_card(meta, name=base))
+                (staged / "card.md").write_text(card if card is not None else render_card(meta))
             return self._place(staged, base)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

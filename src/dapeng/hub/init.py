@@ -1,0 +1,229 @@
+"""Fine-tuning from pretrained weights: `model.init: minilm-l6` in a run config.
+
+`load_init(model_cfg, task)` loads the hub model (or Artifact folder) named by
+`model.init`, hands its tokenizer to the task, and returns the model with a fresh head
+sized for the task (`reset_head`) whenever the task or its label count differs from the
+pretrained one. `model.kwargs` may change what has no weights (`pooling`, `dropout`);
+anything that changes a weight's shape is an error naming the key.
+
+Also here, transforms over a model used while fine-tuning:
+
+* `freeze(model, until)` / `layer_groups(model)`: freeze the embeddings and the first blocks;
+* `GradualUnfreezing`: a Trainer callback that unfreezes one more block group per epoch,
+  top down (ULMFiT);
+* `layerwise_lr_groups(model, lr, decay)`: optimizer parameter groups whose learning rate
+  shrinks by `decay` per block from the head down to the embeddings (LLRD), and
+  `LayerwiseLRDecay`, the callback that applies them to the Trainer's optimizer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from dapeng.errors import ConfigError, ModelError
+
+__all__ = [
+    "GradualUnfreezing",
+    "LayerwiseLRDecay",
+    "freeze",
+    "layer_groups",
+    "layerwise_lr_groups",
+    "load_init",
+    "resolve_init",
+]
+
+# Keys of a pretrained model's kwargs that `model.kwargs` may override: they own no weights.
+_OVERRIDABLE = {"pooling", "dropout", "activation_dropout"}
+_HEAD_PREFIXES = ("head.", "lm_head.")
+
+
+def resolve_init(init: str) -> Path:
+    """The Artifact folder for `model.init`: an Artifact folder, a run directory or a hub name."""
+    path = Path(init).expanduser()
+    if path.is_dir():
+        return path / "model" if (path / "model" / "dapeng.json").is_file() else path
+    from dapeng.hub.store import resolve
+
+    return resolve(init)
+
+
+def _adopt_tokenizer(task: Any, tokenizer_json: str) -> None:
+    """Make the task encode text with the pretrained model's own tokenizer."""
+    if hasattr(task, "use_tokenizer"):
+        task.use_tokenizer(tokenizer_json)
+        return
+    if hasattr(task, "tokenizer"):
+        from dapeng.data.tokenizers import load_tokenizer
+
+        task.tokenizer = load_tokenizer(tokenizer_json)
+        # text-classification derives its pad/unk ids from the tokenizer it holds
+        finish = getattr(task, "_finish_tokenizer", None)
+        if callable(finish):
+            finish()
+        return
+    raise ConfigError(f"task {getattr(task, 'name', task)!r} can't take a pretrained tokenizer",
+                      "use a text task with model.init, or unset model.init")
+
+
+def load_init(model_cfg: Any, task: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """Build the model of a run from pretrained weights.
+
+    Args:
+        model_cfg: the run's `ModelConfig` (`name`, `kwargs`, `init`).
+        task: the run's task, already set up on the training records.
+
+    Returns:
+        (model, the constructor kwargs that rebuild it for the Artifact).
+
+    Raises:
+        ConfigError: `model.name` or `model.kwargs` don't fit the pretrained model.
+        NotFoundError / CheckpointError: `model.init` can't be found or read.
+    """
+    from dapeng.hub.artifact import load_artifact
+    from dapeng.models import MODELS
+
+    path = resolve_init(model_cfg.init)
+    pretrained = load_artifact(path, precision="fp32")
+    spec = pretrained.meta["model"]
+    if model_cfg.name != spec["name"]:
+        raise ConfigError(
+            f"config key model.name: {model_cfg.name!r}, but model.init {model_cfg.init!r} is a {spec['name']!r}",
+            f"set model.name: {spec['name']}",
+        )
+    kwargs = dict(spec.get("kwargs", {}))
+    shaped = sorted(set(model_cfg.kwargs) - _OVERRIDABLE)
+    changed = [k for k in shaped if kwargs.get(k) != model_cfg.kwargs[k]]
+    if changed:
+        raise ConfigError(
+            f"config key model.kwargs.{changed[0]}: can't change a pretrained model's shape",
+            f"only {', '.join(sorted(_OVERRIDABLE))} may be set with model.init",
+        )
+    kwargs.update(model_cfg.kwargs)
+    tokenizer = path / "tokenizer.json"
+    if tokenizer.is_file():
+        _adopt_tokenizer(task, tokenizer.read_text())
+    wanted = task.model_kwargs().get("num_labels")
+    same_task = getattr(task, "name", None) == pretrained.meta["task"]
+    if wanted is not None:
+        kwargs["num_labels"] = wanted
+    try:
+        model = MODELS.create(spec["name"], **kwargs)
+    except TypeError as err:
+        raise ConfigError(f"config key model.kwargs: {err}") from None
+    _copy_backbone(pretrained.model, model, keep_head=same_task and wanted in (None, spec["kwargs"].get("num_labels")))
+    return model, kwargs
+
+
+def _copy_backbone(src: nn.Module, dst: nn.Module, keep_head: bool) -> None:
+    """Copy every pretrained weight into `dst`; the head too when `keep_head`, else it stays fresh."""
+    state = src.state_dict()
+    own = dst.state_dict()
+    take = {k: v for k, v in state.items() if keep_head or not k.startswith(_HEAD_PREFIXES)}
+    bad = [k for k in own if not k.startswith(_HEAD_PREFIXES) and (k not in take or take[k].shape != own[k].shape)]
+    if bad:
+        raise ModelError(f"pretrained weights don't fit the model at {bad[0]}", "check model.kwargs")
+    take = {k: v for k, v in take.items() if k in own and v.shape == own[k].shape}
+    dst.load_state_dict(take, strict=False)
+
+
+# ----------------------------------------------------------------------------- freezing, LLRD
+
+
+def layer_groups(model: nn.Module) -> list[list[nn.Parameter]]:
+    """Parameters from the bottom up: [embeddings, block 0, …, block N-1, everything else (head, final norm)].
+
+    Works for any model whose blocks are an `nn.ModuleList` named `layers` (transformer, lm).
+    """
+    blocks = getattr(model, "layers", None)
+    if not isinstance(blocks, nn.ModuleList):
+        raise ModelError(f"{type(model).__name__} has no `layers` block list", "freezing by layer needs one")
+    in_blocks = {id(p) for p in blocks.parameters()}
+    embeddings = getattr(model, "embeddings", None) or model.get_input_embeddings()
+    in_embed = {id(p) for p in embeddings.parameters()}
+    rest = [p for p in model.parameters() if id(p) not in in_blocks and id(p) not in in_embed]
+    return [list(embeddings.parameters()), *[list(b.parameters()) for b in blocks], rest]
+
+
+def freeze(model: nn.Module, until: int) -> nn.Module:
+    """Freeze the lowest `until` groups of `layer_groups` (1 = embeddings only); the rest train.
+
+    Returns:
+        The same model.
+    """
+    groups = layer_groups(model)
+    for i, group in enumerate(groups):
+        for p in group:
+            p.requires_grad_(i >= until)
+    return model
+
+
+class GradualUnfreezing:
+    """Trainer callback: start with only the top `start` groups trainable, unfreeze one more per epoch.
+
+    All parameters stay in the optimizer (they are frozen after it is built), so a frozen
+    group simply gets no gradient until its epoch comes.
+
+    Args:
+        start: groups trainable in the first epoch (1 = head only).
+        per_epoch: groups unfrozen at each later epoch.
+    """
+
+    def __init__(self, start: int = 1, per_epoch: int = 1) -> None:
+        self.start = start
+        self.per_epoch = per_epoch
+
+    def on_epoch_start(self, trainer: Any, **_: Any) -> None:
+        groups = layer_groups(trainer.model)
+        trainable = self.start + self.per_epoch * trainer.state.epoch
+        freeze(trainer.model, max(0, len(groups) - trainable))
+
+
+def layerwise_lr_groups(model: nn.Module, lr: float, decay: float, weight_decay: float = 0.0) -> list[dict]:
+    """Optimizer groups with layer-wise learning-rate decay: the top group gets `lr`, each lower one × `decay`.
+
+    Biases and norm weights get no weight decay. Frozen parameters are left out.
+    """
+    groups = layer_groups(model)
+    out = []
+    for depth, params in enumerate(groups):
+        scale = decay ** (len(groups) - 1 - depth)
+        for no_wd in (False, True):
+            # 1-D tensors are biases and norm gains: no weight decay (as the Trainer's own groups)
+            chosen = [p for p in params if p.requires_grad and (p.ndim <= 1) == no_wd]
+            if chosen:
+                out.append({"params": chosen, "lr": lr * scale, "weight_decay": 0.0 if no_wd else weight_decay})
+    return out
+
+
+class LayerwiseLRDecay:
+    """Trainer callback that regroups the Trainer's optimizer into `layerwise_lr_groups` at fit start.
+
+    Optimizer state is keyed by parameter, so regrouping keeps it; the LR schedule is
+    re-based so every group follows the same warm-up and decay. Not resumable: a resumed
+    run restores the optimizer before callbacks run.
+
+    Args:
+        decay: factor per block from the head down (0.8–0.95 is usual for BERT-size models).
+    """
+
+    def __init__(self, decay: float = 0.9) -> None:
+        if not 0 < decay <= 1:
+            raise ConfigError(f"layer-wise LR decay must be in (0, 1], got {decay}")
+        self.decay = decay
+
+    def on_fit_start(self, trainer: Any, **_: Any) -> None:
+        opt, sched = trainer.optimizer, trainer.scheduler
+        base = opt.param_groups[0].get("initial_lr", opt.param_groups[0]["lr"])
+        wd = max(g["weight_decay"] for g in opt.param_groups)
+        groups = layerwise_lr_groups(trainer.model, base, self.decay, wd)
+        template = {k: v for k, v in opt.param_groups[0].items() if k not in ("params", "lr", "weight_decay")}
+        factor = opt.param_groups[0]["lr"] / base
+        opt.param_groups.clear()
+        for g in groups:
+            opt.add_param_group({**template, **g, "initial_lr": g["lr"], "lr": g["lr"] * factor})
+        if sched is not None:
+            sched.base_lrs = [g["initial_lr"] for g in opt.param_groups]
+            sched.lr_lambdas = [sched.lr_lambdas[0]] * len(opt.param_groups)

@@ -1,0 +1,330 @@
+"""Task `causal-lm`: next-token language modelling on plain text, and generation with a chat template.
+
+Training: records `{"text": ...}` (a text file's documents or lines) are tokenized, joined
+with the end-of-text token and cut into blocks of `block_size` tokens; the loss is the
+next-token cross-entropy, the metric perplexity. Fine-tune a pretrained LM with
+`model.init: smollm2-135m` (its tokenizer is adopted) or train a small one from scratch
+(a byte-level BPE is learned from the training texts).
+
+Generation: `generate(model, prompt, ...)` renders chat messages through the model's own
+chat template, runs the model's KV-cache decoding (greedy, temperature, top-k, top-p, stop
+tokens and stop strings) and returns the text, or an iterator of text pieces with
+`stream=True`. Pieces are detokenized incrementally, never splitting a UTF-8 character.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dapeng.errors import DataError
+
+__all__ = ["CausalLM", "Perplexity", "render_chat"]
+
+EOT = "<|endoftext|>"
+Messages = list[dict[str, str]]
+
+
+def render_chat(template: str, messages: Messages, add_generation_prompt: bool = True, **extra: Any) -> str:
+    """Render chat `messages` with a Hugging Face-style Jinja chat template (sandboxed)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **extra)
+
+
+class Perplexity:
+    """Token-weighted mean negative log-likelihood over an evaluation pass, and its exponent."""
+
+    def __init__(self) -> None:
+        self.nll = 0.0
+        self.tokens = 0
+
+    def update(self, outputs: dict[str, torch.Tensor], batch: dict[str, Any]) -> None:
+        self.nll += float(outputs["nll_sum"])
+        self.tokens += int(outputs["tokens"])
+
+    def compute(self) -> dict[str, float]:
+        mean = self.nll / max(self.tokens, 1)
+        return {"perplexity": math.exp(min(mean, 50.0)), "token_nll": mean}
+
+
+class CausalLM:
+    """Language modelling and generation.
+
+    Args:
+        tokenizer: a `tokenizers` JSON string (None: learn a byte-level BPE in `setup`).
+        chat_template: Jinja template turning messages into a prompt (None: chat unavailable).
+        block_size: tokens per training example.
+        vocab_size: vocabulary size when learning a tokenizer.
+        bos_id, eos_id, pad_id: special token ids; stop_ids: tokens that end generation.
+        add_bos: start every text with `bos_id`.
+        max_length: the model's context length (prompt + new tokens).
+    """
+
+    name = "causal-lm"
+    input_field = "text"
+
+    def __init__(
+        self,
+        tokenizer: str | None = None,
+        chat_template: str | None = None,
+        block_size: int = 256,
+        vocab_size: int = 8000,
+        bos_id: int | None = None,
+        eos_id: int | None = None,
+        pad_id: int | None = None,
+        stop_ids: Sequence[int] | None = None,
+        add_bos: bool = False,
+        max_length: int = 2048,
+    ) -> None:
+        if block_size < 2:
+            raise DataError(f"causal-lm block_size must be at least 2, got {block_size}")
+        self.tokenizer_json = tokenizer
+        self.chat_template = chat_template
+        self.block_size = block_size
+        self.vocab_size = vocab_size
+        self.bos_id = bos_id
+        self.eos_id = eos_id
+        self.pad_id = pad_id
+        self.stop_ids = list(stop_ids) if stop_ids is not None else None
+        self.add_bos = add_bos
+        self.max_length = max_length
+        self._tokenizer: Any = None
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> CausalLM:
+        known = ("tokenizer", "chat_template", "block_size", "vocab_size", "bos_id", "eos_id", "pad_id",
+                 "stop_ids", "add_bos", "max_length")
+        return cls(**{k: state[k] for k in known if k in state})
+
+    # -- tokenizer ------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            if self.tokenizer_json is None:
+                raise DataError("causal-lm has no tokenizer yet", "call setup(train) or start from model.init")
+            from tokenizers import Tokenizer
+
+            self._tokenizer = Tokenizer.from_str(self.tokenizer_json)
+            self._fill_special_ids()
+        return self._tokenizer
+
+    def use_tokenizer(self, tokenizer_json: str) -> None:
+        """Adopt a pretrained model's tokenizer (called when a run starts from `model.init`)."""
+        self.tokenizer_json = tokenizer_json
+        self._tokenizer = None
+
+    def _fill_special_ids(self) -> None:
+        eot = self._tokenizer.token_to_id(EOT)
+        if self.eos_id is None:
+            self.eos_id = eot
+        if self.pad_id is None:
+            self.pad_id = self.eos_id if self.eos_id is not None else 0
+        if self.stop_ids is None:
+            self.stop_ids = sorted({i for i in (self.eos_id, eot) if i is not None})
+
+    def setup(self, train: Sequence[dict[str, Any]]) -> None:
+        """Learn a byte-level BPE from the training texts unless a tokenizer was given."""
+        if self.tokenizer_json is None:
+            from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+            tok = Tokenizer(models.BPE())
+            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            tok.decoder = decoders.ByteLevel()
+            trainer = trainers.BpeTrainer(vocab_size=self.vocab_size, special_tokens=[EOT],
+                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+            tok.train_from_iterator((self._text(r, i) for i, r in enumerate(train)), trainer)
+            self.tokenizer_json = tok.to_str()
+            self._tokenizer = None
+        self.tokenizer  # noqa: B018 - parse now, so a bad tokenizer fails before training
+
+    def model_kwargs(self) -> dict[str, Any]:
+        return {"vocab_size": self.tokenizer.get_vocab_size(), "pad_id": self.pad_id,
+                "max_positions": max(self.block_size, 16)}
+
+    # -- records → blocks -----------------------------------------------------------------
+
+    @staticmethod
+    def _text(record: dict[str, Any], i: int) -> str:
+        text = record.get("text")
+        if not isinstance(text, str):
+            raise DataError(f"record {i}: no 'text' field", "causal-lm reads plain text (set data.text_column)")
+        return text
+
+    def encode(self, records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Join the texts with end-of-text tokens and cut the stream into `block_size` blocks."""
+        texts = [self._text(r, i) for i, r in enumerate(records)]
+        stream: list[int] = []
+        for enc in self.tokenizer.encode_batch(texts, add_special_tokens=False):
+            if self.add_bos and self.bos_id is not None:
+                stream.append(self.bos_id)
+            stream.extend(enc.ids)
+            if self.eos_id is not None:
+                stream.append(self.eos_id)
+        if len(stream) < 2:
+            raise DataError("causal-lm: the texts hold fewer than 2 tokens", "give it some text")
+        size = self.block_size
+        blocks = [stream[i : i + size] for i in range(0, len(stream), size)]
+        if len(blocks) > 1 and len(blocks[-1]) < 2:
+            blocks.pop()
+        return [{"input_ids": torch.tensor(b, dtype=torch.long)} for b in blocks]
+
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        width = max(len(it["input_ids"]) for it in items)
+        ids = torch.full((len(items), width), self.pad_id or 0, dtype=torch.long)
+        mask = torch.zeros(len(items), width, dtype=torch.bool)
+        for i, it in enumerate(items):
+            n = len(it["input_ids"])
+            ids[i, :n] = it["input_ids"]
+            mask[i, :n] = True
+        return {"input_ids": ids, "attention_mask": mask}  # (B, T), (B, T)
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Mean next-token cross-entropy over real tokens."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        # Right padding only: causal attention never lets a real token see the padding after it.
+        logits = model(ids)  # (B, T, V)
+        target = ids[:, 1:].masked_fill(~mask[:, 1:], -100)  # (B, T-1)
+        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=-100,
+                              reduction="sum")
+        tokens = (target != -100).sum()
+        return nll / tokens.clamp_min(1), {"nll_sum": nll.detach(), "tokens": tokens}
+
+    def metric(self) -> Perplexity:
+        return Perplexity()
+
+    def decode(self, outputs: dict[str, torch.Tensor]) -> list[Any]:
+        mean = float(outputs["nll_sum"]) / max(int(outputs["tokens"]), 1)
+        return [{"perplexity": math.exp(min(mean, 50.0))}]
+
+    def state(self) -> dict[str, Any]:
+        return {"labels": None, "tokenizer": self.tokenizer_json, "chat_template": self.chat_template,
+                "block_size": self.block_size, "vocab_size": self.vocab_size, "bos_id": self.bos_id,
+                "eos_id": self.eos_id, "pad_id": self.pad_id, "stop_ids": self.stop_ids,
+                "add_bos": self.add_bos, "max_length": self.max_length}
+
+    # -- generation -----------------------------------------------------------------------
+
+    def prompt_text(self, prompt: str | Messages, chat: bool = False, system: str | None = None) -> str:
+        """The text fed to the model: `prompt` as is, or chat messages rendered by the template."""
+        if isinstance(prompt, str) and not chat:
+            return prompt
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        if system is not None and (not messages or messages[0].get("role") != "system"):
+            messages.insert(0, {"role": "system", "content": system})
+        if not self.chat_template:
+            raise DataError("this model has no chat template", "pass a plain prompt without --chat")
+        tok = self.tokenizer
+        special = {
+            "bos_token": tok.id_to_token(self.bos_id) if self.bos_id is not None else "",
+            "eos_token": tok.id_to_token(self.eos_id) if self.eos_id is not None else "",
+        }
+        return render_chat(self.chat_template, messages, add_generation_prompt=True, **special)
+
+    def prompt_ids(self, text: str) -> list[int]:
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        if self.add_bos and self.bos_id is not None:
+            ids = [self.bos_id, *ids]
+        if not ids:
+            raise DataError("the prompt is empty", "give the model some text to continue")
+        return ids
+
+    def generate(
+        self,
+        model: nn.Module,
+        prompt: str | Messages,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        stop: Sequence[str] = (),
+        stream: bool = False,
+        chat: bool = False,
+        system: str | None = None,
+        seed: int | None = None,
+    ) -> str | Iterator[str]:
+        """Continue `prompt` (a string, or chat messages `[{"role", "content"}]`).
+
+        Args:
+            model: the `lm`.
+            prompt: text to continue, or messages rendered through the chat template.
+            max_new_tokens: tokens to generate at most.
+            temperature: 0 is greedy; above 0 samples from logits / temperature.
+            top_k, top_p: restrict sampling to the k most likely tokens / the nucleus of mass p.
+            stop: strings that end the text (not included in it).
+            stream: return an iterator of text pieces instead of the whole text.
+            chat: treat a string prompt as one user message of a chat.
+            system: a system message to put first in a chat.
+            seed: seed for reproducible sampling.
+
+        Returns:
+            The generated text (without the prompt), or an iterator over its pieces.
+        """
+        if max_new_tokens < 1:
+            raise DataError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        ids = self.prompt_ids(self.prompt_text(prompt, chat or not isinstance(prompt, str), system))
+        budget = min(max_new_tokens, self.max_length - len(ids))
+        if budget < 1:
+            raise DataError(f"the prompt has {len(ids)} tokens, the model's context is {self.max_length}",
+                            "shorten the prompt")
+        pieces = self._pieces(model, ids, budget, temperature, top_k, top_p, tuple(stop), seed)
+        return pieces if stream else "".join(pieces)
+
+    def _pieces(
+        self,
+        model: nn.Module,
+        ids: list[int],
+        max_new_tokens: int,
+        temperature: float,
+        top_k: int | None,
+        top_p: float | None,
+        stop: tuple[str, ...],
+        seed: int | None,
+    ) -> Iterator[str]:
+        device = next(model.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+        tokens = model.generate(
+            torch.tensor([ids], device=device), max_new_tokens=max_new_tokens, temperature=temperature,
+            top_k=top_k, top_p=top_p, stop_ids=self.stop_ids or (), stream=True, generator=generator,
+        )
+        yield from _detokenize(self.tokenizer, tokens, set(self.stop_ids or ()), stop)
+
+
+def _detokenize(tokenizer: Any, tokens: Iterator[int], stop_ids: set[int], stop: tuple[str, ...]) -> Iterator[str]:
+    """Turn a token stream into text pieces: whole UTF-8 characters only, stop ids and stop strings cut."""
+    new: list[int] = []
+    emitted = 0
+    hold = max((len(s) for s in stop), default=1) - 1  # chars kept back while a stop string may be forming
+    text = ""
+    for token in tokens:
+        if token in stop_ids:
+            break
+        new.append(token)
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            continue  # a multi-byte character is still incomplete
+        cut = _stop_at(text, stop, max(0, emitted - hold))
+        if cut >= 0:
+            if cut > emitted:
+                yield text[emitted:cut]
+            return
+        if len(text) - hold > emitted:
+            yield text[emitted : len(text) - hold]
+            emitted = len(text) - hold
+    cut = _stop_at(text, stop, max(0, emitted - hold))
+    end = cut if cut >= 0 else len(text)
+    if end > emitted:
+        yield text[emitted:end]
+
+
+def _stop_at(text: str, stop: tuple[str, ...], start: int) -> int:
+    """Index of the first stop string in `text` at or after `start`, or -1."""
+    found = [i for i in (text.find(s, start) for s in stop) if i >= 0]
+    return min(found, default=-1)
