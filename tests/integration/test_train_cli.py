@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -58,3 +59,25 @@ def test_train_and_eval_digits(tmp_path, capsys):
     assert metrics["accuracy"] == pytest.approx(summary["metrics"]["test"]["accuracy"])
     assert main(["eval", str(run), "--split", "eval"]) == 0
     assert "accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.data
+def test_custom_loop_example(tmp_path, monkeypatch):
+    """examples/custom_loop.py trains with the same pieces as Trainer.fit and resumes from its checkpoint."""
+    import runpy
+
+    import torch
+
+    from dapeng.hub.artifact import load_artifact
+    from dapeng.track import read_jsonl
+
+    torch.set_num_threads(1)
+    example = runpy.run_path(str(Path(__file__).parents[2] / "examples" / "custom_loop.py"))
+    out = tmp_path / "loop"
+    metrics = example["main"](["--out", str(out), "--epochs", "2", "--precision", "fp32"])
+    assert metrics["eval/accuracy"] > 0.8
+    assert load_artifact(out / "model").meta["model"]["name"] == "mlp"
+    assert (out / "curves.png").is_file() and any((out / "tb").iterdir())
+    example["main"](["--out", str(out), "--epochs", "3", "--precision", "fp32", "--resume"])
+    steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "train/loss" in r]
+    assert steps == sorted(set(steps)) and len(steps) == 3 * 45 // 10

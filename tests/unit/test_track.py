@@ -45,7 +45,7 @@ def test_jsonl_log_and_resume_truncation(tmp_path):
     # a resumed run drops what the killed run logged after its checkpoint (step 6)
     with path.open("a") as f:
         f.write('{"step": 13, "train/lo')  # a torn last line
-    JsonlLogger(path).on_fit_start(types.SimpleNamespace(state=types.SimpleNamespace(step=6)))
+    JsonlLogger(path).start(6)
     assert max(r["step"] for r in read_jsonl(path)) == 6
     assert all(json.loads(line) for line in path.read_text().splitlines())
 

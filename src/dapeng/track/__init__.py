@@ -2,7 +2,7 @@
 
 Each tracker is a Trainer callback by duck typing (it has `on_<event>(trainer, **info)`
 methods) and never imports the Trainer, so a hand-written loop can drive it too: call
-`on_log(None, logs=...)` with a dict that holds a `step`.
+`start(step)` once, then `on_log(None, logs=...)` with a dict that holds a `step`.
 """
 
 from __future__ import annotations

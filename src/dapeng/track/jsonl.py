@@ -42,7 +42,10 @@ class JsonlLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def on_fit_start(self, trainer: Any) -> None:
-        step = trainer.state.step if trainer is not None else 0
+        self.start(trainer.state.step)
+
+    def start(self, step: int = 0) -> None:
+        """Begin a fit at `step` (0: a fresh log; otherwise keep only lines up to `step`)."""
         kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step] if step else []
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))

@@ -23,7 +23,10 @@ class TensorBoardLogger:
         self.writer = SummaryWriter(log_dir=str(self.logdir), purge_step=purge_step)
 
     def on_fit_start(self, trainer: Any) -> None:
-        step = trainer.state.step if trainer is not None else 0
+        self.start(trainer.state.step)
+
+    def start(self, step: int = 0) -> None:
+        """Begin a fit at `step`; a resumed fit (step > 0) hides events logged after it."""
         self.open(purge_step=step + 1 if step else None)
 
     def on_log(self, trainer: Any, logs: dict[str, Any]) -> None:
