@@ -33,6 +33,7 @@ def test_no_weight_decay_on_norms_and_biases():
     groups = param_groups(model, 0.1)
     assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
     assert sum(p.numel() for g in groups for p in g["params"]) == sum(p.numel() for p in model.parameters())
+    assert len(param_groups(model, 0.0)) == 1  # nothing to exempt: one group, one fused kernel
 
 
 @pytest.mark.parametrize(

@@ -36,7 +36,13 @@ def no_decay_names(model: nn.Module) -> set[str]:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two optimizer groups: decayed weights and (decay-free) biases/norms; frozen params skipped."""
+    """Two optimizer groups: decayed weights and (decay-free) biases/norms; frozen params skipped.
+
+    Without weight decay there is one group (a fused optimizer launches one kernel per group).
+    """
+    if not weight_decay:
+        params = [p for p in model.parameters() if p.requires_grad]
+        return [{"params": params, "weight_decay": 0.0}] if params else []
     skip = no_decay_names(model)
     decay, no_decay = [], []
     for name, param in model.named_parameters():

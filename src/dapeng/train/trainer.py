@@ -273,6 +273,8 @@ class Trainer:
             self.total_steps = min(self.total_steps, self.max_steps)
         self.optimizer = build_optimizer(self.model, **self.optimizer_args)
         self.scheduler = build_schedule(self.optimizer, total_steps=self.total_steps, **self.schedule_args)
+        # A constant rate without warm-up never changes: skip the per-step scheduler call.
+        self._step_schedule = not (self.schedule_args["name"] == "constant" and not self.schedule_args["warmup_steps"])
         self.train_model = maybe_compile(self.model, self.compile)
         self._l1_params = decayed_parameters(self.model) if self.l1 else []
         self._handlers = {event: [cb for cb in self.callbacks if hasattr(cb, event)] for event in EVENTS}
@@ -421,7 +423,8 @@ class Trainer:
         if self.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip, foreach=True)
         self.optimizer.step()
-        self.scheduler.step()
+        if self._step_schedule:
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
     def _end_epoch(self, eval: Sequence[Any] | None) -> None:
