@@ -27,9 +27,10 @@ from torch import nn
 
 from dapeng.errors import CheckpointError, DapengError
 
-__all__ = ["InputError", "Pipeline", "load", "to_json"]
+__all__ = ["InputError", "Pipeline", "load", "plan_batches", "to_json"]
 
 _ARTIFACT_FILE = "dapeng.json"
+_TARGET_KEYS = ("label", "labels", "tags")
 
 
 class InputError(DapengError):
@@ -164,7 +165,8 @@ class Pipeline:
         if isinstance(raw, dict) and not _is_b64(raw):
             if field not in raw:
                 raise InputError(f"input {index} has no {field!r} field", f"send {{{field!r}: ...}}", (index,))
-            record = dict(raw)
+            # Gold labels (e.g. from an evaluation file) are not inputs: the task would look them up.
+            record = {k: v for k, v in raw.items() if k not in _TARGET_KEYS}
             record[field] = self._value(raw[field], (index, field), max_chars, allow_paths)
             return record
         return {field: self._value(raw, (index,), max_chars, allow_paths)}
@@ -194,32 +196,31 @@ class Pipeline:
         return outputs[0] if single else outputs
 
     def predict_records(self, records: Sequence[dict[str, Any]], batch_size: int = 32) -> list[Any]:
-        """Predict for task records, `batch_size` at a time (texts grouped by length)."""
+        """Predict for task records, at most `batch_size` per forward pass.
+
+        Inputs are tokenized once, then grouped by length (`plan_batches`): a forward pass
+        pays for every padded position, so mixing a 10-token text with a 50-token one in
+        one batch would make most of its compute padding.
+        """
         if batch_size < 1:
             raise DapengError(f"batch_size must be at least 1, not {batch_size}")
-        order = self._length_order(records) if len(records) > batch_size else list(range(len(records)))
         outputs: list[Any] = [None] * len(records)
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            for index, output in zip(chunk, self._predict_batch([records[i] for i in chunk])):
-                outputs[index] = output
+        window = max(1024, 32 * batch_size)  # tokenize in windows, so a huge file never sits in memory twice
+        for start in range(0, len(records), window):
+            items = self.task.encode(list(records[start : start + window]))
+            for group in plan_batches([_item_length(item) for item in items], batch_size):
+                for i, output in zip(group, self._predict_items([items[i] for i in group])):
+                    outputs[start + i] = output
         return outputs
 
-    def _length_order(self, records: Sequence[dict[str, Any]]) -> list[int]:
-        # Sorting texts by length before batching keeps padding (wasted compute) small.
-        field = self.input_field
-        if all(isinstance(r.get(field), str | list) for r in records):
-            return sorted(range(len(records)), key=lambda i: len(records[i][field]))
-        return list(range(len(records)))
-
-    def _predict_batch(self, records: list[dict[str, Any]]) -> list[Any]:
+    def _predict_items(self, items: list[dict[str, Any]]) -> list[Any]:
         with self.inference():
-            batch = _to_device(self.task.collate(self.task.encode(records)), self.device)
+            batch = _to_device(self.task.collate(items), self.device)
             outputs = self.forward(batch)
         outputs = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in outputs.items()}
         decoded = list(self.task.decode(outputs))
-        if len(decoded) != len(records):
-            raise DapengError(f"task {self.task_name!r} decoded {len(decoded)} outputs for {len(records)} inputs")
+        if len(decoded) != len(items):
+            raise DapengError(f"task {self.task_name!r} decoded {len(decoded)} outputs for {len(items)} inputs")
         return decoded
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -265,6 +266,38 @@ class Pipeline:
         if not callable(fn):
             raise DapengError(f"model {self.name!r} (task {self.task_name!r}) {what}", hint)
         return fn
+
+
+def plan_batches(
+    lengths: Sequence[int], max_size: int, slack: float = 1.25, min_tokens: int = 256
+) -> list[list[int]]:
+    """Group item indices into batches of similar length (shortest first).
+
+    A batch closes when it holds `max_size` items, or when adding the next (longer) item
+    would make its padded size exceed `slack` × its real tokens, once it holds at least
+    `min_tokens` real tokens (below that, a bigger matrix multiply pays for some padding).
+    Items without a length (0: images, records) keep their order in full batches.
+    """
+    groups: list[list[int]] = []
+    group: list[int] = []
+    real = 0
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        length = lengths[i]
+        if group and (
+            len(group) >= max_size or (real >= min_tokens and length * (len(group) + 1) > slack * (real + length))
+        ):
+            groups.append(group)
+            group, real = [], 0
+        group.append(i)
+        real += length
+    if group:
+        groups.append(group)
+    return groups
+
+
+def _item_length(item: dict[str, Any]) -> int:
+    ids = item.get("input_ids") if isinstance(item, dict) else None
+    return int(ids.shape[-1]) if torch.is_tensor(ids) else 0
 
 
 def _input_field(task: Any) -> str:

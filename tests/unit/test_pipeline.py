@@ -194,3 +194,15 @@ def test_to_json_makes_outputs_plain():
 
     value = {"t": torch.tensor([1.5, math.nan]), "n": np.float32(2.0), "d": Out(np.array([1, 2]), "x"), "s": (1,)}
     assert to_json(value) == {"t": [1.5, None], "n": 2.0, "d": {"scores": [1, 2], "label": "x"}, "s": [1]}
+
+
+def test_plan_batches_groups_similar_lengths_and_covers_every_item():
+    from dapeng.pipeline import plan_batches
+
+    lengths = [50, 10, 11, 49, 12, 10, 48, 51]
+    groups = plan_batches(lengths, max_size=3, min_tokens=0)
+    assert sorted(i for g in groups for i in g) == list(range(8))
+    assert all(len(g) <= 3 for g in groups)
+    for group in groups:  # no batch mixes a ~10-token item with a ~50-token one
+        assert max(lengths[i] for i in group) <= 1.25 * min(lengths[i] for i in group) + 1
+    assert plan_batches([0] * 5, max_size=2) == [[0, 1], [2, 3], [4]]
