@@ -55,9 +55,14 @@ def deletion_curve(
     return fractions, curve, float(np.trapezoid(curve, fractions))
 
 
-def order_by(scores: np.ndarray) -> np.ndarray:
-    """Feature ids by decreasing score (most evidence for the label first); ties keep id order."""
-    return np.argsort(-np.asarray(scores, dtype=np.float64).reshape(-1), kind="stable")
+def order_by(scores: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Feature ids by decreasing score (most evidence for the label first).
+
+    Ties (e.g. the zeros of a ReLU'd Grad-CAM map) are broken at random, not by position:
+    a raster order would delete the image's top rows first and favour no method fairly.
+    """
+    flat = np.asarray(scores, dtype=np.float64).reshape(-1)
+    return np.lexsort((np.random.default_rng(seed).random(flat.size), -flat))
 
 
 def completeness_rate(checks: list[dict[str, float]], tolerance: float = 0.05) -> float:
