@@ -66,16 +66,16 @@ class RotaryEmbedding(nn.Module):
         self.theta = theta
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))  # (Dh/2,)
         angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)  # (P, Dh/2)
-        angles = torch.cat([angles, angles], dim=-1)  # (P, Dh)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.register_buffer("cos", torch.cat([angles.cos(), angles.cos()], dim=-1), persistent=False)  # (P, Dh)
+        # the sign of rotate-half is folded into the table, so `apply_rotary` needs one roll, not slices + cat
+        self.register_buffer("sin", torch.cat([-angles.sin(), angles.sin()], dim=-1), persistent=False)  # (P, Dh)
 
     @property
     def max_positions(self) -> int:
         return self.cos.shape[0]
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Positions (T,) or (B, T) → cos, sin of shape (1, 1, T, Dh) or (B, 1, T, Dh), ready to broadcast over heads."""
+        """Positions (T,) or (B, T) → cos, signed sin of shape (1, 1, T, Dh) or (B, 1, T, Dh), to broadcast over heads."""
         cos, sin = self.cos[positions], self.sin[positions]
         if dtype is not None:
             cos, sin = cos.to(dtype), sin.to(dtype)
@@ -85,7 +85,9 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, H, T, Dh) vectors by the angles whose cos/sin are given (broadcastable to x)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    """Rotate (B, H, T, Dh) vectors by the angles whose tables `RotaryEmbedding` returns.
+
+    Equal to Hugging Face's `x * cos + rotate_half(x) * sin`: `sin` carries rotate-half's sign
+    (its first half negated), so the halves only need swapping, which one `roll` does.
+    """
+    return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin
