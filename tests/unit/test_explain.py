@@ -17,7 +17,7 @@ from dapeng.errors import DapengError, ModelError, NotFoundError
 from dapeng.explain import explain
 from dapeng.explain.attention import rollout
 from dapeng.explain.batching import internal_batch_size
-from dapeng.layers.attention import MultiHeadAttention, capture_attention
+from dapeng.layers.attention import capture_attention
 from dapeng.models import MODELS
 
 torch.set_num_threads(1)
@@ -181,31 +181,19 @@ def test_attention_needs_attention_layers():
         explain(text_pipeline("lstm"), "a witty movie", method="attention")
 
 
-class TinyLM(nn.Module):
-    def __init__(self, vocab: int = 20, dim: int = 16) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab, dim)
-        self.attn = nn.ModuleList(MultiHeadAttention(dim, 2) for _ in range(2))
-        self.head = nn.Linear(dim, vocab)
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.embed
-
-    def forward(self, input_ids, attention_mask=None):
-        x = self.embed(input_ids)
-        for layer in self.attn:
-            x = x + layer(x, causal=True)
-        return self.head(x)  # (B, T, V)
-
-
 def test_language_model_attention_over_prompt():
     torch.manual_seed(0)
-    pipe = FakePipeline(TinyLM(), FakeTextTask(), None)
+    task = FakeTextTask()
+    lm = MODELS.create("lm", vocab_size=task.tokenizer.get_vocab_size(), hidden=16, layers=2, heads=4, kv_heads=2,
+                       intermediate=32, max_positions=32)
+    pipe = FakePipeline(lm, task, None)
     [e] = explain(pipe, "the plot was dull", method="attention", target=1)
     assert e.kind == "attention" and len(e.extra["generated"]) == 2
-    assert len(e.attention) == 2 and e.attention[0].shape == (2, 7)  # 6 prompt tokens + 1 generated
-    torch.testing.assert_close(torch.tensor(e.attention[0].sum(-1)), torch.ones(2))
+    assert len(e.attention) == 2 and e.attention[0].shape == (4, 7)  # 6 prompt tokens + 1 generated
+    torch.testing.assert_close(torch.tensor(e.attention[0].sum(-1)), torch.ones(4))
     assert e.scores.shape == (4,)
+    with pytest.raises(ModelError, match="attention"):
+        explain(pipe, "the plot was dull", method="ig")
 
 
 # ---------------------------------------------------------------- images
