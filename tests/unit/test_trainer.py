@@ -181,3 +181,14 @@ def test_compile_option_trains(monkeypatch):
     summary = Trainer(model, task, epochs=1, batch_size=8, precision="fp32", compile=True).fit(train)
     assert summary["steps"] == 2 and calls == [model]
     assert "_orig_mod" not in "".join(model.state_dict())
+
+
+@pytest.mark.gpu
+def test_cuda_auto_device_and_bf16():
+    task, model, train, eval = setup()
+    trainer = Trainer(model, task, epochs=2, batch_size=8, lr=0.01, device="auto", precision="auto",
+                      monitor="eval/accuracy")
+    assert trainer.device.type == "cuda"
+    assert trainer.precision == ("bf16" if torch.cuda.is_bf16_supported() else "fp32")
+    assert trainer.fit(train, eval)["best"] >= 0.8
+    assert next(model.parameters()).is_cuda

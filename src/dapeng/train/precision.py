@@ -37,8 +37,8 @@ def resolve_device(name: str = "auto") -> torch.device:
 def bf16_supported(device: torch.device) -> bool:
     """Whether bf16 autocast runs natively (fast) on `device`.
 
-    On CPUs this needs AVX-512-BF16 or AMX, which oneDNN reports; without them bf16 is
-    emulated and slower than fp32, so `auto` must not pick it.
+    On CPUs oneDNN reports it for AVX-512 (BW/VL/DQ), AMX and Arm bf16; on AVX2-only CPUs
+    bf16 falls back to slow reference kernels, much slower than fp32, so `auto` must not pick it.
     """
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
