@@ -8,6 +8,7 @@ RUN/metrics.jsonl    one object per log event
 RUN/metrics.json     {"train": {...}, "eval": {...}, "test": {...}}
 RUN/tb/              TensorBoard events
 RUN/curves.png       training curves
+RUN/{eval,test}_*    the task's detailed reports, where its metric writes them (confusion matrix, per class)
 ```
 """
 
@@ -141,8 +142,8 @@ def train(
 
     metrics = {
         "train": {k: v for k, v in summary.items() if v is not None},
-        "eval": _strip(trainer.evaluate(eval_items, prefix="eval")) if eval_items else {},
-        "test": _strip(trainer.evaluate(test_items, prefix="test")) if test_items else {},
+        "eval": _strip(trainer.evaluate(eval_items, prefix="eval", report_dir=out)) if eval_items else {},
+        "test": _strip(trainer.evaluate(test_items, prefix="test", report_dir=out)) if test_items else {},
     }
     metrics["train"]["precision"] = trainer.precision
     metrics["train"]["device"] = str(trainer.device)

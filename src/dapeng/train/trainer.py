@@ -313,8 +313,12 @@ class Trainer:
         return summary
 
     @torch.no_grad()
-    def evaluate(self, items: Sequence[Any], prefix: str = "eval") -> dict[str, float]:
-        """Loss and task metrics over `items`, named `{prefix}/loss`, `{prefix}/<metric>`."""
+    def evaluate(self, items: Sequence[Any], prefix: str = "eval", report_dir: str | Path | None = None) -> dict[str, float]:
+        """Loss and task metrics over `items`, named `{prefix}/loss`, `{prefix}/<metric>`.
+
+        With `report_dir`, a metric that can write a detailed report (`write_report(dir, prefix)`,
+        e.g. a confusion matrix) writes it there with the file prefix `{prefix}_`.
+        """
         if not len(items):
             return {}
         metric = self.task.metric()
@@ -330,6 +334,8 @@ class Trainer:
                 metric.update(outputs, batch)
         results = {f"{prefix}/loss": total.item() / count}
         results.update({f"{prefix}/{name}": float(value) for name, value in metric.compute().items()})
+        if report_dir is not None and hasattr(metric, "write_report"):
+            metric.write_report(report_dir, prefix=f"{prefix}_")
         return results
 
     @torch.no_grad()
