@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,8 @@ def train(
     ckpt_dir = out / "checkpoints"
     _check_run_dir(config, out, ckpt_dir / LAST, resume)
     out.mkdir(parents=True, exist_ok=True)
+    if not resume:  # a fresh start in a folder whose earlier run died before its first checkpoint
+        shutil.rmtree(out / "tb", ignore_errors=True)
     atomic_write(out / CONFIG, lambda f: f.write(dump_config(config).encode()))
 
     seed_everything(config.train.seed)
