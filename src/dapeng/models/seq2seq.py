@@ -10,6 +10,7 @@ the cross-attention keys/values projected once per source.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +39,7 @@ class CrossDecoderBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim, eps=eps)
         self.dropout = nn.Dropout(dropout)
 
-    def _sublayer(self, x: torch.Tensor, norm: nn.Module, fn) -> torch.Tensor:  # noqa: ANN001
+    def _sublayer(self, x: torch.Tensor, norm: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         if self.norm_first:
             return x + self.dropout(fn(norm(x)))
         return norm(x + self.dropout(fn(x)))
