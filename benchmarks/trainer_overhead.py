@@ -12,8 +12,8 @@ Hugging Face's `transformers.Trainer`.
    Small steps (about a millisecond) make per-step overhead as visible as it can be.
 2. **Trainer vs HF Trainer** — `BertForSequenceClassification` built from `BertConfig()`
    (BERT-base size, random weights: no download), random token ids of a fixed length,
-   the same fused AdamW, constant learning rate, fp32/bf16 on both sides, no evaluation,
-   no saving, logging every 50 steps.
+   the same fused AdamW, constant learning rate, gradient clipping at 1.0 (HF's default),
+   fp32/bf16 on both sides, no evaluation, no saving, logging every 50 steps.
 
 Each side's wall time covers its whole `fit`/`train()` call (set-up included), sides
 alternate within each repeat so that background load on a shared machine hits both, and
@@ -149,7 +149,8 @@ def bench_hf(args: argparse.Namespace, precision: str) -> dict[str, Any]:
         trainer.train()
 
     def ours(model: nn.Module, data: list) -> None:
-        Trainer(model, task, epochs=1, batch_size=args.bert_batch, optimizer="adamw", lr=1e-5,
+        # grad_clip=1.0: HF's default max_grad_norm, so both sides do the same work
+        Trainer(model, task, epochs=1, batch_size=args.bert_batch, optimizer="adamw", lr=1e-5, grad_clip=1.0,
                 precision=precision, device="cpu").fit(data)
 
     sides = {"dapeng_trainer": ours, "hf_trainer": hf}

@@ -11,8 +11,8 @@ A callback is any object with some of those methods, each called as
 `callback.on_<event>(trainer, **info)`. A callback ends training early by raising
 `StopTraining` (the loop finishes cleanly: final checkpoint, `on_fit_end`).
 
-The hot loop adds nothing per step that a hand-written loop would not do: the running
-loss stays on the device and is read (one sync) only every `log_every` steps, gradients
+The hot loop adds nothing per step that a hand-written loop would not do: the losses
+stay on the device and is read (one sync) only every `log_every` steps, gradients
 are freed with `set_to_none`, the optimizer is fused, and events without listeners cost
 nothing. Every piece (`autocast`, `build_optimizer`, `save_checkpoint`, the trackers) can
 be used from your own loop too: see `examples/custom_loop.py`.
@@ -386,8 +386,7 @@ class Trainer:
         state, accum, device = self.state, self.grad_accum, self.device
         on_cpu = device.type == "cpu"
         has_step_end = bool(self._handlers["on_step_end"])
-        running = torch.zeros((), device=device)
-        micro = 0
+        losses: list[torch.Tensor] = []  # kept on the device; read (one sync) only when logging
         window_start, window_samples = time.perf_counter(), 0
         for batch in loader:
             if not on_cpu:
@@ -397,8 +396,7 @@ class Trainer:
             if self.l1:
                 loss = loss + l1_penalty(self._l1_params, self.l1)
             (loss / accum if accum > 1 else loss).backward()
-            running += loss.detach()
-            micro += 1
+            losses.append(loss.detach())
             size = batch_size_of(batch)
             state.batch += 1
             state.samples += size
@@ -409,9 +407,8 @@ class Trainer:
             state.step += 1
             if state.step % self.log_every == 0:
                 now = time.perf_counter()
-                self._log_train(running.item() / micro, window_samples / max(now - window_start, 1e-9))
-                running.zero_()
-                micro = 0
+                self._log_train(torch.stack(losses).float().mean().item(), window_samples / max(now - window_start, 1e-9))
+                losses.clear()
                 window_start, window_samples = now, 0
             if has_step_end:
                 self._emit("on_step_end")
@@ -421,9 +418,9 @@ class Trainer:
                 self.save_checkpoint()
             if self._done():
                 raise StopTraining(f"reached max_steps={self.max_steps}")
-        if micro:
+        if losses:
             now = time.perf_counter()
-            self._log_train(running.item() / micro, window_samples / max(now - window_start, 1e-9))
+            self._log_train(torch.stack(losses).float().mean().item(), window_samples / max(now - window_start, 1e-9))
 
     def _optimizer_step(self) -> None:
         if self.grad_clip is not None:
