@@ -26,19 +26,33 @@ class Metrics:
             "dapeng_requests", "HTTP requests answered", ["endpoint", "model", "code"], registry=self.registry
         )
         self.latency = Histogram(
-            "dapeng_request_latency_seconds", "time from request to response", ["endpoint", "model"],
-            buckets=_LATENCY_BUCKETS, registry=self.registry,
+            "dapeng_request_latency_seconds",
+            "time from request to response",
+            ["endpoint", "model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.batch_size = Histogram(
-            "dapeng_batch_size", "items per forward pass", ["model"], buckets=_BATCH_BUCKETS, registry=self.registry
+            "dapeng_batch_size",
+            "items per forward pass",
+            ["model"],
+            buckets=_BATCH_BUCKETS,
+            registry=self.registry,
         )
         self.batch_latency = Histogram(
-            "dapeng_batch_latency_seconds", "time of one forward pass", ["model"],
-            buckets=_LATENCY_BUCKETS, registry=self.registry,
+            "dapeng_batch_latency_seconds",
+            "time of one forward pass",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
         )
-        self.queue_depth = Gauge("dapeng_queue_depth", "items waiting for a batch", ["model"], registry=self.registry)
+        self.queue_depth = Gauge(
+            "dapeng_queue_depth", "items waiting for a batch", ["model"], registry=self.registry
+        )
         self.in_flight = Gauge(
-            "dapeng_in_flight", "items accepted and not yet answered (queued + computing)", ["model"],
+            "dapeng_in_flight",
+            "items accepted and not yet answered (queued + computing)",
+            ["model"],
             registry=self.registry,
         )
 

@@ -7,6 +7,7 @@ and `app_from_env` rebuilds the app in each worker.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Mapping
@@ -73,4 +74,7 @@ def serve(
         )
         uvicorn.run("dapeng.serve.server:app_from_env", factory=True, workers=workers, **options)
         return
-    uvicorn.Server(uvicorn.Config(load_app(models, config, precision), **options)).run()
+    server = uvicorn.Server(uvicorn.Config(load_app(models, config, precision), **options))
+    # Uvicorn shuts down gracefully on SIGINT, then re-raises it: by then the stop is a clean one.
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()

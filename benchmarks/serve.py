@@ -1,0 +1,363 @@
+"""Serving throughput and latency: dapeng's dynamic batching against no batching, LitServe
+and the Pipeline called in-process, all in one run on the same model and inputs.
+
+    python benchmarks/serve.py            # full run (a few minutes)
+    python benchmarks/serve.py --quick    # small version for CI
+
+The model is a ~10M-parameter BERT-layout `transformer` text classifier over a word
+tokenizer learned on the Rotten Tomatoes training split (built once and cached under
+$DAPENG_HOME/bench; `--model RUN_OR_ARTIFACT` serves a trained one instead). Its weights
+are not trained: throughput does not depend on them. Requests are real review snippets
+from the test split, one per request (`{"instances": [text]}`).
+
+Each server runs in its own process on loopback; this process is the client: aiohttp,
+`concurrency` coroutines sharing one connection pool, a fixed number of requests per
+level and a time limit. Every server and the in-process baseline get the same torch
+thread count. Last line: one JSON object {"results", "ratios", "env"}; ratios are
+dapeng (batched) ÷ baseline, so above 1 means dapeng is better.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+LEVELS = (1, 8, 64)
+MAX_BATCH = 32
+
+
+# -- the model ------------------------------------------------------------------------------
+
+
+def build_model(threads: int) -> Path:
+    """The benchmark's ~10M-parameter Transformer text classifier as an Artifact (cached)."""
+    import torch
+
+    from dapeng.config import DataConfig
+    from dapeng.data import load_splits
+    from dapeng.hub.artifact import save_artifact
+    from dapeng.hub.store import dapeng_home
+    from dapeng.models import MODELS
+    from dapeng.tasks import TASKS
+
+    path = dapeng_home() / "bench" / "serve-transformer-10m"
+    if (path / "dapeng.json").is_file():
+        return path
+    torch.set_num_threads(threads)
+    splits = load_splits(DataConfig(dataset="rotten-tomatoes"))
+    task = TASKS.create("text-classification", tokenizer="word", vocab_size=20000, max_length=128)
+    task.setup(splits.train)
+    kwargs = {**task.model_kwargs(), "hidden": 256, "layers": 6, "heads": 4, "intermediate": 1024,
+              "max_positions": 128, "pooling": "mean"}
+    torch.manual_seed(0)
+    model = MODELS.create("transformer", **kwargs)
+    card = {"summary": "Untrained weights: a stand-in for serving benchmarks only.",
+            "data": "Word tokenizer learned on the Rotten Tomatoes training split (canonical split)."}
+    return save_artifact(path, model=model, model_name="transformer", model_kwargs=kwargs,
+                         task_name="text-classification", task_state=task.state(), card=card)
+
+
+def test_texts(limit: int) -> list[str]:
+    from dapeng.config import DataConfig
+    from dapeng.data import load_splits
+
+    splits = load_splits(DataConfig(dataset="rotten-tomatoes"))
+    records = splits.test or splits.eval
+    return [r["text"] for r in records][:limit]
+
+
+# -- servers --------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def running(command: list[str], port: int, env: dict[str, str], log: Path):
+    """Start a server process and wait until it answers on `port`; stop it afterwards."""
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=out, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited early: {' '.join(command)}; see {log}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"server did not start: see {log}") from None
+                time.sleep(0.2)
+        yield proc
+    finally:
+        # The whole process group: LitServe starts worker processes of its own.
+        try:
+            os.killpg(proc.pid, signal.SIGINT)
+            proc.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def dapeng_command(model: Path, port: int, threads: int, max_batch: int) -> list[str]:
+    return [sys.executable, "-m", "dapeng", "serve", f"bench={model}", "--port", str(port),
+            "--threads", str(threads), "--max-batch-size", str(max_batch), "--log-level", "warning",
+            "--max-queue", "4096"]
+
+
+def litserve_command(model: Path, port: int, threads: int, batch_timeout: float) -> list[str]:
+    return [sys.executable, __file__, "--litserve-worker", str(model), "--port", str(port),
+            "--threads", str(threads), "--batch-timeout", str(batch_timeout)]
+
+
+def run_litserve(model: str, port: int, threads: int, batch_timeout: float) -> None:
+    """LitServe serving the same Pipeline, batching with its own batcher (max batch 32)."""
+    import litserve as ls
+
+    api = _litserve_api()(model, threads, max_batch_size=MAX_BATCH, batch_timeout=batch_timeout)
+    server = ls.LitServer(api, accelerator="cpu", workers_per_device=1, timeout=60)
+    server.run(host="127.0.0.1", port=port, num_api_servers=1, generate_client_file=False, log_level="warning")
+
+
+def _litserve_api() -> type:
+    """The LitAPI class; defined at module level (LitServe pickles it into its worker process)."""
+    global PipelineAPI
+    if "PipelineAPI" in globals():
+        return PipelineAPI
+    import litserve as ls
+
+    class PipelineAPI(ls.LitAPI):  # type: ignore[no-redef]
+        def __init__(self, model: str, threads: int, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.model_path, self.threads = model, threads
+
+        def setup(self, device: str) -> None:
+            import torch
+
+            import dapeng
+
+            torch.set_num_threads(self.threads)
+            self.pipeline = dapeng.load(self.model_path)
+
+        def decode_request(self, request):  # noqa: ANN001 (LitServe reads the annotation: leave it off)
+            return request["instances"][0]
+
+        def batch(self, inputs: list[str]) -> list[str]:
+            return list(inputs)
+
+        def predict(self, texts: list[str]) -> list[Any]:
+            return self.pipeline.predict(texts, batch_size=len(texts))
+
+        def unbatch(self, outputs: list[Any]) -> list[Any]:
+            return list(outputs)
+
+        def encode_response(self, output: Any) -> dict[str, Any]:
+            return {"predictions": [output]}
+
+    PipelineAPI.__qualname__ = "PipelineAPI"
+    return PipelineAPI
+
+
+if __name__ == "__mp_main__":  # LitServe's spawned worker unpickles the class from here
+    _litserve_api()
+
+
+# -- the load generator ---------------------------------------------------------------------
+
+
+async def load(url: str, texts: list[str], concurrency: int, requests: int, time_limit: float) -> dict[str, Any]:
+    """`requests` POSTs (or as many as fit in `time_limit` s) from `concurrency` clients."""
+    import aiohttp
+
+    latencies: list[float] = []
+    errors = 0
+    issued = 0
+    start = time.perf_counter()
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        nonlocal issued, errors
+        while issued < requests and time.perf_counter() - start < time_limit:
+            text = texts[issued % len(texts)]
+            issued += 1
+            t0 = time.perf_counter()
+            try:
+                async with session.post(url, json={"instances": [text]}) as response:
+                    body = await response.read()
+                    ok = response.status == 200 and b"predictions" in body
+            except aiohttp.ClientError:
+                ok = False
+            if ok:
+                latencies.append(time.perf_counter() - t0)
+            else:
+                errors += 1
+
+    connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        await asyncio.gather(*(client(session) for _ in range(concurrency)))
+    elapsed = time.perf_counter() - start
+    latencies.sort()
+    return {
+        "requests": len(latencies),
+        "errors": errors,
+        "seconds": round(elapsed, 3),
+        "rps": round(len(latencies) / elapsed, 1),
+        "p50_ms": round(1000 * _quantile(latencies, 0.50), 2),
+        "p99_ms": round(1000 * _quantile(latencies, 0.99), 2),
+    }
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+def batch_stats(base: str) -> tuple[float, float]:
+    """(batches, items) the dapeng server has run so far, from its Prometheus metrics."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line.startswith(("dapeng_batch_size_count", "dapeng_batch_size_sum")):
+            name, value = line.split(" ")
+            values[name.split("{")[0]] = float(value)
+    return values.get("dapeng_batch_size_count", 0.0), values.get("dapeng_batch_size_sum", 0.0)
+
+
+def measure_server(name: str, command: list[str], port: int, path: str, texts: list[str], plan: dict[int, int],
+                   args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
+    base = f"http://127.0.0.1:{port}"
+    results: dict[str, Any] = {}
+    with running(command, port, env, args.log_dir / f"{name}.log"):
+        asyncio.run(load(base + path, texts, 8, args.warmup, args.time_limit))
+        for concurrency, requests in plan.items():
+            before = batch_stats(base) if name.startswith("dapeng") else None
+            row = asyncio.run(load(base + path, texts, concurrency, requests, args.time_limit))
+            if before is not None:
+                batches, items = (a - b for a, b in zip(batch_stats(base), before))
+                row["mean_batch"] = round(items / max(batches, 1), 2)
+            results[f"c{concurrency}"] = row
+            print(f"{name:18s} c={concurrency:<3d} {row}", file=sys.stderr, flush=True)
+    return results
+
+
+def measure_in_process(model: Path, texts: list[str], batch_sizes: dict[int, float], items: int,
+                       threads: int) -> dict[str, Any]:
+    """The Pipeline called directly with batches of the sizes the batched server formed."""
+    import torch
+
+    import dapeng
+
+    torch.set_num_threads(threads)
+    pipeline = dapeng.load(model)
+    results = {}
+    for concurrency, mean_batch in batch_sizes.items():
+        size = max(1, round(mean_batch))
+        n = min(items, max(size * 20, 200))
+        chunks = [[texts[(i + j) % len(texts)] for j in range(size)] for i in range(0, n, size)]
+        pipeline.predict(chunks[0], batch_size=size)
+        start = time.perf_counter()
+        for chunk in chunks:
+            pipeline.predict(chunk, batch_size=size)
+        elapsed = time.perf_counter() - start
+        done = sum(len(c) for c in chunks)
+        results[f"c{concurrency}"] = {"batch_size": size, "items": done, "items_per_s": round(done / elapsed, 1)}
+        print(f"{'in_process':18s} c={concurrency:<3d} {results[f'c{concurrency}']}", file=sys.stderr, flush=True)
+    return results
+
+
+def environment(model: Path, threads: int, args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    import dapeng
+
+    pipeline = dapeng.load(model)
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return {
+        "torch": torch.__version__,
+        "threads": threads,
+        "precision": pipeline.precision,
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "model": {"name": "transformer", "params": sum(p.numel() for p in pipeline.model.parameters()),
+                  "path": str(model)},
+        "max_batch_size": MAX_BATCH,
+        "litserve_batch_timeout_s": args.litserve_batch_timeout,
+        "client": "aiohttp, one process, one request per item",
+        "quick": args.quick,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a small version for CI")
+    parser.add_argument("--model", type=Path, help="serve this run/Artifact instead of the built-in 10M model")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: half the cores)")
+    parser.add_argument("--time-limit", type=float, default=None, help="seconds per level (default 40, quick 15)")
+    parser.add_argument("--litserve-batch-timeout", type=float, default=0.005)
+    parser.add_argument("--log-dir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "dapeng-bench-serve")
+    parser.add_argument("--litserve-worker", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--batch-timeout", type=float, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    threads = args.threads or max(1, (os.cpu_count() or 2) // 2)
+    if args.litserve_worker:
+        run_litserve(args.litserve_worker, args.port, threads, args.batch_timeout)
+        return
+    args.time_limit = args.time_limit or (15.0 if args.quick else 40.0)
+    args.warmup = 64 if args.quick else 200
+    args.log_dir.mkdir(parents=True, exist_ok=True)
+    plan = {1: 150, 8: 400, 64: 800} if args.quick else {1: 500, 8: 2000, 64: 4000}
+
+    model = args.model or build_model(threads)
+    texts = test_texts(2000)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+    results: dict[str, Any] = {}
+    port = free_port()
+    results["dapeng_batched"] = measure_server(
+        "dapeng_batched", dapeng_command(model, port, threads, MAX_BATCH), port, "/v1/models/bench:predict",
+        texts, plan, args, env)
+    port = free_port()
+    results["dapeng_unbatched"] = measure_server(
+        "dapeng_unbatched", dapeng_command(model, port, threads, 1), port, "/v1/models/bench:predict",
+        texts, plan, args, env)
+    port = free_port()
+    results["litserve"] = measure_server(
+        "litserve", litserve_command(model, port, threads, args.litserve_batch_timeout), port, "/predict",
+        texts, plan, args, env)
+    batch_sizes = {c: results["dapeng_batched"][f"c{c}"]["mean_batch"] for c in LEVELS}
+    results["in_process"] = measure_in_process(model, texts, batch_sizes, max(plan.values()), threads)
+
+    def rps(system: str, c: int) -> float:
+        return results[system][f"c{c}"]["rps"]
+
+    ratios = {}
+    for c in LEVELS:
+        ratios[f"batched_vs_unbatched_c{c}"] = round(rps("dapeng_batched", c) / rps("dapeng_unbatched", c), 3)
+        ratios[f"batched_vs_litserve_c{c}"] = round(rps("dapeng_batched", c) / rps("litserve", c), 3)
+        ratios[f"batched_vs_in_process_c{c}"] = round(
+            rps("dapeng_batched", c) / results["in_process"][f"c{c}"]["items_per_s"], 3)
+    print(json.dumps({"results": results, "ratios": ratios, "env": environment(model, threads, args)}))
+
+
+if __name__ == "__main__":
+    main()
