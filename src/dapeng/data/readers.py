@@ -161,11 +161,12 @@ def read_jsonl(
                 if not isinstance(obj, dict):
                     raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
                 tagged = "tokens" in obj  # a tagging record: no text/label columns to map
+                found = ", ".join(map(repr, obj))
                 if text_column in obj:
                     obj["text"] = obj.pop(text_column)
                 elif require_label and not tagged:
                     raise DataError(
-                        f"{path}:{line_no}: no key {text_column!r}; keys found: {', '.join(map(repr, obj))}",
+                        f"{path}:{line_no}: no key {text_column!r}; keys found: {found}",
                         "set data.text_column to one of them",
                     )
                 if label_column in obj:
@@ -173,7 +174,7 @@ def read_jsonl(
                     obj["label"] = label if isinstance(label, list) else str(label)
                 elif require_label and not tagged:
                     raise DataError(
-                        f"{path}:{line_no}: no key {label_column!r}; keys found: {', '.join(map(repr, obj))}",
+                        f"{path}:{line_no}: no key {label_column!r}; keys found: {found}",
                         "set data.label_column to one of them",
                     )
                 obj["_source"] = f"{path}:{line_no}"

@@ -81,7 +81,7 @@ class ClassificationMetric:
         self.matrix = np.zeros((len(labels), len(labels)), dtype=np.int64)  # rows: true, columns: predicted
 
     def update(self, outputs: dict[str, torch.Tensor], batch: dict[str, Any]) -> None:
-        pred = outputs["logits"].argmax(-1).cpu().numpy()
+        pred = outputs["logits"].detach().argmax(-1).cpu().numpy()
         true = batch["labels"].cpu().numpy()
         np.add.at(self.matrix, (true, pred), 1)
 
@@ -252,7 +252,7 @@ class ClassificationTask:
 
     def decode(self, outputs: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
         """One `{"label", "score", "probabilities": {label: p}}` per row of logits."""
-        probs = outputs["logits"].float().softmax(-1).cpu().numpy()
+        probs = outputs["logits"].detach().float().softmax(-1).cpu().numpy()
         results = []
         for row in probs:
             best = int(row.argmax())
