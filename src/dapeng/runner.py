@@ -24,7 +24,7 @@ from typing import Any
 from dapeng.config import RunConfig, TrainConfig, dump_config, load_config
 from dapeng.errors import CheckpointError, ConfigError, ModelError
 
-__all__ = ["build_task_and_model", "evaluate", "load_run_config", "train", "trainer_kwargs"]
+__all__ = ["build_task_and_model", "check_names", "evaluate", "load_run_config", "train", "trainer_kwargs"]
 
 CONFIG = "config.yaml"
 METRICS = "metrics.json"
@@ -54,6 +54,20 @@ def load_splits(cfg: RunConfig) -> Any:
     from dapeng.data import load_splits as load
 
     return load(cfg.data)
+
+
+def check_names(cfg: RunConfig) -> None:
+    """Unknown task or model names fail before any data is loaded, naming the allowed values."""
+    import difflib
+
+    from dapeng.models import MODELS
+    from dapeng.tasks import TASKS
+
+    for key, name, registry in (("task", cfg.task, TASKS), ("model.name", cfg.model.name, MODELS)):
+        if name not in registry:
+            close = difflib.get_close_matches(name, registry.names(), n=1)
+            raise ConfigError(f"config key {key}: {name!r} is not one of {', '.join(registry.names())}",
+                              f"did you mean {close[0]}?" if close else None)
 
 
 def build_task_and_model(cfg: RunConfig, train_records: Sequence[Any]) -> tuple[Any, Any, dict[str, Any]]:
@@ -128,6 +142,7 @@ def train(
         shutil.rmtree(out / "tb", ignore_errors=True)
     atomic_write(out / CONFIG, lambda f: f.write(dump_config(config).encode()))
 
+    check_names(config)
     seed_everything(config.train.seed)
     splits = load_splits(config)
     task, model, model_kwargs = build_task_and_model(config, splits.train)

@@ -63,6 +63,13 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path):
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "ConfigError" in debug.stderr
 
 
+def test_unknown_model_name_names_the_choices(tmp_path, capsys):
+    assert main(["train", str(toy_config(tmp_path)), "--set", "model.name=toy-mpl", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dapeng train: error: config key model.name: 'toy-mpl' is not one of ")
+    assert "toy-mlp" in err and "did you mean toy-mlp?" in err and "\n" not in err
+
+
 def test_bad_override_and_missing_run(tmp_path):
     result = run_cli("train", str(toy_config(tmp_path)), "--set", "train.epochs=zero")
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
