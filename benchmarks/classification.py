@@ -70,6 +70,7 @@ def run_example(
     quick: bool,
     overrides: dict[str, Any] | None = None,
     limit: int | None = None,
+    epochs: int | None = None,
 ) -> dict[str, Any]:
     """Train one example config; returns test metrics, wall time and throughput."""
     from dapeng.config import RunConfig
@@ -82,6 +83,8 @@ def run_example(
         raw["task_options"] = {**raw.get("task_options", {}), **overrides}
     if limit:
         raw["data"]["limit"] = limit
+    if epochs:
+        raw["train"]["epochs"] = epochs
     if quick:
         raw["data"]["limit"] = 600
         raw["train"]["epochs"] = 1
@@ -198,6 +201,7 @@ def ablation(
             args.quick,
             overrides,
             args.ablation_limit,
+            args.epochs,
         )
         print(json.dumps({"partial": {dataset: {f"{model}_ablation_{name}": pair[name]}}}), flush=True)
     results[dataset]["augmentation"] = {
@@ -258,6 +262,11 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core box)"
     )
     parser.add_argument("--out", type=Path, default=None, help="keep the run directories here")
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="override every example's epochs (CPU budget)"
+    )
+    parser.add_argument("--skip-baseline", action="store_true", help="train the examples only")
+    parser.add_argument("--baseline-only", action="store_true", help="the baselines (and --ablation) only")
     args = parser.parse_args(argv)
 
     import torch
@@ -271,14 +280,22 @@ def main(argv: list[str] | None = None) -> int:
         results[dataset] = {}
         examples = {k: v for k, v in EXAMPLES[dataset].items() if args.models is None or k in args.models}
         seeds = 1 if args.quick else (args.image_seeds if dataset == "fashion-mnist" else args.seeds)
+        if args.baseline_only:
+            results[dataset]["baseline"] = baseline(dataset, args.quick)
+            print(json.dumps({"partial": {dataset: {"baseline": results[dataset]["baseline"]}}}), flush=True)
+            if args.ablation and examples:
+                model, path = next(iter(examples.items()))
+                ablation(dataset, model, path, results, ratios, args, out_root)
+            examples = {}
         for model, path in examples.items():
             runs = []
             for seed in range(seeds):
                 log(f"[{dataset}] {model} seed {seed}")
-                runs.append(run_example(path, seed, out_root / f"{dataset}-{model}-s{seed}", args.quick))
+                out = out_root / f"{dataset}-{model}-s{seed}"
+                runs.append(run_example(path, seed, out, args.quick, epochs=args.epochs))
                 print(json.dumps({"partial": {dataset: {model: runs[-1]}}}), flush=True)
             results[dataset][model] = summarize(runs, path)
-            if "baseline" not in results[dataset]:
+            if "baseline" not in results[dataset] and not args.skip_baseline:
                 # right after the first example, so a run cut short still has the comparison
                 log(f"[{dataset}] baseline")
                 results[dataset]["baseline"] = baseline(dataset, args.quick)
@@ -287,9 +304,10 @@ def main(argv: list[str] | None = None) -> int:
                 )
             if args.ablation and model == next(iter(examples)):
                 ablation(dataset, model, path, results, ratios, args, out_root)
-        base = results[dataset].get("baseline") or baseline(dataset, args.quick)
-        results[dataset]["baseline"] = base
-        for model in examples:
+        base = results[dataset].get("baseline")
+        if base is None and not args.skip_baseline:
+            base = results[dataset]["baseline"] = baseline(dataset, args.quick)
+        for model in examples if base else ():
             ratios[f"{dataset}.{model}.accuracy_vs_baseline"] = (
                 results[dataset][model]["test_accuracy"] / base["test_accuracy"]
             )
