@@ -101,7 +101,7 @@ class ImageClassificationTask(ClassificationTask):
     def _tensor(self, record: Record, i: int) -> torch.Tensor:
         """One image as uint8 (C, S, S): channels matched, resized if needed."""
         image = _to_array(record.get("image"), record, i)
-        x = torch.from_numpy(np.ascontiguousarray(image))
+        x = torch.from_numpy(np.array(image, order="C"))  # a copy: catalog images are read-only views
         x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)  # (C, H, W)
         if x.shape[0] == 4:
             x = x[:3]  # drop alpha
