@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -29,7 +30,6 @@ import socket
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +86,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@contextmanager
+@contextlib.contextmanager
 def running(command: list[str], port: int, env: dict[str, str], log: Path):
     """Start a server process and wait until it answers on `port`; stop it afterwards."""
     with open(log, "ab") as out:
@@ -180,17 +180,40 @@ if __name__ == "__mp_main__":  # LitServe's spawned worker unpickles the class f
 # -- the load generator ---------------------------------------------------------------------
 
 
-async def load(url: str, texts: list[str], concurrency: int, requests: int, time_limit: float) -> dict[str, Any]:
+class Tally:
+    """Completed requests, errors, busy seconds and latencies of one system at one level."""
+
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.errors = 0
+        self.seconds = 0.0
+        self.items = 0.0
+        self.batches = 0.0
+
+    def row(self) -> dict[str, Any]:
+        latencies = sorted(self.latencies)
+        row = {
+            "requests": len(latencies),
+            "errors": self.errors,
+            "seconds": round(self.seconds, 3),
+            "rps": round(len(latencies) / self.seconds, 1) if self.seconds else 0.0,
+            "p50_ms": round(1000 * _quantile(latencies, 0.50), 2),
+            "p99_ms": round(1000 * _quantile(latencies, 0.99), 2),
+        }
+        if self.batches:
+            row["mean_batch"] = round(self.items / self.batches, 2)
+        return row
+
+
+async def load(url: str, texts: list[str], concurrency: int, requests: int, time_limit: float, tally: Tally) -> None:
     """`requests` POSTs (or as many as fit in `time_limit` s) from `concurrency` clients."""
     import aiohttp
 
-    latencies: list[float] = []
-    errors = 0
     issued = 0
     start = time.perf_counter()
 
     async def client(session: aiohttp.ClientSession) -> None:
-        nonlocal issued, errors
+        nonlocal issued
         while issued < requests and time.perf_counter() - start < time_limit:
             text = texts[issued % len(texts)]
             issued += 1
@@ -202,24 +225,14 @@ async def load(url: str, texts: list[str], concurrency: int, requests: int, time
             except aiohttp.ClientError:
                 ok = False
             if ok:
-                latencies.append(time.perf_counter() - t0)
+                tally.latencies.append(time.perf_counter() - t0)
             else:
-                errors += 1
+                tally.errors += 1
 
-    connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
-    timeout = aiohttp.ClientTimeout(total=120)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
         await asyncio.gather(*(client(session) for _ in range(concurrency)))
-    elapsed = time.perf_counter() - start
-    latencies.sort()
-    return {
-        "requests": len(latencies),
-        "errors": errors,
-        "seconds": round(elapsed, 3),
-        "rps": round(len(latencies) / elapsed, 1),
-        "p50_ms": round(1000 * _quantile(latencies, 0.50), 2),
-        "p99_ms": round(1000 * _quantile(latencies, 0.99), 2),
-    }
+    tally.seconds += time.perf_counter() - start
 
 
 def _quantile(sorted_values: list[float], q: float) -> float:
@@ -241,54 +254,58 @@ def batch_stats(base: str) -> tuple[float, float]:
     return values.get("dapeng_batch_size_count", 0.0), values.get("dapeng_batch_size_sum", 0.0)
 
 
-def measure_server(name: str, command: list[str], port: int, path: str, texts: list[str], plan: dict[int, int],
-                   args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
-    base = f"http://127.0.0.1:{port}"
-    results: dict[str, Any] = {}
-    with running(command, port, env, args.log_dir / f"{name}.log"):
-        asyncio.run(load(base + path, texts, 8, args.warmup, args.time_limit))
-        for concurrency, requests in plan.items():
-            before = batch_stats(base) if name.startswith("dapeng") else None
-            row = asyncio.run(load(base + path, texts, concurrency, requests, args.time_limit))
-            if before is not None:
-                batches, items = (a - b for a, b in zip(batch_stats(base), before))
-                row["mean_batch"] = round(items / max(batches, 1), 2)
-            results[f"c{concurrency}"] = row
-            print(f"{name:18s} c={concurrency:<3d} {row}", file=sys.stderr, flush=True)
+def measure(servers: dict[str, tuple[str, str]], pipeline: Any, texts: list[str], plan: dict[int, int],
+            args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Every system at every level, interleaved in `args.rounds` rounds.
+
+    The machine's other load drifts; running the systems in turn, round after round,
+    spreads that drift evenly over them instead of handing it to whichever ran last.
+    """
+    tallies = {name: {c: Tally() for c in plan} for name in [*servers, "in_process"]}
+    for base, path in servers.values():
+        asyncio.run(load(base + path, texts, 8, args.warmup, args.time_limit, Tally()))
+    for concurrency, requests in plan.items():
+        for _ in range(args.rounds):
+            for name, (base, path) in servers.items():
+                tally = tallies[name][concurrency]
+                before = batch_stats(base) if name.startswith("dapeng") else None
+                asyncio.run(load(base + path, texts, concurrency, requests // args.rounds,
+                                 args.time_limit / args.rounds, tally))
+                if before is not None:
+                    batches, items = (a - b for a, b in zip(batch_stats(base), before))
+                    tally.batches += batches
+                    tally.items += items
+            batched = tallies["dapeng_batched"][concurrency]
+            in_process(pipeline, texts, batched.items / max(batched.batches, 1), requests // args.rounds,
+                       args.time_limit / args.rounds, tallies["in_process"][concurrency])
+        for name in tallies:
+            print(f"{name:18s} c={concurrency:<3d} {tallies[name][concurrency].row()}", file=sys.stderr, flush=True)
+    results = {name: {f"c{c}": t.row() for c, t in levels.items()} for name, levels in tallies.items()}
+    for c in plan:  # the in-process baseline counts items, and ran batches of this size
+        row = results["in_process"][f"c{c}"]
+        row["items_per_s"] = row.pop("rps")
+        row["batch_size"] = max(1, round(tallies["dapeng_batched"][c].items / max(tallies["dapeng_batched"][c].batches, 1)))
+        for key in ("p50_ms", "p99_ms", "errors"):
+            row.pop(key)
     return results
 
 
-def measure_in_process(model: Path, texts: list[str], batch_sizes: dict[int, float], items: int,
-                       threads: int) -> dict[str, Any]:
-    """The Pipeline called directly with batches of the sizes the batched server formed."""
+def in_process(pipeline: Any, texts: list[str], mean_batch: float, items: int, time_limit: float,
+               tally: Tally) -> None:
+    """The Pipeline called directly with batches of the size the batched server formed."""
+    size = max(1, round(mean_batch))
+    start = time.perf_counter()
+    done = 0
+    while done < items and time.perf_counter() - start < time_limit:
+        pipeline.predict([texts[(done + j) % len(texts)] for j in range(size)], batch_size=size)
+        done += size
+    tally.seconds += time.perf_counter() - start
+    tally.latencies.extend([0.0] * done)  # items, counted like requests
+
+
+def environment(pipeline: Any, model: Path, threads: int, args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    import dapeng
-
-    torch.set_num_threads(threads)
-    pipeline = dapeng.load(model)
-    results = {}
-    for concurrency, mean_batch in batch_sizes.items():
-        size = max(1, round(mean_batch))
-        n = min(items, max(size * 20, 200))
-        chunks = [[texts[(i + j) % len(texts)] for j in range(size)] for i in range(0, n, size)]
-        pipeline.predict(chunks[0], batch_size=size)
-        start = time.perf_counter()
-        for chunk in chunks:
-            pipeline.predict(chunk, batch_size=size)
-        elapsed = time.perf_counter() - start
-        done = sum(len(c) for c in chunks)
-        results[f"c{concurrency}"] = {"batch_size": size, "items": done, "items_per_s": round(done / elapsed, 1)}
-        print(f"{'in_process':18s} c={concurrency:<3d} {results[f'c{concurrency}']}", file=sys.stderr, flush=True)
-    return results
-
-
-def environment(model: Path, threads: int, args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
-    import dapeng
-
-    pipeline = dapeng.load(model)
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
     return {
@@ -303,6 +320,7 @@ def environment(model: Path, threads: int, args: argparse.Namespace) -> dict[str
         "max_batch_size": MAX_BATCH,
         "litserve_batch_timeout_s": args.litserve_batch_timeout,
         "client": "aiohttp, one process, one request per item",
+        "rounds": args.rounds,
         "quick": args.quick,
     }
 
@@ -312,7 +330,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a small version for CI")
     parser.add_argument("--model", type=Path, help="serve this run/Artifact instead of the built-in 10M model")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: half the cores)")
-    parser.add_argument("--time-limit", type=float, default=None, help="seconds per level (default 40, quick 15)")
+    parser.add_argument("--time-limit", type=float, default=None,
+                        help="seconds per system and level (default 40, quick 20)")
     parser.add_argument("--litserve-batch-timeout", type=float, default=0.005)
     parser.add_argument("--log-dir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "dapeng-bench-serve")
     parser.add_argument("--litserve-worker", help=argparse.SUPPRESS)
@@ -323,7 +342,8 @@ def main() -> None:
     if args.litserve_worker:
         run_litserve(args.litserve_worker, args.port, threads, args.batch_timeout)
         return
-    args.time_limit = args.time_limit or (15.0 if args.quick else 40.0)
+    args.time_limit = args.time_limit or (20.0 if args.quick else 40.0)
+    args.rounds = 2 if args.quick else 4
     args.warmup = 64 if args.quick else 200
     args.log_dir.mkdir(parents=True, exist_ok=True)
     plan = {1: 150, 8: 400, 64: 800} if args.quick else {1: 500, 8: 2000, 64: 4000}
@@ -331,21 +351,24 @@ def main() -> None:
     model = args.model or build_model(threads)
     texts = test_texts(2000)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
-    results: dict[str, Any] = {}
-    port = free_port()
-    results["dapeng_batched"] = measure_server(
-        "dapeng_batched", dapeng_command(model, port, threads, MAX_BATCH), port, "/v1/models/bench:predict",
-        texts, plan, args, env)
-    port = free_port()
-    results["dapeng_unbatched"] = measure_server(
-        "dapeng_unbatched", dapeng_command(model, port, threads, 1), port, "/v1/models/bench:predict",
-        texts, plan, args, env)
-    port = free_port()
-    results["litserve"] = measure_server(
-        "litserve", litserve_command(model, port, threads, args.litserve_batch_timeout), port, "/predict",
-        texts, plan, args, env)
-    batch_sizes = {c: results["dapeng_batched"][f"c{c}"]["mean_batch"] for c in LEVELS}
-    results["in_process"] = measure_in_process(model, texts, batch_sizes, max(plan.values()), threads)
+    commands = {
+        "dapeng_batched": (lambda port: dapeng_command(model, port, threads, MAX_BATCH), "/v1/models/bench:predict"),
+        "dapeng_unbatched": (lambda port: dapeng_command(model, port, threads, 1), "/v1/models/bench:predict"),
+        "litserve": (lambda port: litserve_command(model, port, threads, args.litserve_batch_timeout), "/predict"),
+    }
+    import torch
+
+    import dapeng
+
+    torch.set_num_threads(threads)
+    pipeline = dapeng.load(model)
+    with contextlib.ExitStack() as stack:
+        servers = {}
+        for name, (command, path) in commands.items():
+            port = free_port()
+            stack.enter_context(running(command(port), port, env, args.log_dir / f"{name}.log"))
+            servers[name] = (f"http://127.0.0.1:{port}", path)
+        results = measure(servers, pipeline, texts, plan, args)
 
     def rps(system: str, c: int) -> float:
         return results[system][f"c{c}"]["rps"]
@@ -356,7 +379,7 @@ def main() -> None:
         ratios[f"batched_vs_litserve_c{c}"] = round(rps("dapeng_batched", c) / rps("litserve", c), 3)
         ratios[f"batched_vs_in_process_c{c}"] = round(
             rps("dapeng_batched", c) / results["in_process"][f"c{c}"]["items_per_s"], 3)
-    print(json.dumps({"results": results, "ratios": ratios, "env": environment(model, threads, args)}))
+    print(json.dumps({"results": results, "ratios": ratios, "env": environment(pipeline, model, threads, args)}))
 
 
 if __name__ == "__main__":

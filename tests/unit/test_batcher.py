@@ -199,12 +199,23 @@ def test_refill_wait_gathers_a_burst_into_one_batch():
         model.gate.set()
         await first
         await asyncio.gather(*burst)
-        # The last batch held 8; a new burst trickling in is gathered up to that size.
+        # 8 callers were just answered: when they come back one by one, they share one batch.
         trickle = []
         for i in range(10, 18):
             trickle.append(asyncio.ensure_future(batcher.submit([i])))
             await asyncio.sleep(0)
         return await asyncio.gather(*trickle)
 
-    assert run(scenario, model, max_wait_ms=2000) == [[2 * i] for i in range(10, 18)]
+    assert run(scenario, model, max_wait_ms=300) == [[2 * i] for i in range(10, 18)]
     assert model.batches[-1] == list(range(10, 18))
+
+
+def test_a_lone_caller_never_waits_for_company():
+    model = Model()
+
+    async def scenario(batcher):
+        # A window of 30 s would show: each call must finish long before it.
+        return [await asyncio.wait_for(batcher.submit([i]), 5) for i in range(3)]
+
+    assert run(scenario, model, max_wait_ms=30_000) == [[0], [2], [4]]
+    assert model.batches == [[0], [1], [2]]

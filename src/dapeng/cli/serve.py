@@ -33,8 +33,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=1, help="processes sharing the port, each with its own models")
     p.add_argument("--max-batch-size", type=int, default=32, help="most items per forward pass; 1 turns batching off")
-    p.add_argument("--max-wait-ms", type=float, default=2.0,
-                   help="longest extra wait for a batch to refill once the model is free (default 2)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="longest wait for answered callers to come back before a batch starts (default 5)")
     p.add_argument("--max-queue", type=int, default=1024, help="items waiting per model before 503 (default 1024)")
     p.add_argument("--max-items", type=int, default=64, help="most instances per request")
     p.add_argument("--max-body-bytes", type=int, default=2_000_000, help="largest request body")

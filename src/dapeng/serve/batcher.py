@@ -5,8 +5,10 @@ as soon as the model is free. While a forward pass runs, new requests queue up; 
 ends, everything queued (up to `max_batch_size` items) goes into the next pass. At low
 load a lone request therefore runs at once instead of waiting for a batch window to
 expire, and at high load batches fill by themselves. `max_wait_ms` only bridges the
-gap when a burst is still arriving: when the model frees up and fewer items are queued
-than the previous batch held, it waits at most that long for the batch to refill.
+gap while callers are still coming back: when a batch ends, the items already queued
+plus the items just answered (whose callers are likely to send again) are the demand
+to expect; if fewer than that are queued when the next batch could start, it waits at
+most `max_wait_ms` for them. A lone caller (demand 1) never waits.
 
 The forward pass runs in one worker thread (`executor`), off the event loop, so the
 HTTP side keeps answering while the model computes. Requests whose caller gave up
@@ -64,7 +66,7 @@ class DynamicBatcher:
         executor: Executor,
         *,
         max_batch_size: int = 32,
-        max_wait_ms: float = 2.0,
+        max_wait_ms: float = 5.0,
         max_queue: int = 1024,
         on_batch: Callable[[int, float], None] | None = None,
     ) -> None:
@@ -82,7 +84,7 @@ class DynamicBatcher:
         self._arrived: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing = False
-        self._last_batch = 1
+        self._expected = 1
 
     @property
     def queue_depth(self) -> int:
@@ -152,9 +154,9 @@ class DynamicBatcher:
                 await self._run(batch)
 
     async def _maybe_wait_for_refill(self) -> None:
-        """Wait up to `max_wait` while a burst is still arriving (fewer queued than last time)."""
+        """Wait up to `max_wait` while fewer items are queued than the demand to expect."""
         assert self._arrived is not None
-        target = min(self._last_batch, self.max_batch_size)
+        target = min(self._expected, self.max_batch_size)
         if self.max_wait <= 0 or self._closing or self._queued_items >= target:
             return
         deadline = time.perf_counter() + self.max_wait
@@ -188,13 +190,14 @@ class DynamicBatcher:
     async def _run(self, batch: list[_Entry]) -> None:
         size = sum(len(e.items) for e in batch)
         self._running_items = size
-        self._last_batch = size
         start = time.perf_counter()
         loop = asyncio.get_running_loop()
         try:
             results = await loop.run_in_executor(self.executor, self._compute, [e.items for e in batch])
         finally:
             self._running_items = 0
+        # The callers answered now will probably send again: expect them back with those queued.
+        self._expected = self._queued_items + size
         if self.on_batch is not None:
             self.on_batch(size, time.perf_counter() - start)
         for entry, result in zip(batch, results):

@@ -26,7 +26,7 @@ class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_batch_size: int = Field(32, ge=1, description="most items in one forward pass; 1 turns batching off")
-    max_wait_ms: float = Field(2.0, ge=0.0, description="longest extra wait for a batch to refill")
+    max_wait_ms: float = Field(5.0, ge=0.0, description="longest extra wait for a batch to refill")
     max_queue: int = Field(1024, ge=1, description="most items waiting per model; beyond it 503")
     max_body_bytes: int = Field(2_000_000, ge=1024, description="largest request body; beyond it 413")
     max_items: int = Field(64, ge=1, description="most instances in one request")
