@@ -533,13 +533,11 @@ def _generation_kwargs(body: Any, pipeline: Any) -> dict[str, Any]:
 
 
 def _chat_prompt(pipeline: Any, messages: list[Any]) -> Any:
-    """The task's chat template applied to `messages`, or a plain transcript without one."""
+    """What to give `generate` for a chat: the messages themselves when the model has a chat
+    template (the causal-lm task renders them), else a plain transcript to continue."""
     plain = [{"role": m.role, "content": m.content} for m in messages]
-    task = getattr(pipeline, "task", None)
-    for name in ("chat_prompt", "apply_chat_template"):
-        template = getattr(task, name, None)
-        if callable(template):
-            return template(plain)
+    if getattr(getattr(pipeline, "task", None), "chat_template", None):
+        return plain
     lines = [f"{m['role']}: {m['content']}" for m in plain]
     return "\n".join([*lines, "assistant:"])
 
