@@ -18,6 +18,7 @@ class ProgressBar:
     def __init__(self, desc: str = "train") -> None:
         self.desc = desc
         self.bar: Any = None
+        self.shown: dict[str, str] = {}  # training and evaluation values arrive in separate logs
 
     def on_fit_start(self, trainer: Any) -> None:
         from tqdm.auto import tqdm
@@ -31,7 +32,7 @@ class ProgressBar:
     def on_log(self, trainer: Any, logs: dict[str, Any]) -> None:
         if self.bar is None:
             return
-        shown = {}
+        shown = self.shown
         for key, label, fmt in (("train/loss", "loss", "{:.4f}"), ("train/samples_per_sec", "samples/s", "{:.0f}"),
                                 (getattr(trainer, "monitor", ""), getattr(trainer, "monitor", ""), "{:.4f}")):
             if key in logs and logs[key] is not None:
