@@ -178,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     encoder = MODELS.create("transformer", vocab_size=vocab, num_labels=labels, hidden=dim, layers=layers,
                             heads=heads, intermediate=4 * dim, max_positions=seq, dropout=0.0)
     ref_encoder = RefTransformer(vocab, dim, layers, heads, 4 * dim, seq, causal=False, num_labels=labels)
-    swiglu = int(round(8 * dim / 3))  # SwiGLU's three matrices hold as many weights as a 4·dim GELU MLP
+    # SwiGLU's three matrices hold about as many weights as a 4·dim GELU MLP at 8·dim/3, rounded
+    # to a multiple of 16 as Llama rounds its width (odd widths make slow GEMMs)
+    swiglu = 16 * round(8 * dim / 3 / 16)
     decoder = MODELS.create("lm", vocab_size=vocab, hidden=dim, layers=layers, heads=heads, kv_heads=heads,
                             intermediate=swiglu, max_positions=seq)
     ref_decoder = RefTransformer(vocab, dim, layers, heads, 4 * dim, seq, causal=True)

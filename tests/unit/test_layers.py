@@ -241,3 +241,34 @@ def test_recurrent_kinds_ignore_padding(kind):
     out_long, final_long = enc(padded, mask)
     torch.testing.assert_close(out_long[:, :5], out_short)
     torch.testing.assert_close(final_long, final_short)
+
+
+def test_fused_projections_equal_separate_layers_in_value_and_gradient():
+    from dapeng.layers.fused import MIN_ROWS, project_together
+
+    torch.manual_seed(0)
+    layers = [nn.Linear(8, n) for n in (8, 4, 4)]
+    x = torch.randn(2, MIN_ROWS, 8, requires_grad=True)
+    fused = project_together(x, layers)
+    sum(o.square().sum() for o in fused).backward()
+    grads = [lin.weight.grad.clone() for lin in layers] + [x.grad.clone()]
+    for lin in layers:
+        lin.weight.grad = None
+    x.grad = None
+    separate = [lin(x) for lin in layers]
+    sum(o.square().sum() for o in separate).backward()
+    for a, b in zip(fused, separate):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(grads, [lin.weight.grad for lin in layers] + [x.grad]):
+        torch.testing.assert_close(a, b)
+
+
+def test_attention_equals_torch_on_long_inputs_with_fused_qkv():
+    ours, ref = _pair()
+    x = torch.randn(2, 80, D)  # 160 rows: q/k/v run as one GEMM
+    keep = torch.ones(2, 80, dtype=torch.bool)
+    keep[1, 50:] = False
+    expected, _ = ref(x, x, x, key_padding_mask=~keep, need_weights=False)
+    assert (ours(x, mask=padding_mask(keep)) - expected).abs().max() <= 1e-5
+    glu = SwiGLU(D, 24)
+    torch.testing.assert_close(glu(x), glu.down(F.silu(glu.gate(x)) * glu.up(x)))

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dapeng.layers.fused import project_together
 from dapeng.layers.positions import apply_rotary
 
 
@@ -146,11 +147,14 @@ class MultiHeadAttention(nn.Module):
             kv: keys and values already projected by `project_kv` (cross-attention while decoding).
         """
         b, t, _ = x.shape
-        q = self.q(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
-        if kv is not None:
-            k, v = kv
+        if kv is None and context is None:
+            q, k, v = project_together(x, (self.q, self.k, self.v))
+            k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
+            v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
         else:
-            k, v = self.project_kv(x if context is None else context)  # (B, Hkv, S, Dh) each
+            q = self.q(x)
+            k, v = kv if kv is not None else self.project_kv(context)  # (B, Hkv, S, Dh) each
+        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dapeng.layers.fused import project_together
+
 _ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),  # exact erf form, as BERT
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -56,5 +58,6 @@ class SwiGLU(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.down(F.silu(self.gate(x)) * self.up(x))
+        gate, up = project_together(x, (self.gate, self.up))
+        out = self.down(F.silu(gate) * up)
         return self.dropout(out) if self.dropout is not None else out
