@@ -39,7 +39,8 @@ def test_train_and_eval_digits(tmp_path, capsys):
 
     # the run directory contract of DESIGN.md
     for name in ("config.yaml", "model/model.safetensors", "model/dapeng.json", "model/card.md",
-                 "checkpoints/last.pt", "checkpoints/best.pt", "metrics.jsonl", "metrics.json", "curves.png"):
+                 "checkpoints/last.pt", "checkpoints/best.pt", "metrics.jsonl", "metrics.json", "curves.png",
+                 "test_confusion_matrix.png", "test_classification_report.json"):
         assert (run / name).is_file(), name
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     assert resolved["train"]["precision"] == "fp32" and resolved["train"]["optimizer"]["weight_decay"] == 0.0
