@@ -79,7 +79,8 @@ def deletion_auc(
     """Area under the deletion curve of one input of `pipeline`, deleting in `order`.
 
     Words are deleted by putting padding in place of their tokens, pixels by putting the
-    black image's value: the baselines `explain` uses for Integrated Gradients.
+    black image's value: the baselines `explain` uses for Integrated Gradients. Pixels that
+    are black already are left out of the order (and of the x axis).
 
     Args:
         pipeline: as for `explain`.
@@ -111,11 +112,17 @@ def deletion_auc(
         black = {**record, "image": np.zeros_like(np.asarray(record["image"]))}
         baseline = _batch(task, black, inputs.device)["images"][:1].float()
         height, width = inputs.shape[-2:]
-        feature_mask = torch.arange(height * width, device=inputs.device).view(1, 1, height, width)
+        # A pixel already at the baseline (the black background) is not a feature: deleting
+        # it changes nothing, so it would only pad every curve out. Only the others count.
+        live = (inputs != baseline).any(1, keepdim=True)  # (1, 1, H, W)
+        pixel_ids = torch.arange(height * width, device=inputs.device).view(1, 1, height, width)
+        feature_mask = torch.where(live, pixel_ids, -1)
 
         def score(b: torch.Tensor) -> torch.Tensor:
             return model(b).float().softmax(-1)[:, label_index]
 
     if order is None:
         order = order_by(scores)
+    present = set(feature_mask[feature_mask >= 0].tolist())
+    order = np.asarray([i for i in order if int(i) in present], dtype=np.int64)
     return deletion_curve(score, inputs, baseline, feature_mask, order, steps)[2]
