@@ -326,8 +326,8 @@ def post_stream(url: str, body: dict) -> tuple[int, dict, bytes]:
 def test_schemathesis_fuzz_finds_no_server_error(server, tmp_path):
     result = subprocess.run(
         [str(Path(sys.executable).with_name("schemathesis")), "run", f"{server}/openapi.json",
-         "--checks", "not_a_server_error", "--max-examples", "15", "--seed", "7", "--workers", "1",
-         "--header", f"Authorization: Bearer {KEY}", "--max-time", "30", "--phases", "coverage,fuzzing",
+         "--checks", "not_a_server_error", "--max-examples", "10", "--seed", "7", "--workers", "1",
+         "--header", f"Authorization: Bearer {KEY}", "--max-time", "20", "--phases", "coverage,fuzzing",
          "--report-dir", str(tmp_path), "--suppress-health-check", "all"],
         capture_output=True, text=True, timeout=120,
         env={**os.environ, "SCHEMATHESIS_HOOKS": "", "NO_COLOR": "1"},

@@ -148,7 +148,9 @@ class ServeState:
     def _slot(self, name: str, pipeline: Any) -> ModelSlot:
         from dapeng.pipeline import to_json
 
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"dapeng-{name}")
+        # The worker sets torch's thread count itself too: OpenMP keeps that setting per thread.
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"dapeng-{name}",
+                                      initializer=_set_torch_threads, initargs=(self.config.torch_threads,))
         batch_size = self.config.max_batch_size
 
         def predict(records: list[Any]) -> list[Any]:
@@ -173,16 +175,11 @@ class ServeState:
         return slot
 
     async def start(self) -> None:
-        self._set_torch_threads()
+        _set_torch_threads(self.config.torch_threads)
         for slot in self.slots.values():
             slot.batcher.start()
         self.started = True
 
-    def _set_torch_threads(self) -> None:
-        """Give torch a fixed share of the cores, so the HTTP side keeps CPU to answer with."""
-        import torch
-
-        torch.set_num_threads(self.config.torch_threads)
 
     async def stop(self) -> None:
         """Finish accepted work, then release the worker threads."""
@@ -194,6 +191,13 @@ class ServeState:
     def begin_drain(self) -> None:
         """Refuse new requests (503) and report not-ready, while accepted ones finish."""
         self.draining = True
+
+
+def _set_torch_threads(threads: int) -> None:
+    """Give torch a fixed share of the cores, so the HTTP side keeps CPU to answer with."""
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def _hook_termination(state: ServeState) -> Callable[[], None]:
