@@ -14,10 +14,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The default example: a small ResNet on Fashion-MNIST (about an hour on 2 busy CPU cores).
-# Quicker: make run RUN_ARGS="--set train.epochs=1". Resume a killed run: make run RUN_ARGS=--resume
+# Quicker: make run RUN_ARGS="--set train.epochs=1". A run that was stopped continues from
+# its last checkpoint (--resume is added when one exists).
 RUN_ARGS ?=
+RUN_DIR  ?= runs/fashion-mnist-cnn
 run: install
-	$(BIN)/dapeng train examples/fashion-mnist-cnn.yaml --out runs/fashion-mnist-cnn $(RUN_ARGS)
+	$(BIN)/dapeng train examples/fashion-mnist-cnn.yaml --out $(RUN_DIR) \
+		$(if $(wildcard $(RUN_DIR)/checkpoints/last.pt),--resume) $(RUN_ARGS)
 
 test: install
 	$(BIN)/pytest -q -n 2 --dist loadgroup tests
