@@ -437,5 +437,38 @@ def socket_port() -> Iterator[int]:
         yield sock.getsockname()[1]
 
 
+@contextmanager
+def in_thread(app) -> Iterator[str]:
+    """Serve `app` with uvicorn on an ephemeral port from a thread of this process."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def test_time_limit_gives_504_and_chunked_bodies_are_limited_too():
+    import http.client
+
+    from dapeng.serve import ServeConfig, create_app
+
+    config = ServeConfig(timeout_s=0.2, max_body_bytes=2048, torch_threads=1)
+    with in_thread(create_app({"slow": Echo(delay=1.0)}, config)) as base:
+        status, _, answer = post(f"{base}/v1/models/slow:predict", {"instances": ["x"]})
+        assert status == 504 and "0.2" in answer["detail"]
+        connection = http.client.HTTPConnection(base.removeprefix("http://"), timeout=10)
+        chunks = iter([b'{"instances": ["', b"y" * 4000, b'"]}'])
+        connection.request("POST", "/v1/models/slow:predict", body=chunks, encode_chunked=True,
+                           headers={"Content-Type": "application/json"})
+        assert connection.getresponse().status == 413
+
+
 if __name__ == "__main__":
     main()

@@ -81,9 +81,9 @@ class _ApiError(Exception):
         self.headers = headers
 
 
-def _invalid(loc: Iterable[Any], message: str) -> RequestValidationError:
+def _invalid(loc: Iterable[Any], message: str, where: str = "body") -> RequestValidationError:
     return RequestValidationError(
-        [{"type": "value_error", "loc": ("body", *loc), "msg": message, "input": None}]
+        [{"type": "value_error", "loc": (where, *loc), "msg": message, "input": None}]
     )
 
 
@@ -487,7 +487,7 @@ def _add_model_routes(router: APIRouter, state: ServeState, bodies: Any) -> None
 
         slot = state.slot(name)
         if not callable(getattr(slot.pipeline, "explain", None)):
-            raise _invalid(("name",), f"model {name!r} has no explanations")
+            raise _invalid(("name",), f"model {name!r} has no explanations", where="path")
         records = slot.records(body.instances, config)  # type: ignore[attr-defined]
         field = getattr(slot.pipeline, "input_field", None)
         inputs = [r[field] if field and isinstance(r, dict) else r for r in records]
