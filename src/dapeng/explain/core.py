@@ -235,20 +235,20 @@ def _explain_tags(
     probs = out[0].softmax(-1)  # (T, K)
     labels = _label_names(pipeline, probs.shape[-1])
     firsts = alignment.first_tokens()
+    if not firsts:
+        raise DapengError("nothing to explain: the input has no words", "pass a non-empty text")
     tags = [int(probs[t].argmax()) for t in firsts]
     targets = [(t, k) for t, k in zip(firsts, tags)]
     result = text_attributions(pipeline.model, ids, mask, baseline, targets, method, *steps, budget)
     matrix = np.stack([merge_tokens(row, alignment) for row in result.scores])  # (W, W)
     tag_probs = [float(probs[t, k]) for t, k in targets]
+    mean = float(np.mean(tag_probs))
     names = [labels[k] for k in tags]
     return Explanation(
-        method=method, kind="tokens", label="per-token", label_index=-1,
-        probability=float(np.mean(tag_probs)) if tag_probs else 0.0, predicted=" ".join(names),
-        predicted_probability=float(np.mean(tag_probs)) if tag_probs else 0.0, scores=matrix,
-        text=alignment.text, words=alignment.words, spans=alignment.spans, tags=names,
-        internal_batch_size=result.internal_batch_size,
-        extra={"tag_probabilities": tag_probs,
-               "completeness": result.completeness} if result.completeness else {"tag_probabilities": tag_probs},
+        method=method, kind="tokens", label="per-token", label_index=-1, probability=mean,
+        predicted=" ".join(names), predicted_probability=mean, scores=matrix, text=alignment.text,
+        words=alignment.words, spans=alignment.spans, tags=names, internal_batch_size=result.internal_batch_size,
+        extra={"tag_probabilities": tag_probs, "completeness": result.completeness or []},
     )
 
 
