@@ -1,0 +1,181 @@
+"""Fine-tuning pieces on tiny models: load_init, freezing, LLRD; the causal-lm and sentence-embedding tasks."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+from dapeng.config import ModelConfig
+from dapeng.errors import ConfigError, DataError
+from dapeng.hub.artifact import save_artifact
+from dapeng.hub.init import (
+    GradualUnfreezing,
+    LayerwiseLRDecay,
+    freeze,
+    layer_groups,
+    layerwise_lr_groups,
+    load_init,
+)
+from dapeng.models import MODELS
+from dapeng.tasks import TASKS
+from dapeng.tasks.causal_lm import CausalLM, _detokenize, render_chat
+from dapeng.tasks.embedding import SentenceEmbedding
+
+TINY_ENCODER = {"vocab_size": 60, "num_labels": 2, "pad_id": 0, "hidden": 16, "layers": 3, "heads": 2,
+                "intermediate": 32, "max_positions": 32, "pooling": "mean", "dropout": 0.0}
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "good", "bad", "film", "plot", "great", "dull"]
+
+
+def word_tokenizer() -> str:
+    vocab = {w: i for i, w in enumerate(WORDS + [f"x{i}" for i in range(60 - len(WORDS))])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tok.to_str()
+
+
+@pytest.fixture
+def pretrained(tmp_path):
+    torch.manual_seed(0)
+    model = MODELS.create("transformer", **TINY_ENCODER)
+    task = SentenceEmbedding(tokenizer=word_tokenizer(), max_length=16)
+    return save_artifact(tmp_path / "enc", model=model, model_name="transformer", model_kwargs=TINY_ENCODER,
+                         task_name="sentence-embedding", task_state=task.state()), model
+
+
+def test_load_init_new_head_same_backbone_and_pretrained_tokenizer(pretrained):
+    path, source = pretrained
+    task = TASKS.create("text-classification", max_length=16)
+    records = [{"text": "good film", "label": "pos"}, {"text": "dull plot", "label": "neg"},
+               {"text": "great", "label": "meh"}]
+    task.setup(records)
+    model, kwargs = load_init(ModelConfig(name="transformer", init=str(path), kwargs={"dropout": 0.2}), task)
+    assert kwargs["num_labels"] == 3 and kwargs["dropout"] == 0.2 and model.head.out_features == 3
+    for name, value in source.state_dict().items():
+        if not name.startswith("head."):
+            assert torch.equal(model.state_dict()[name], value), name
+    assert task.tokenizer.token_to_id("good") == 4  # the pretrained vocabulary, not one learned from 3 records
+    items = task.encode(records)
+    assert model(task.collate(items)["input_ids"]).shape == (3, 3)
+
+
+def test_load_init_refuses_shape_changes_and_wrong_model(pretrained):
+    path, _ = pretrained
+    task = TASKS.create("text-classification")
+    task.setup([{"text": "good", "label": "a"}, {"text": "bad", "label": "b"}])
+    with pytest.raises(ConfigError, match="model.kwargs.hidden"):
+        load_init(ModelConfig(name="transformer", init=str(path), kwargs={"hidden": 32}), task)
+    with pytest.raises(ConfigError, match="model.name"):
+        load_init(ModelConfig(name="lstm", init=str(path)), task)
+
+
+def test_freeze_gradual_unfreezing_and_layerwise_lr():
+    model = MODELS.create("transformer", **TINY_ENCODER)
+    groups = layer_groups(model)
+    assert len(groups) == 5  # embeddings, 3 blocks, head
+    freeze(model, 2)
+    assert not any(p.requires_grad for p in groups[0] + groups[1])
+    assert all(p.requires_grad for p in groups[2] + groups[4])
+
+    class FakeTrainer:
+        def __init__(self, epoch):
+            self.model, self.state = model, type("S", (), {"epoch": epoch})()
+
+    GradualUnfreezing(start=1, per_epoch=2).on_epoch_start(FakeTrainer(0))
+    assert [any(p.requires_grad for p in g) for g in layer_groups(model)] == [False] * 4 + [True]
+    GradualUnfreezing(start=1, per_epoch=2).on_epoch_start(FakeTrainer(1))
+    assert [any(p.requires_grad for p in g) for g in layer_groups(model)] == [False, False, True, True, True]
+    freeze(model, 0)
+    lrs = sorted({g["lr"] for g in layerwise_lr_groups(model, 1.0, 0.5, weight_decay=0.01)}, reverse=True)
+    assert lrs == [1.0, 0.5, 0.25, 0.125, 0.0625]
+
+
+def test_layerwise_lr_callback_regroups_trainer_optimizer():
+    model = MODELS.create("transformer", **TINY_ENCODER)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)
+    trainer = type("T", (), {"model": model, "optimizer": opt, "scheduler": sched})()
+    LayerwiseLRDecay(0.5).on_fit_start(trainer)
+    assert len(opt.param_groups) > 2
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    opt.step()
+    sched.step()
+    assert max(g["lr"] for g in opt.param_groups) == pytest.approx(5e-4)
+    assert min(g["lr"] for g in opt.param_groups) == pytest.approx(5e-4 * 0.5**4)
+
+
+def test_sentence_embedding_task_embeds_and_trains():
+    torch.manual_seed(0)
+    model = MODELS.create("transformer", **TINY_ENCODER)
+    task = SentenceEmbedding.from_state({"tokenizer": word_tokenizer(), "normalize": True, "max_length": 8})
+    vectors = task.embed(model, ["good film", "dull plot great bad film", "great"])
+    assert vectors.shape == (3, 16) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(task.embed(model, "great")[0], vectors[2], atol=1e-6)
+    batch = task.collate(task.encode([{"text": "good film", "positive": "great film"},
+                                      {"text": "dull plot", "positive": "bad plot"}]))
+    loss, out = task.loss(model, batch)
+    loss.backward()
+    assert out["scores"].shape == (2, 2) and model.embeddings.word.weight.grad is not None
+    with pytest.raises(DataError):
+        task.embed(model, [])
+
+
+def byte_bpe() -> str:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    from tokenizers import trainers
+
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the cat sat on the mat", "café crème brûlée"] * 5, trainer)
+    return tok.to_str()
+
+
+TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_causal_lm_learns_a_text_and_generates():
+    torch.manual_seed(0)
+    task = CausalLM(block_size=16, vocab_size=300)
+    records = [{"text": "the cat sat on the mat. " * 4}] * 4
+    task.setup(records)
+    assert task.stop_ids == [0]
+    model = MODELS.create("lm", **task.model_kwargs(), hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64)
+    items = task.encode(records)
+    assert all(len(it["input_ids"]) <= 16 for it in items)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    batch = task.collate(items)
+    first = None
+    for _ in range(60):
+        loss, out = task.loss(model, batch)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first / 3
+    metric = task.metric()
+    metric.update(out, batch)
+    assert metric.compute()["perplexity"] < 10
+    restored = CausalLM.from_state(json.loads(json.dumps(task.state())))
+    text = restored.generate(model.eval(), "the cat", max_new_tokens=6)
+    assert isinstance(text, str) and text.startswith(" sat")
+    assert "".join(restored.generate(model, "the cat", max_new_tokens=6, stream=True)) == text
+    assert restored.generate(model, "the cat", max_new_tokens=12, stop=["mat"]).endswith("the ")
+
+
+def test_chat_template_and_streaming_detokenizer():
+    prompt = render_chat(TEMPLATE, [{"role": "user", "content": "hi"}])
+    assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    task = CausalLM(tokenizer=byte_bpe(), chat_template=TEMPLATE)
+    assert task.prompt_text("hi", chat=True, system="be brief").startswith("<|im_start|>system\nbe brief")
+    tok = task.tokenizer
+    ids = tok.encode("café crème", add_special_tokens=False).ids
+    byte_ids = [tok.token_to_id(c) for c in "cafÃ©"]  # "é" as two byte tokens: never split mid-character
+    pieces = list(_detokenize(tok, iter(byte_ids + ids[-3:]), set(), ()))
+    assert "".join(pieces) == "café" + tok.decode(ids[-3:]) and all("\ufffd" not in p for p in pieces)
+    with pytest.raises(DataError, match="chat template"):
+        CausalLM(tokenizer=byte_bpe()).prompt_text("hi", chat=True)
