@@ -111,6 +111,7 @@ def run_scratch(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="300 training reviews, 1 epoch")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N training reviews")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=64)
@@ -123,7 +124,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", choices=["full", "lora", "scratch"], action="append", help="run only these")
     args = parser.parse_args()
-    args.limit = 300 if args.quick else None
+    if args.quick:
+        args.limit = 300
     if args.quick:
         args.epochs, args.warmup = 1, 5
     torch.set_num_threads(args.threads)
@@ -150,6 +152,7 @@ def main() -> None:
         "max_length": args.max_length,
         "batch_size": args.batch_size,
         "quick": args.quick,
+        "train_limit": args.limit,
         "note": "shared 2-core machine: throughput figures are noisy, accuracies are not",
     }
     print(json.dumps({"results": results, "ratios": ratios, "env": env}))
