@@ -40,3 +40,20 @@ def test_embed_cli_and_api(tmp_path, capsys):
     np.testing.assert_allclose(api[0], vectors[0], atol=1e-5)
     assert main(["embed", "minilm-l6", "x", "--out", str(tmp_path / "e.npy")]) == 0
     assert np.load(tmp_path / "e.npy").shape == (1, 384)
+
+
+def test_causal_lm_trains_through_dapeng_train(tmp_path, capsys):
+    text = tmp_path / "poem.txt"
+    text.write_text("the cat sat on the mat\nthe dog sat on the log\n" * 20)
+    config = tmp_path / "lm.yaml"
+    config.write_text(
+        "task: causal-lm\n"
+        "task_options: {block_size: 32, vocab_size: 300}\n"
+        f"data: {{train: {text}, eval: {text}, format: text}}\n"
+        "model: {name: lm, kwargs: {hidden: 32, layers: 2, heads: 4, kv_heads: 2, intermediate: 64}}\n"
+        "train: {epochs: 30, batch_size: 4, optimizer: {lr: 0.003}, precision: fp32, log_every: 5}\n"
+    )
+    assert main(["train", str(config), "--out", str(tmp_path / "run"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["metrics"]["eval"]["perplexity"] < 3.0
+    assert dapeng.load(tmp_path / "run", precision="fp32").generate("the cat sat", max_new_tokens=4).startswith(" on")

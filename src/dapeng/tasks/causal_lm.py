@@ -65,6 +65,8 @@ class CausalLM:
         bos_id, eos_id, pad_id: special token ids; stop_ids: tokens that end generation.
         add_bos: start every text with `bos_id`.
         max_length: the model's context length (prompt + new tokens).
+        join: "newline" joins the records (a text file's lines) into one text; "eos" ends
+            each record with the end-of-text token (separate documents).
     """
 
     name = "causal-lm"
@@ -82,7 +84,10 @@ class CausalLM:
         stop_ids: Sequence[int] | None = None,
         add_bos: bool = False,
         max_length: int = 2048,
+        join: str = "newline",
     ) -> None:
+        if join not in ("newline", "eos"):
+            raise DataError(f"causal-lm join must be 'newline' or 'eos', got {join!r}")
         if block_size < 2:
             raise DataError(f"causal-lm block_size must be at least 2, got {block_size}")
         self.tokenizer_json = tokenizer
@@ -95,12 +100,13 @@ class CausalLM:
         self.stop_ids = list(stop_ids) if stop_ids is not None else None
         self.add_bos = add_bos
         self.max_length = max_length
+        self.join = join
         self._tokenizer: Any = None
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> CausalLM:
         known = ("tokenizer", "chat_template", "block_size", "vocab_size", "bos_id", "eos_id", "pad_id",
-                 "stop_ids", "add_bos", "max_length")
+                 "stop_ids", "add_bos", "max_length", "join")
         return cls(**{k: state[k] for k in known if k in state})
 
     # -- tokenizer ------------------------------------------------------------------------
@@ -159,8 +165,10 @@ class CausalLM:
         return text
 
     def encode(self, records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Join the texts with end-of-text tokens and cut the stream into `block_size` blocks."""
+        """Join the texts (by newlines or end-of-text tokens) and cut the stream into `block_size` blocks."""
         texts = [self._text(r, i) for i, r in enumerate(records)]
+        if self.join == "newline":
+            texts = ["\n".join(texts)]
         stream: list[int] = []
         for enc in self.tokenizer.encode_batch(texts, add_special_tokens=False):
             if self.add_bos and self.bos_id is not None:
@@ -208,7 +216,7 @@ class CausalLM:
         return {"labels": None, "tokenizer": self.tokenizer_json, "chat_template": self.chat_template,
                 "block_size": self.block_size, "vocab_size": self.vocab_size, "bos_id": self.bos_id,
                 "eos_id": self.eos_id, "pad_id": self.pad_id, "stop_ids": self.stop_ids,
-                "add_bos": self.add_bos, "max_length": self.max_length}
+                "add_bos": self.add_bos, "max_length": self.max_length, "join": self.join}
 
     # -- generation -----------------------------------------------------------------------
 
