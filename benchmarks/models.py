@@ -151,7 +151,8 @@ def params(model: nn.Module) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny models and few steps")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    # one thread by default: on shared cores a second OpenMP thread waits for a busy core at every op
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     parser.add_argument("--steps", type=int, default=None, help="measured steps per side")
     args = parser.parse_args(argv)

@@ -35,7 +35,8 @@ class Embeddings(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         t = input_ids.shape[1]
-        x = self.word(input_ids) + self.position(torch.arange(t, device=input_ids.device))  # (B, T, D)
+        # positions 0…T-1 are the table's first T rows: a slice, cheaper than a lookup (and its backward)
+        x = self.word(input_ids) + self.position.weight[:t]  # (B, T, D)
         if self.token_type is not None:
             # BERT adds type 0 when no segment ids are given
             x = x + (self.token_type(token_type_ids) if token_type_ids is not None else self.token_type.weight[0])
@@ -110,11 +111,8 @@ class TransformerEncoder(nn.Module):
                 f"input of {input_ids.shape[1]} tokens exceeds max_positions={self.max_positions}",
                 "truncate the input or build the model with a larger max_positions",
             )
-        mask = None
-        # an unpadded batch needs no mask, and SDPA runs faster without one (checked eagerly only:
-        # a data-dependent branch would break a compiled graph)
-        if attention_mask is not None and (torch.compiler.is_compiling() or not bool(attention_mask.all())):
-            mask = padding_mask(attention_mask)  # (B, 1, 1, T)
+        attention_mask = _drop_if_unpadded(attention_mask)
+        mask = padding_mask(attention_mask) if attention_mask is not None else None  # (B, 1, 1, T)
         x = self.embeddings(input_ids, token_type_ids)  # (B, T, D)
         for layer in self.layers:
             x = layer(x, mask)
@@ -127,9 +125,9 @@ class TransformerEncoder(nn.Module):
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Pooled features (B, D), or per-token (B, T, D) with pooling="none"."""
+        attention_mask = _drop_if_unpadded(attention_mask)
         x = self.encode(input_ids, attention_mask, token_type_ids)
-        mask = attention_mask.bool() if attention_mask is not None else None
-        return pool_sequence(x, mask, self.pooling)
+        return pool_sequence(x, attention_mask.bool() if attention_mask is not None else None, self.pooling)
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(features))  # (B, K) or (B, T, K)
@@ -146,6 +144,16 @@ class TransformerEncoder(nn.Module):
     ) -> torch.Tensor:
         """(B, T) token ids, (B, T) bool mask → (B, K) logits, or (B, T, K) with pooling="none"."""
         return self.forward_head(self.forward_features(input_ids, attention_mask, token_type_ids))
+
+
+def _drop_if_unpadded(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """None for a batch without padding: attention and pooling then take their faster mask-free paths.
+
+    Checked eagerly only; under torch.compile a data-dependent branch would break the graph.
+    """
+    if attention_mask is None or torch.compiler.is_compiling() or not bool(attention_mask.all()):
+        return attention_mask
+    return None
 
 
 def _init_bert(module: nn.Module) -> None:
