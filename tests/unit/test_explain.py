@@ -181,7 +181,7 @@ def test_attention_needs_attention_layers():
         explain(text_pipeline("lstm"), "a witty movie", method="attention")
 
 
-def test_language_model_attention_over_prompt():
+def test_language_model_attention_over_prompt(tmp_path):
     torch.manual_seed(0)
     task = FakeTextTask()
     lm = MODELS.create("lm", vocab_size=task.tokenizer.get_vocab_size(), hidden=16, layers=2, heads=4, kv_heads=2,
@@ -192,6 +192,7 @@ def test_language_model_attention_over_prompt():
     assert len(e.attention) == 2 and e.attention[0].shape == (4, 7)  # 6 prompt tokens + 1 generated
     torch.testing.assert_close(torch.tensor(e.attention[0].sum(-1)), torch.ones(4))
     assert e.scores.shape == (4,)
+    assert _png_info(e.save(tmp_path / "lm.png"))["predicted"] == e.predicted
     with pytest.raises(ModelError, match="attention"):
         explain(pipe, "the plot was dull", method="ig")
 
