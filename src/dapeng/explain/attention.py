@@ -30,7 +30,7 @@ def capture(model: nn.Module, run: Callable[[], torch.Tensor]) -> tuple[torch.Te
     if not maps:
         raise ModelError(
             f"{type(model).__name__} has no attention layers",
-            "use --method ig or saliency, or a transformer model",
+            "use method ig or saliency, or a transformer model",
         )
     return out, maps
 
@@ -52,7 +52,7 @@ def rollout(maps: list[torch.Tensor], residual: float = 0.5) -> torch.Tensor:
     """
     self_maps = [m for m in maps if m.shape[-1] == m.shape[-2]]
     if not self_maps:
-        raise ModelError("no self-attention layers to roll out", "use --method attention")
+        raise ModelError("no self-attention layers to roll out", "use method attention")
     batch, _, length, _ = self_maps[0].shape
     eye = torch.eye(length, dtype=torch.float32, device=self_maps[0].device).expand(batch, -1, -1)
     result = eye

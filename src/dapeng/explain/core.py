@@ -207,7 +207,7 @@ def _explain_text(
     if out.dim() == 3 and not getattr(pipeline, "labels", None):
         return _explain_prompt(pipeline, ids, alignment, method, target)
     if method == "gradcam":
-        raise ModelError("Grad-CAM explains image models", "use --method ig or saliency for text")
+        raise ModelError("Grad-CAM explains image models", "use method ig or saliency for text")
     if method in ("attention", "rollout"):
         return _explain_attention(pipeline, ids, mask, out, alignment, method, target)
     keep = torch.tensor([w is not None for w in alignment.word_of_token], device=ids.device)
@@ -283,7 +283,7 @@ def _explain_prompt(
     if method not in ("attention", "rollout"):
         raise ModelError(
             "a language model's generations are explained by attention",
-            "use --method attention (the attention over the prompt for a generated token)",
+            "use method attention (the attention over the prompt for a generated token)",
         )
     index = int(target) if target is not None else 0
     generated, probs, rows = attn.prompt_attention(pipeline.model, ids, new_tokens=index + 1)

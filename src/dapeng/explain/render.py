@@ -290,7 +290,7 @@ def _attention_png(e: Explanation) -> bytes:
     maps = [m[None] if m.ndim == 2 else m for m in maps]
     roll = None if e.rollout is None else np.asarray(e.rollout, dtype=np.float64)
     if roll is None and not maps:
-        raise DapengError("this explanation has no attention maps to draw", "explain with --method attention")
+        raise DapengError("this explanation has no attention maps to draw", "explain with method attention")
     layers = len(maps)
     heads = max((m.shape[0] for m in maps), default=0)
     cols = heads + (1 if roll is not None else 0)
