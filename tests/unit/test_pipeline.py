@@ -196,13 +196,14 @@ def test_to_json_makes_outputs_plain():
     assert to_json(value) == {"t": [1.5, None], "n": 2.0, "d": {"scores": [1, 2], "label": "x"}, "s": [1]}
 
 
-def test_plan_batches_groups_similar_lengths_and_covers_every_item():
+def test_plan_batches_splits_by_length_when_padding_costs_more_than_a_forward():
     from dapeng.pipeline import plan_batches
 
-    lengths = [50, 10, 11, 49, 12, 10, 48, 51]
-    groups = plan_batches(lengths, max_size=3, min_tokens=0)
-    assert sorted(i for g in groups for i in g) == list(range(8))
-    assert all(len(g) <= 3 for g in groups)
-    for group in groups:  # no batch mixes a ~10-token item with a ~50-token one
-        assert max(lengths[i] for i in group) <= 1.25 * min(lengths[i] for i in group) + 1
-    assert plan_batches([0] * 5, max_size=2) == [[0, 1], [2, 3], [4]]
+    lengths = [100, 10, 100, 10, 10, 100, 10, 100]
+    groups = plan_batches(lengths, max_size=8, overhead_tokens=64)
+    assert sorted(sorted(lengths[i] for i in g) for g in groups) == [[10] * 4, [100] * 4]
+    assert plan_batches(lengths, max_size=8, overhead_tokens=10_000) == [sorted(range(8), key=lengths.__getitem__)]
+    ragged = [7, 3, 9, 1, 4, 4, 8, 2, 6, 5]
+    groups = plan_batches(ragged, max_size=3)
+    assert sorted(i for g in groups for i in g) == list(range(10)) and all(len(g) <= 3 for g in groups)
+    assert [len(g) for g in plan_batches([0] * 5, max_size=2)] in ([1, 2, 2], [2, 2, 1])
