@@ -334,3 +334,11 @@ def test_truncated_input_aligns_the_words_it_kept():
     a = align_words(task, text, truncated)
     assert a.words == ["the", "film"] and a.word_of_token == [None, 0, 1, None]
     assert a.spans == [(0, 3), (4, 8)]
+
+
+def test_half_precision_models_are_explained_in_fp32():
+    pipe = image_pipeline("lenet")
+    pipe.model.to(torch.bfloat16)
+    [e] = explain(pipe, an_image(), method="ig")
+    assert e.completeness["relative_error"] <= 0.05
+    assert next(pipe.model.parameters()).dtype == torch.bfloat16  # the pipeline's own model is untouched

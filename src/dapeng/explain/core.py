@@ -54,6 +54,7 @@ def explain(
     """
     if method not in METHODS:
         raise DapengError(f"unknown explanation method {method!r}", f"choose one of: {', '.join(METHODS)}")
+    pipeline = _in_fp32(pipeline)
     model: nn.Module = pipeline.model
     steps = (n_steps, max_steps or 8 * n_steps)
     was_training = model.training
@@ -65,6 +66,23 @@ def explain(
         ]
     finally:
         model.train(was_training)
+
+
+def _in_fp32(pipeline: Any) -> Any:
+    """The pipeline itself, or for a bf16/fp16 model a view of it over an fp32 copy.
+
+    Gradients and IG's Riemann sums in half precision lose the completeness they promise;
+    the copy costs the model's size once more, for the length of the call.
+    """
+    if all(p.dtype == torch.float32 for p in pipeline.model.parameters() if p.is_floating_point()):
+        return pipeline
+    import copy
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        model=copy.deepcopy(pipeline.model).float(), task=pipeline.task, labels=pipeline.labels,
+        to_records=getattr(pipeline, "to_records", None),
+    )
 
 
 # ---------------------------------------------------------------- inputs
