@@ -342,3 +342,18 @@ def test_half_precision_models_are_explained_in_fp32():
     [e] = explain(pipe, an_image(), method="ig")
     assert e.completeness["relative_error"] <= 0.05
     assert next(pipe.model.parameters()).dtype == torch.bfloat16  # the pipeline's own model is untouched
+
+
+class FakeLMTask(FakeTextTask):
+    def prompt_ids(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def test_language_model_prompt_is_encoded_as_generate_encodes_it():
+    torch.manual_seed(0)
+    task = FakeLMTask()
+    lm = MODELS.create("lm", vocab_size=task.tokenizer.get_vocab_size(), hidden=16, layers=1, heads=2, kv_heads=1,
+                       intermediate=32, max_positions=32)
+    [e] = explain(FakePipeline(lm, task, None), "the plot was dull", method="attention")
+    assert e.tokens == ["the", "plot", "was", "dull"] and e.attention[0].shape == (2, 4)
+    assert e.words == ["the", "plot", "was", "dull"]

@@ -181,6 +181,13 @@ def resolve_target(labels: list[str], target: str | int | None, probs: torch.Ten
 def _explain_one(
     pipeline: Any, record: dict[str, Any], raw: Any, method: str, target: Any, budget: float, steps: tuple[int, int]
 ) -> Explanation:
+    prompt_ids = getattr(pipeline.task, "prompt_ids", None)
+    if callable(prompt_ids) and isinstance(record.get("text"), str):
+        # A language model's task encodes training text in blocks ending in end-of-text;
+        # a prompt is encoded as `generate` encodes it.
+        text = record["text"]
+        ids = torch.tensor([prompt_ids(text)], device=_device(pipeline.model))
+        return _explain_prompt(pipeline, ids, align_words(pipeline.task, text, ids[0].tolist()), method, target)
     batch = _batch(pipeline.task, record, _device(pipeline.model))
     if "input_ids" in batch:
         return _explain_text(pipeline, record, batch, method, target, budget, steps)

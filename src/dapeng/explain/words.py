@@ -128,7 +128,9 @@ def align_words(
     of = [None if (pad is not None and int(i) == pad) else p for p, i in enumerate(ids)]
     index = {p: w for w, p in enumerate(p for p in of if p is not None)}
     of = [None if p is None else index[p] for p in of]
-    words = [tokens[p] for p, w in enumerate(of) if w is not None]
+    # Byte-level pieces read better decoded ("Ġthe" -> "the").
+    words = [((tok.decode([int(ids[p])]).strip() if tok is not None else "") or tokens[p])
+             for p, w in enumerate(of) if w is not None]
     return WordAlignment(of, words, None, None, tokens, pad, tok)
 
 
@@ -154,8 +156,17 @@ def _from_encoding(
         spans[index][0] = min(spans[index][0], start)
         spans[index][1] = max(spans[index][1], end)
         of.append(index)
-    span_tuples = [(s, e) for s, e in spans]
+    span_tuples = [_trim(text, s, e) for s, e in spans]
     words = [text[s:e] for s, e in span_tuples]
     # Spans must be increasing and disjoint to be shown in place; otherwise show words alone.
     ordered = all(a[1] <= b[0] for a, b in zip(span_tuples, span_tuples[1:]))
     return WordAlignment(of, words, span_tuples if ordered else None, text, tokens, pad, tok)
+
+
+def _trim(text: str, start: int, end: int) -> tuple[int, int]:
+    """The span without surrounding whitespace (byte-level BPE counts a word's leading space)."""
+    while start < end and text[start].isspace():
+        start += 1
+    while end > start and text[end - 1].isspace():
+        end -= 1
+    return start, end
