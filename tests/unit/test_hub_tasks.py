@@ -23,6 +23,16 @@ from dapeng.tasks import TASKS
 from dapeng.tasks.causal_lm import CausalLM, _detokenize, render_chat
 from dapeng.tasks.embedding import SentenceEmbedding
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread avoids waiting on a descheduled second one on busy shared cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 TINY_ENCODER = {"vocab_size": 60, "num_labels": 2, "pad_id": 0, "hidden": 16, "layers": 3, "heads": 2,
                 "intermediate": 32, "max_positions": 32, "pooling": "mean", "dropout": 0.0}
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "good", "bad", "film", "plot", "great", "dull"]
