@@ -8,7 +8,7 @@ parameters train), trains with the Trainer, then merges the update back (`merge_
 and evaluates the merged model. The baseline (TextCNN from scratch, same data, same
 epochs) runs in the same process.
 
-    python benchmarks/finetune.py            # 3 epochs each, max length 64, bf16 (~30-60 min on 2 cores)
+    python benchmarks/finetune.py            # 3 epochs each, max length 64, bf16 where native (hours on 2 busy cores)
     python benchmarks/finetune.py --quick    # 300 training reviews, 1 epoch: a smoke run
 
 The last line of stdout is one JSON object: results.{full,lora,scratch}.test_accuracy, ratios, env.
@@ -31,6 +31,7 @@ import torch
 from dapeng.config import RunConfig
 from dapeng.layers.lora import apply_lora, merge_lora, trainable_fraction
 from dapeng.runner import build_task_and_model, load_splits, train, trainer_kwargs
+from dapeng.train.precision import resolve_device, resolve_precision
 from dapeng.train.trainer import Trainer
 
 
@@ -119,7 +120,8 @@ def main() -> None:
     parser.add_argument("--lora-lr", type=float, default=1e-3)
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=100)
-    parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32", "auto"])
+    parser.add_argument("--precision", default="auto", choices=["bf16", "fp32", "auto"],
+                        help="auto: bf16 where the CPU/GPU runs it natively (AVX-512 BF16, AMX, CUDA), else fp32")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", choices=["full", "lora", "scratch"], action="append", help="run only these")
@@ -144,7 +146,7 @@ def main() -> None:
                 ratios[f"{name}_vs_scratch_test_accuracy"] = results[name]["test_accuracy"] / results["scratch"]["test_accuracy"]
     env = {
         "threads": torch.get_num_threads(),
-        "precision": args.precision,
+        "precision": resolve_precision(args.precision, resolve_device("auto")),
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
