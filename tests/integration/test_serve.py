@@ -283,8 +283,9 @@ def test_bad_input_is_422_naming_the_field(server, path, body, field):
 
 
 def test_malformed_json_unknown_model_and_big_body(server):
-    status, _, answer = post(f"{server}/v1/models/echo:predict", None, AUTH, raw=b'{"instances": [')
-    assert status == 422 and answer["detail"][0]["type"] == "json_invalid"
+    for raw in (b'{"instances": [', b"\xff\xfe>", b""):
+        status, _, answer = post(f"{server}/v1/models/echo:predict", None, AUTH, raw=raw)
+        assert status == 422 and answer["detail"][0]["type"] == "json_invalid"
     status, _, answer = post(f"{server}/v1/models/nope:predict", {"instances": ["x"]}, AUTH)
     assert status == 404 and "echo" in answer["detail"]
     status, _, _ = post(f"{server}/v1/models/echo:predict", {"instances": ["x" * 30_000]}, AUTH)

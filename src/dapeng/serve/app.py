@@ -377,7 +377,9 @@ async def _fast_predict(
         try:
             request = state.predict_body.model_validate_json(body)
         except ValidationError as err:
-            errors = [{**e, "loc": ("body", *e["loc"])} for e in err.errors(include_url=False)]
+            # A body that is not JSON (or not UTF-8) comes back as its raw bytes: don't echo them.
+            errors = [{**e, "loc": ("body", *e["loc"]), "input": None if isinstance(e["input"], bytes) else e["input"]}
+                      for e in err.errors(include_url=False)]
             raise RequestValidationError(errors) from None
         slot = state.slot(name)
         predictions = await _submit(state, slot, slot.records(request.instances, config))
