@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import sys
 
 from dapeng import __version__
@@ -20,9 +19,6 @@ VERBS = {
     "eval": "evaluate",
     "predict": "predict",
     "explain": "explain",
-    "quantize": "quantize",
-    "distill": "distill",
-    "export": "export",
     "serve": "serve",
     "generate": "generate",
     "embed": "embed",
@@ -30,14 +26,6 @@ VERBS = {
     "data": "data",
     "models": "models",
 }
-
-
-def _verb_modules() -> dict[str, str]:
-    return {
-        verb: f"dapeng.cli.{module}"
-        for verb, module in VERBS.items()
-        if importlib.util.find_spec(f"dapeng.cli.{module}") is not None
-    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,9 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dapeng {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
-    for module in _verb_modules().values():
-        p = importlib.import_module(module).add_parser(sub)
-        p.set_defaults(_module=module)
+    for module in VERBS.values():
+        p = importlib.import_module(f"dapeng.cli.{module}").add_parser(sub)
+        p.set_defaults(_module=f"dapeng.cli.{module}")
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
