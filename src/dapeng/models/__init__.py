@@ -30,7 +30,7 @@ from dapeng.registry import Registry
 MODELS: Registry = Registry("model")
 
 # The one explicit list of models: name -> "module:factory" (imported on first use).
-for _name, _target in {
+BUILTIN_MODELS: dict[str, str] = {
     "mlp": "dapeng.models.mlp:MLP",
     "lenet": "dapeng.models.lenet:LeNet",
     "resnet": "dapeng.models.resnet:ResNet",
@@ -41,7 +41,8 @@ for _name, _target in {
     "transformer": "dapeng.models.transformer:TransformerEncoder",
     "lm": "dapeng.models.lm:LlamaLM",
     "seq2seq": "dapeng.models.seq2seq:Seq2SeqTransformer",
-}.items():
+}
+for _name, _target in BUILTIN_MODELS.items():
     MODELS.register(_name, _target)
 
-__all__ = ["MODELS"]
+__all__ = ["BUILTIN_MODELS", "MODELS"]
