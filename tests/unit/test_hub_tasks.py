@@ -12,7 +12,6 @@ from dapeng.errors import ConfigError, DataError
 from dapeng.hub.artifact import save_artifact
 from dapeng.hub.init import (
     GradualUnfreezing,
-    LayerwiseLRDecay,
     freeze,
     layer_groups,
     layerwise_lr_groups,
@@ -22,6 +21,7 @@ from dapeng.models import MODELS
 from dapeng.tasks import TASKS
 from dapeng.tasks.causal_lm import CausalLM, _detokenize, render_chat
 from dapeng.tasks.embedding import SentenceEmbedding
+from dapeng.train.optim import build_optimizer, build_schedule
 
 
 @pytest.fixture(autouse=True)
@@ -101,18 +101,18 @@ def test_freeze_gradual_unfreezing_and_layerwise_lr():
     assert lrs == [1.0, 0.5, 0.25, 0.125, 0.0625]
 
 
-def test_layerwise_lr_callback_regroups_trainer_optimizer():
+def test_layerwise_lr_groups_drive_the_trainer_optimizer_and_schedule():
     model = MODELS.create("transformer", **TINY_ENCODER)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)
-    trainer = type("T", (), {"model": model, "optimizer": opt, "scheduler": sched})()
-    LayerwiseLRDecay(0.5).on_fit_start(trainer)
+    groups = layerwise_lr_groups(model, 1e-3, 0.5, weight_decay=0.01)
+    opt = build_optimizer(model, "adamw", lr=1e-3, groups=groups)
+    sched = build_schedule(opt, "constant", warmup_steps=1, total_steps=10)
     assert len(opt.param_groups) > 2
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    assert max(g["lr"] for g in opt.param_groups) == pytest.approx(5e-4)  # half-way through warm-up
     opt.step()
     sched.step()
-    assert max(g["lr"] for g in opt.param_groups) == pytest.approx(5e-4)
-    assert min(g["lr"] for g in opt.param_groups) == pytest.approx(5e-4 * 0.5**4)
+    assert max(g["lr"] for g in opt.param_groups) == pytest.approx(1e-3)
+    assert min(g["lr"] for g in opt.param_groups) == pytest.approx(1e-3 * 0.5**4)
 
 
 def test_sentence_embedding_task_embeds_and_trains():

@@ -12,8 +12,8 @@ Also here, transforms over a model used while fine-tuning:
 * `GradualUnfreezing`: a Trainer callback that unfreezes one more block group per epoch,
   top down (ULMFiT);
 * `layerwise_lr_groups(model, lr, decay)`: optimizer parameter groups whose learning rate
-  shrinks by `decay` per block from the head down to the embeddings (LLRD), and
-  `LayerwiseLRDecay`, the callback that applies them to the Trainer's optimizer.
+  shrinks by `decay` per block from the head down to the embeddings (LLRD); pass them as
+  `Trainer(..., param_groups=...)`, which builds them before a resume restores their state.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from dapeng.errors import ConfigError, ModelError
 
 __all__ = [
     "GradualUnfreezing",
-    "LayerwiseLRDecay",
     "freeze",
     "layer_groups",
     "layerwise_lr_groups",
@@ -196,34 +195,3 @@ def layerwise_lr_groups(model: nn.Module, lr: float, decay: float, weight_decay:
             if chosen:
                 out.append({"params": chosen, "lr": lr * scale, "weight_decay": 0.0 if no_wd else weight_decay})
     return out
-
-
-class LayerwiseLRDecay:
-    """Trainer callback that regroups the Trainer's optimizer into `layerwise_lr_groups` at fit start.
-
-    Optimizer state is keyed by parameter, so regrouping keeps it; the LR schedule is
-    re-based so every group follows the same warm-up and decay. Not resumable: a resumed
-    run restores the optimizer before callbacks run.
-
-    Args:
-        decay: factor per block from the head down (0.8–0.95 is usual for BERT-size models).
-    """
-
-    def __init__(self, decay: float = 0.9) -> None:
-        if not 0 < decay <= 1:
-            raise ConfigError(f"layer-wise LR decay must be in (0, 1], got {decay}")
-        self.decay = decay
-
-    def on_fit_start(self, trainer: Any, **_: Any) -> None:
-        opt, sched = trainer.optimizer, trainer.scheduler
-        base = opt.param_groups[0].get("initial_lr", opt.param_groups[0]["lr"])
-        wd = max(g["weight_decay"] for g in opt.param_groups)
-        groups = layerwise_lr_groups(trainer.model, base, self.decay, wd)
-        template = {k: v for k, v in opt.param_groups[0].items() if k not in ("params", "lr", "weight_decay")}
-        factor = opt.param_groups[0]["lr"] / base
-        opt.param_groups.clear()
-        for g in groups:
-            opt.add_param_group({**template, **g, "initial_lr": g["lr"], "lr": g["lr"] * factor})
-        if sched is not None:
-            sched.base_lrs = [g["initial_lr"] for g in opt.param_groups]
-            sched.lr_lambdas = [sched.lr_lambdas[0]] * len(opt.param_groups)

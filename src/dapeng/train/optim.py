@@ -11,7 +11,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -77,13 +78,18 @@ def build_optimizer(
     nesterov: bool = False,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
+    groups: Sequence[dict[str, Any]] | None = None,
 ) -> torch.optim.Optimizer:
     """An optimizer over `model`'s trainable parameters with decay-free biases and norms.
+
+    Args:
+        groups: explicit parameter groups (e.g. `dapeng.hub.init.layerwise_lr_groups`) instead of
+            the default decay / no-decay split; a group's own "lr" or "weight_decay" wins.
 
     Raises:
         ConfigError: an unknown optimizer name or Nesterov without momentum.
     """
-    groups = param_groups(model, weight_decay)
+    groups = [{**g, "params": list(g["params"])} for g in groups] if groups is not None else param_groups(model, weight_decay)
     fast = _fast_kwargs(groups)
     if name == "sgd":
         if nesterov and momentum <= 0:

@@ -159,6 +159,8 @@ class Trainer:
         eval_every: steps between evaluations (default: each epoch end).
         log_every: steps between training-loss logs (each log is one device sync).
         callbacks: objects with `on_<event>` methods.
+        param_groups: explicit optimizer parameter groups (e.g. layer-wise learning rates from
+            `dapeng.hub.init.layerwise_lr_groups`); built before a resume restores their state.
     """
 
     def __init__(
@@ -198,11 +200,13 @@ class Trainer:
         eval_every: int | None = None,
         log_every: int = 50,
         callbacks: Sequence[Any] = (),
+        param_groups: Sequence[dict[str, Any]] | None = None,
     ) -> None:
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.model = model.to(self.device)
         self.task = task
+        self.param_groups = param_groups
         self.epochs = epochs
         self.max_steps = max_steps
         self.batch_size = batch_size
@@ -271,7 +275,7 @@ class Trainer:
         self.total_steps = self.epochs * self.steps_per_epoch
         if self.max_steps:
             self.total_steps = min(self.total_steps, self.max_steps)
-        self.optimizer = build_optimizer(self.model, **self.optimizer_args)
+        self.optimizer = build_optimizer(self.model, groups=self.param_groups, **self.optimizer_args)
         self.scheduler = build_schedule(self.optimizer, total_steps=self.total_steps, **self.schedule_args)
         # A constant rate without warm-up never changes: skip the per-step scheduler call.
         self._step_schedule = not (self.schedule_args["name"] == "constant" and not self.schedule_args["warmup_steps"])
