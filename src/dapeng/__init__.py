@@ -6,8 +6,7 @@ ONNX, tokenizers) load on first attribute access.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from dapeng._lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -24,11 +23,4 @@ _LAZY = {
 __all__ = ["__version__", *_LAZY]
 
 
-def __getattr__(name: str) -> Any:
-    target = _LAZY.get(name)
-    if target is None:
-        raise AttributeError(f"module 'dapeng' has no attribute {name!r}")
-    module, _, attr = target.partition(":")
-    value = getattr(importlib.import_module(module), attr)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LAZY)

@@ -7,8 +7,7 @@ lazily so that `dapeng data list` imports neither numpy nor torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from dapeng._lazy import lazy_getattr
 
 _LAZY = {
     "load_splits": "dapeng.data.splits:load_splits",
@@ -22,11 +21,4 @@ _LAZY = {
 __all__ = list(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    target = _LAZY.get(name)
-    if target is None:
-        raise AttributeError(f"module 'dapeng.data' has no attribute {name!r}")
-    module, _, attr = target.partition(":")
-    value = getattr(importlib.import_module(module), attr)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LAZY)

@@ -8,8 +8,7 @@ Names load lazily, so importing `dapeng.serve.batcher` does not pull in FastAPI.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from dapeng._lazy import lazy_getattr
 
 _LAZY = {
     "create_app": "dapeng.serve.app:create_app",
@@ -21,9 +20,4 @@ _LAZY = {
 __all__ = list(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    target = _LAZY.get(name)
-    if target is None:
-        raise AttributeError(f"module 'dapeng.serve' has no attribute {name!r}")
-    module, _, attr = target.partition(":")
-    return getattr(importlib.import_module(module), attr)
+__getattr__ = lazy_getattr(__name__, _LAZY)
