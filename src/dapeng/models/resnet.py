@@ -51,13 +51,9 @@ class ResNet(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.num_features = channels
         self.head = nn.Linear(channels, num_labels)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        # zero-init the last BN of each block: blocks start as identities, which trains faster
-        for m in self.modules():
-            if isinstance(m, ResidualBlock):
-                nn.init.zeros_(m.conv2.norm.weight)
+        # PyTorch's default init on purpose: on Fashion-MNIST (75 AdamW steps, 5k images) it reached
+        # 68% where Kaiming fan-out + zero-initialised last BN (the large-batch ImageNet recipe)
+        # reached 53%; that recipe pays for deep nets and long schedules, not for this small one.
 
     @property
     def cam_layer(self) -> nn.Module:
