@@ -38,10 +38,31 @@ class DataConfig(_Strict):
     seed: int = 0
 
 
+class LoraConfig(_Strict):
+    """LoRA adapters over the model's linear layers (`dapeng.layers.lora.apply_lora`)."""
+
+    rank: int = Field(8, ge=1)
+    alpha: float | None = Field(None, gt=0.0, description="update scale numerator; default 2 x rank")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    targets: list[str] = Field(default_factory=lambda: ["all-linear"],
+                               description='linear layer names or dotted suffixes ("q", "attn.o"), or "all-linear"')
+    keep_trainable: list[str] = Field(default_factory=lambda: ["head"], description="modules trained in full")
+
+
+class UnfreezeConfig(_Strict):
+    """Gradual unfreezing (ULMFiT): the top `start` layer groups train first, `per_epoch` more each epoch."""
+
+    start: int = Field(1, ge=1)
+    per_epoch: int = Field(1, ge=1)
+
+
 class ModelConfig(_Strict):
     name: str
     kwargs: dict[str, Any] = Field(default_factory=dict)
     init: str | None = None
+    freeze: int = Field(0, ge=0, description="freeze the lowest N layer groups (1: embeddings, 2: and block 0, ...)")
+    gradual_unfreezing: UnfreezeConfig | None = None
+    lora: LoraConfig | None = None
 
 
 class OptimizerConfig(_Strict):
@@ -52,6 +73,9 @@ class OptimizerConfig(_Strict):
     nesterov: bool = False
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0.0)
+    layerwise_decay: float | None = Field(
+        None, gt=0.0, le=1.0, description="layer-wise LR decay: each layer group below the top gets lr x decay^depth"
+    )
 
 
 class ScheduleConfig(_Strict):

@@ -102,6 +102,43 @@ def build_task_and_model(cfg: RunConfig, train_records: Sequence[Any]) -> tuple[
     return task, model, kwargs
 
 
+def apply_finetune(cfg: RunConfig, model: Any) -> tuple[list[Any], list[dict[str, Any]] | None]:
+    """Map the fine-tuning keys of a config onto the model; returns (Trainer callbacks, param groups).
+
+    `model.lora` wraps linear layers with LoRA (`apply_lora`: the base freezes), `model.freeze`
+    freezes the lowest layer groups, `model.gradual_unfreezing` unfreezes them epoch by epoch,
+    `train.optimizer.layerwise_decay` gives each lower layer group a smaller learning rate.
+    Applied identically on every build, so a resumed run's checkpoint fits the model.
+    """
+    m, opt = cfg.model, cfg.train.optimizer
+    if m.lora and (m.freeze or m.gradual_unfreezing):
+        raise ConfigError("config keys model.lora and model.freeze/gradual_unfreezing are both set",
+                          "LoRA already freezes the pretrained weights: use one of them")
+    if m.freeze and m.gradual_unfreezing:
+        raise ConfigError("config keys model.freeze and model.gradual_unfreezing are both set",
+                          "gradual unfreezing decides what is frozen each epoch: drop model.freeze")
+    callbacks: list[Any] = []
+    if m.lora or m.freeze or m.gradual_unfreezing or opt.layerwise_decay:
+        from dapeng.hub.init import GradualUnfreezing, freeze, layerwise_lr_groups
+        from dapeng.layers.lora import apply_lora
+
+        if m.lora:
+            try:
+                apply_lora(model, rank=m.lora.rank, alpha=m.lora.alpha or 2.0 * m.lora.rank,
+                           targets=tuple(m.lora.targets), dropout=m.lora.dropout,
+                           keep_trainable=tuple(m.lora.keep_trainable))
+            except ValueError as err:
+                raise ConfigError(f"config key model.lora.targets: {err}", "name linear layers of the model") from None
+        if m.freeze:
+            freeze(model, m.freeze)
+        if m.gradual_unfreezing:
+            callbacks.append(GradualUnfreezing(m.gradual_unfreezing.start, m.gradual_unfreezing.per_epoch))
+    groups = None
+    if opt.layerwise_decay:
+        groups = layerwise_lr_groups(model, opt.lr, opt.layerwise_decay, opt.weight_decay)
+    return callbacks, groups
+
+
 def train(
     config: RunConfig,
     out: str | Path,
@@ -146,6 +183,9 @@ def train(
     seed_everything(config.train.seed)
     splits = load_splits(config)
     task, model, model_kwargs = build_task_and_model(config, splits.train)
+    finetune_callbacks, param_groups = apply_finetune(config, model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
     train_items = task.encode(splits.train)
     eval_items = task.encode(splits.eval) if splits.eval else []
     test_items = task.encode(splits.test) if splits.test else []
@@ -153,8 +193,8 @@ def train(
     trackers: list[Any] = [JsonlLogger(out / METRICS_LOG), TensorBoardLogger(out / "tb")]
     if progress and not quiet():
         trackers.append(ProgressBar(desc=f"train {config.model.name}"))
-    trainer = Trainer(model, task, checkpoint_dir=ckpt_dir, callbacks=[*trackers, *callbacks],
-                      **trainer_kwargs(config.train))
+    trainer = Trainer(model, task, checkpoint_dir=ckpt_dir, callbacks=[*finetune_callbacks, *trackers, *callbacks],
+                      param_groups=param_groups, **trainer_kwargs(config.train))
     summary = trainer.fit(train_items, eval_items or None, resume=resume)
     trainer.load_best()
 
@@ -165,6 +205,12 @@ def train(
     }
     metrics["train"]["precision"] = trainer.precision
     metrics["train"]["device"] = str(trainer.device)
+    metrics["train"]["trainable_params"] = trainable
+    metrics["train"]["trainable_fraction"] = trainable / max(total, 1)
+    if config.model.lora:
+        from dapeng.layers.lora import merge_lora
+
+        merge_lora(trainer.model)  # the Artifact is the plain architecture: serves, exports, quantizes as is
     atomic_write(out / METRICS, lambda f: f.write((json.dumps(metrics, indent=2) + "\n").encode()))
     model_dir = save_artifact(
         out / "model",
@@ -174,7 +220,7 @@ def train(
         task_name=config.task,
         task_state=task.state(),
         metrics={"eval": metrics["eval"], "test": metrics["test"]},
-        card=_card_facts(config),
+        card=_card_facts(config, trainable / max(total, 1)),
         parent=config.model.init,
     )
     plot_curves(read_jsonl(out / METRICS_LOG), out / "curves.png", title=f"{config.model.name} on {_data_name(config)}")
@@ -223,8 +269,15 @@ def _data_name(cfg: RunConfig) -> str:
     return cfg.data.dataset or (Path(cfg.data.train).name if cfg.data.train else "data")
 
 
-def _card_facts(cfg: RunConfig) -> dict[str, str]:
+def _card_facts(cfg: RunConfig, trainable_fraction: float = 1.0) -> dict[str, str]:
     facts = {"data": f"Trained on `{_data_name(cfg)}`"}
+    m = cfg.model
+    if m.init:
+        how = (f"LoRA rank {m.lora.rank} on {', '.join(m.lora.targets)}, merged into the weights" if m.lora
+               else f"the lowest {m.freeze} layer groups frozen" if m.freeze
+               else "gradual unfreezing" if m.gradual_unfreezing else "full fine-tuning")
+        facts["summary"] = (f"A `{m.name}` model fine-tuned from `{m.init}` for `{cfg.task}` ({how}; "
+                            f"{trainable_fraction:.2%} of the parameters trained).")
     if cfg.data.dataset:
         try:
             from dapeng.data.catalog import CATALOG

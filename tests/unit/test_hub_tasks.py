@@ -189,3 +189,61 @@ def test_chat_template_and_streaming_detokenizer():
     assert "".join(pieces) == "café" + tok.decode(ids[-3:]) and all("\ufffd" not in p for p in pieces)
     with pytest.raises(DataError, match="chat template"):
         CausalLM(tokenizer=byte_bpe()).prompt_text("hi", chat=True)
+
+
+def _finetune_config(tmp_path, init, **model_keys):
+    from dapeng.config import RunConfig
+
+    rows = ["text,label"] + [f"{w} film {w},{'pos' if w in ('good', 'great') else 'neg'}"
+                             for w in ("good", "bad", "great", "dull") for _ in range(6)]
+    (tmp_path / "reviews.csv").write_text("\n".join(rows) + "\n")
+    return RunConfig.model_validate({
+        "task": "text-classification", "task_options": {"max_length": 16},
+        "data": {"train": str(tmp_path / "reviews.csv")},
+        "model": {"name": "transformer", "init": str(init), **model_keys},
+        "train": {"epochs": 3, "batch_size": 8, "optimizer": {"name": "adamw", "lr": 5e-3, "layerwise_decay": 0.8},
+                  "precision": "fp32", "log_every": 1},
+    })
+
+
+def test_lora_from_a_config_trains_adapters_only_and_saves_a_merged_model(pretrained, tmp_path):
+    import dapeng
+    from dapeng.runner import train
+
+    path, source = pretrained
+    cfg = _finetune_config(tmp_path, path, lora={"rank": 2, "targets": ["q", "v"]})
+    result = train(cfg, tmp_path / "run", progress=False)
+    fraction = result["metrics"]["train"]["trainable_fraction"]
+    assert 0 < fraction < 0.2
+    saved = dapeng.load(tmp_path / "run", precision="fp32").model
+    keys = saved.state_dict().keys()
+    assert not any("lora" in k or ".base." in k for k in keys)  # merged: the plain architecture
+    # the frozen parts are the pretrained weights; the adapted ones moved
+    ref = source.state_dict()
+    assert torch.equal(saved.state_dict()["layers.0.ffn.up.weight"], ref["layers.0.ffn.up.weight"])
+    q = next(k for k in keys if k.startswith("layers.0.") and k.endswith("q.weight"))
+    assert not torch.equal(saved.state_dict()[q], ref[q])
+    assert "LoRA rank 2" in (tmp_path / "run" / "model" / "card.md").read_text()
+
+
+def test_freeze_from_a_config_keeps_the_lowest_groups(pretrained, tmp_path):
+    import dapeng
+    from dapeng.runner import train
+
+    path, source = pretrained
+    train(_finetune_config(tmp_path, path, freeze=2), tmp_path / "run", progress=False)
+    saved = dapeng.load(tmp_path / "run", precision="fp32").model.state_dict()
+    ref = source.state_dict()
+    frozen = [k for k in ref if k.startswith(("embeddings.", "layers.0."))]
+    assert frozen and all(torch.equal(saved[k], ref[k]) for k in frozen)
+    assert not torch.equal(saved["layers.2.ffn.up.weight"], ref["layers.2.ffn.up.weight"])
+
+
+def test_conflicting_finetune_keys_are_one_config_error(pretrained, tmp_path):
+    from dapeng.runner import train
+
+    path, _ = pretrained
+    with pytest.raises(ConfigError, match="model.lora and model.freeze"):
+        train(_finetune_config(tmp_path, path, lora={"rank": 2}, freeze=1), tmp_path / "a", progress=False)
+    with pytest.raises(ConfigError, match="model.lora.targets"):
+        train(_finetune_config(tmp_path, path, lora={"targets": ["nope"]}), tmp_path / "b", progress=False)
