@@ -2,11 +2,10 @@
 
 All three go through the same pieces as `dapeng train`: the `text-classification` task,
 the canonical seeded split of the `rotten-tomatoes` catalog entry, the Trainer. Full
-fine-tuning runs `dapeng.runner.train` with `model.init: minilm-l6`; LoRA builds the same
-model, applies `apply_lora` (every linear layer of the encoder, rank 8: under 2% of the
-parameters train), trains with the Trainer, then merges the update back (`merge_lora`)
-and evaluates the merged model. The baseline (TextCNN from scratch, same data, same
-epochs) runs in the same process.
+fine-tuning runs `dapeng.runner.train` with `model.init: minilm-l6`; LoRA the same with
+`model.lora` (every linear layer of the encoder, rank 8: under 2% of the parameters
+train), which the runner merges back into the weights (`merge_lora`) before saving.
+The baseline (TextCNN from scratch, same data, same epochs) runs in the same process.
 
     python benchmarks/finetune.py            # 3 epochs each, max length 64, bf16 where native (hours on 2 busy cores)
     python benchmarks/finetune.py --quick    # 300 training reviews, 1 epoch: a smoke run
@@ -29,18 +28,17 @@ from typing import Any
 import torch
 
 from dapeng.config import RunConfig
-from dapeng.layers.lora import apply_lora, merge_lora, trainable_fraction
-from dapeng.runner import build_task_and_model, load_splits, train, trainer_kwargs
+from dapeng.runner import train
 from dapeng.train.precision import resolve_device, resolve_precision
-from dapeng.train.trainer import Trainer
 
 
-def config(args: argparse.Namespace, *, model: str, init: str | None, lr: float) -> RunConfig:
+def config(args: argparse.Namespace, *, model: str, init: str | None, lr: float, lora: bool = False) -> RunConfig:
+    lora_cfg = {"rank": args.lora_rank, "alpha": 2 * args.lora_rank, "targets": ["all-linear"]} if lora else None
     return RunConfig.model_validate({
         "task": "text-classification",
         "task_options": {"max_length": args.max_length},
         "data": {"dataset": "rotten-tomatoes", "limit": args.limit},
-        "model": {"name": model, "init": init, "kwargs": {}},
+        "model": {"name": model, "init": init, "kwargs": {}, "lora": lora_cfg},
         "train": {
             "epochs": args.epochs,
             "batch_size": args.batch_size,
@@ -75,26 +73,18 @@ def run_full(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     }
 
 
-def run_lora(args: argparse.Namespace) -> dict[str, Any]:
-    cfg = config(args, model="transformer", init="minilm-l6", lr=args.lora_lr)
+def run_lora(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    cfg = config(args, model="transformer", init="minilm-l6", lr=args.lora_lr, lora=True)
     started = time.perf_counter()
-    splits = load_splits(cfg)
-    task, model, _ = build_task_and_model(cfg, splits.train)
-    apply_lora(model, rank=args.lora_rank, alpha=2 * args.lora_rank, targets=("all-linear",), keep_trainable=("head",))
-    fraction = trainable_fraction(model)
-    items = [task.encode(split) for split in (splits.train, splits.eval, splits.test)]
-    trainer = Trainer(model, task, **trainer_kwargs(cfg.train))
-    summary = trainer.fit(items[0], items[1])
-    trainer.load_best()
-    merge_lora(trainer.model)
-    test = trainer.evaluate(items[2], prefix="test")
+    out = train(cfg, root / "lora", progress=False)  # applies LoRA, trains, evaluates, saves merged
+    m = out["metrics"]
     return {
-        "test_accuracy": test["test/accuracy"],
-        "eval_accuracy": summary["best"],
-        "test_macro_f1": test.get("test/macro_f1"),
-        "trainable_fraction": fraction,
+        "test_accuracy": m["test"]["accuracy"],
+        "eval_accuracy": m["eval"]["accuracy"],
+        "test_macro_f1": m["test"].get("macro_f1"),
+        "trainable_fraction": m["train"]["trainable_fraction"],
         "rank": args.lora_rank,
-        "train_samples_per_sec": summary["samples_per_sec"],
+        "train_samples_per_sec": m["train"].get("samples_per_sec"),
         "seconds": time.perf_counter() - started,
         "lr": args.lora_lr,
     }
@@ -136,7 +126,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="dapeng-finetune-") as tmp:
         for name in runs:
             log(f"{name}: start")
-            results[name] = {"full": lambda: run_full(args, Path(tmp)), "lora": lambda: run_lora(args),
+            results[name] = {"full": lambda: run_full(args, Path(tmp)), "lora": lambda: run_lora(args, Path(tmp)),
                              "scratch": lambda: run_scratch(args, Path(tmp))}[name]()
             log(f"{name}: {json.dumps(results[name])}")
     ratios = {}

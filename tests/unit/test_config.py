@@ -88,3 +88,9 @@ def test_dump_round_trips():
     again = RunConfig.model_validate(yaml.safe_load(dump_config(cfg)))
     assert again == cfg
     assert "warmup_steps" in dump_config(cfg)  # fully resolved: defaults spelled out
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_config_validates(path):
+    cfg = load_config(path)
+    assert cfg.task and cfg.model.name and cfg.train.epochs > 0
