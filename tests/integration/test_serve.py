@@ -471,5 +471,17 @@ def test_time_limit_gives_504_and_chunked_bodies_are_limited_too():
         assert connection.getresponse().status == 413
 
 
+def test_serving_shortens_the_gil_switch_interval_and_restores_it():
+    # The model's worker thread waits for the GIL between torch ops; 5 ms waits behind a busy
+    # event loop cost batched throughput, so the server asks for 1 ms while it runs.
+    from dapeng.serve import ServeConfig, create_app
+
+    before = sys.getswitchinterval()
+    with in_thread(create_app({"echo": Echo()}, ServeConfig(torch_threads=1))) as base:
+        assert post(f"{base}/v1/models/echo:predict", {"instances": ["x"]})[0] == 200
+        assert sys.getswitchinterval() == pytest.approx(min(before, 0.001))
+    assert sys.getswitchinterval() == pytest.approx(before)
+
+
 if __name__ == "__main__":
     main()
