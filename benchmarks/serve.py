@@ -13,7 +13,8 @@ from the test split, one per request (`{"instances": [text]}`).
 Each server runs in its own process on loopback; this process is the client: aiohttp,
 `concurrency` coroutines sharing one connection pool, a fixed number of requests per
 level and a time limit. Every server and the in-process baseline get the same torch
-thread count. Last line: one JSON object {"results", "ratios", "env"}; ratios are
+thread count. Only the system being measured runs: the other servers are paused
+(SIGSTOP), since an idle LitServe polls its queues. Last line: one JSON object {"results", "ratios", "env"}; ratios are
 dapeng (batched) ÷ baseline, so above 1 means dapeng is better.
 """
 
@@ -30,6 +31,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +109,7 @@ def running(command: list[str], port: int, env: dict[str, str], log: Path):
     finally:
         # The whole process group: LitServe starts worker processes of its own.
         try:
+            os.killpg(proc.pid, signal.SIGCONT)  # a paused server could not act on SIGINT
             os.killpg(proc.pid, signal.SIGINT)
             proc.wait(timeout=20)
         except (ProcessLookupError, subprocess.TimeoutExpired):
@@ -254,32 +257,68 @@ def batch_stats(base: str) -> tuple[float, float]:
     return values.get("dapeng_batch_size_count", 0.0), values.get("dapeng_batch_size_sum", 0.0)
 
 
-def measure(servers: dict[str, tuple[str, str]], pipeline: Any, texts: list[str], plan: dict[int, int],
+@dataclass
+class Server:
+    """A server under test: its base URL, the path to POST to, and its process."""
+
+    base: str
+    path: str
+    proc: subprocess.Popen
+
+    def pause(self, paused: bool) -> None:
+        """Stop (SIGSTOP) or continue (SIGCONT) the server's whole process group."""
+        os.killpg(self.proc.pid, signal.SIGSTOP if paused else signal.SIGCONT)
+
+
+def only(servers: dict[str, Server], name: str | None) -> None:
+    """Let server `name` run and pause every other one (None pauses them all).
+
+    An idle server is not always idle: LitServe's processes poll their queues and took
+    ~20% of a core here with no traffic. Paused, they take nothing from the one measured.
+    """
+    for other, server in servers.items():
+        if other != name:
+            server.pause(True)
+    if name in servers:
+        servers[name].pause(False)
+
+
+def measure(servers: dict[str, Server], pipeline: Any, texts: list[str], plan: dict[int, int],
             args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Every system at every level, interleaved in `args.rounds` rounds.
 
-    The machine's other load drifts; running the systems in turn, round after round,
-    spreads that drift evenly over them instead of handing it to whichever ran last.
+    The machine's other load drifts; running the systems in turn, round after round, and
+    starting each round one system later than the last, spreads that drift evenly over
+    them instead of handing it to whichever runs in a fixed place. Only the system being
+    measured runs: the servers not under load are paused.
     """
-    tallies = {name: {c: Tally() for c in plan} for name in [*servers, "in_process"]}
-    for base, path in servers.values():
-        asyncio.run(load(base + path, texts, 8, args.warmup, args.time_limit, Tally()))
+    systems = [*servers, "in_process"]
+    tallies = {name: {c: Tally() for c in plan} for name in systems}
+    for name, server in servers.items():
+        only(servers, name)
+        asyncio.run(load(server.base + server.path, texts, 8, args.warmup, args.time_limit, Tally()))
     for concurrency, requests in plan.items():
-        for _ in range(args.rounds):
-            for name, (base, path) in servers.items():
+        batched = tallies["dapeng_batched"][concurrency]
+        for round_ in range(args.rounds):
+            for name in systems[round_ % len(systems):] + systems[:round_ % len(systems)]:
+                only(servers, name)
                 tally = tallies[name][concurrency]
-                before = batch_stats(base) if name.startswith("dapeng") else None
-                asyncio.run(load(base + path, texts, concurrency, requests // args.rounds,
+                if name == "in_process":
+                    # The batch size the batched server formed at this level (so far; 1 before any).
+                    in_process(pipeline, texts, batched.items / batched.batches if batched.batches else 1.0,
+                               requests // args.rounds, args.time_limit / args.rounds, tally)
+                    continue
+                server = servers[name]
+                before = batch_stats(server.base) if name.startswith("dapeng") else None
+                asyncio.run(load(server.base + server.path, texts, concurrency, requests // args.rounds,
                                  args.time_limit / args.rounds, tally))
                 if before is not None:
-                    batches, items = (a - b for a, b in zip(batch_stats(base), before))
+                    batches, items = (a - b for a, b in zip(batch_stats(server.base), before))
                     tally.batches += batches
                     tally.items += items
-            batched = tallies["dapeng_batched"][concurrency]
-            in_process(pipeline, texts, batched.items / max(batched.batches, 1), requests // args.rounds,
-                       args.time_limit / args.rounds, tallies["in_process"][concurrency])
         for name in tallies:
             print(f"{name:18s} c={concurrency:<3d} {tallies[name][concurrency].row()}", file=sys.stderr, flush=True)
+    only(servers, None)
     results = {name: {f"c{c}": t.row() for c, t in levels.items()} for name, levels in tallies.items()}
     for c in plan:  # the in-process baseline counts items, and ran batches of this size
         row = results["in_process"][f"c{c}"]
@@ -303,7 +342,8 @@ def in_process(pipeline: Any, texts: list[str], mean_batch: float, items: int, t
     tally.latencies.extend([0.0] * done)  # items, counted like requests
 
 
-def environment(pipeline: Any, model: Path, threads: int, args: argparse.Namespace) -> dict[str, Any]:
+def environment(pipeline: Any, model: Path, threads: int, args: argparse.Namespace,
+                load_at_start: list[float]) -> dict[str, Any]:
     import torch
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -314,7 +354,9 @@ def environment(pipeline: Any, model: Path, threads: int, args: argparse.Namespa
         "precision": pipeline.precision,
         "cpu": cpu,
         "cores": os.cpu_count(),
-        "load_average": [round(x, 2) for x in os.getloadavg()],
+        # 1, 5 and 15-minute load averages when the run started and ended: the other work on the machine.
+        "load_average_start": load_at_start,
+        "load_average_end": [round(x, 2) for x in os.getloadavg()],
         "model": {"name": "transformer", "params": sum(p.numel() for p in pipeline.model.parameters()),
                   "path": str(model)},
         "max_batch_size": MAX_BATCH,
@@ -348,6 +390,7 @@ def main() -> None:
     args.log_dir.mkdir(parents=True, exist_ok=True)
     plan = {1: 150, 8: 400, 64: 800} if args.quick else {1: 500, 8: 2000, 64: 4000}
 
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
     model = args.model or build_model(threads)
     texts = test_texts(2000)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
@@ -366,8 +409,8 @@ def main() -> None:
         servers = {}
         for name, (command, path) in commands.items():
             port = free_port()
-            stack.enter_context(running(command(port), port, env, args.log_dir / f"{name}.log"))
-            servers[name] = (f"http://127.0.0.1:{port}", path)
+            proc = stack.enter_context(running(command(port), port, env, args.log_dir / f"{name}.log"))
+            servers[name] = Server(f"http://127.0.0.1:{port}", path, proc)
         results = measure(servers, pipeline, texts, plan, args)
 
     def rps(system: str, c: int) -> float:
@@ -379,7 +422,13 @@ def main() -> None:
         ratios[f"batched_vs_litserve_c{c}"] = round(rps("dapeng_batched", c) / rps("litserve", c), 3)
         ratios[f"batched_vs_in_process_c{c}"] = round(
             rps("dapeng_batched", c) / results["in_process"][f"c{c}"]["items_per_s"], 3)
-    print(json.dumps({"results": results, "ratios": ratios, "env": environment(pipeline, model, threads, args)}))
+    # What batching buys this model at all: in-process items/s at the level's batch size ÷ at batch 1.
+    # Batched ÷ unbatched serving can't exceed it by much, however lean the server.
+    base = results["in_process"]["c1"]["items_per_s"]
+    results["in_process_batch_gain"] = {
+        f"c{c}": round(results["in_process"][f"c{c}"]["items_per_s"] / base, 3) for c in LEVELS if c != 1}
+    env = environment(pipeline, model, threads, args, load_at_start)
+    print(json.dumps({"results": results, "ratios": ratios, "env": env}))
 
 
 if __name__ == "__main__":
