@@ -357,7 +357,7 @@ def environment(pipeline: Any, model: Path, threads: int, args: argparse.Namespa
         # 1, 5 and 15-minute load averages when the run started and ended: the other work on the machine.
         "load_average_start": load_at_start,
         "load_average_end": [round(x, 2) for x in os.getloadavg()],
-        "model": {"name": "transformer", "params": sum(p.numel() for p in pipeline.model.parameters()),
+        "model": {"name": pipeline.meta.get("model", {}).get("name"), "params": sum(p.numel() for p in pipeline.model.parameters()),
                   "path": str(model)},
         "max_batch_size": MAX_BATCH,
         "litserve_batch_timeout_s": args.litserve_batch_timeout,
