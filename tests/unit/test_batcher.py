@@ -155,6 +155,23 @@ def test_timed_out_request_is_dropped_before_its_batch_starts():
     assert [7] not in model.batches and all(7 not in b for b in model.batches)
 
 
+def test_cancelled_caller_is_dropped_before_its_batch_starts():
+    model = Model()
+
+    async def scenario(batcher):
+        first = await hold_busy(batcher, model)
+        gone = asyncio.ensure_future(batcher.submit([7]))
+        await asyncio.sleep(0.01)
+        gone.cancel()  # the HTTP client went away
+        await asyncio.sleep(0)
+        model.gate.set()
+        await first
+        return await batcher.submit([8])
+
+    assert run(scenario, model) == [16]
+    assert all(7 not in b for b in model.batches)
+
+
 def test_stop_finishes_accepted_work_then_refuses():
     model = Model()
 

@@ -45,6 +45,11 @@ class _Entry:
     enqueued: float = field(default_factory=time.perf_counter)
 
 
+def _expire(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
+
+
 class DynamicBatcher:
     """Groups the items of concurrent `submit` calls into batches for `predict`.
 
@@ -130,14 +135,22 @@ class DynamicBatcher:
             return []
         if self._queued_items + len(items) > self.max_queue:
             raise QueueFull(f"queue full ({self._queued_items} items waiting)", "retry shortly")
-        entry = _Entry(items, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        entry = _Entry(items, loop.create_future())
         self._queue.append(entry)
         self._queued_items += len(items)
         assert self._arrived is not None
         self._arrived.set()
-        # wait_for cancels the future on timeout or when our caller is cancelled; the loop
-        # then skips the entry if its batch has not started yet.
-        return await asyncio.wait_for(entry.future, timeout)
+        # The future ends early on a timeout (below) or when our caller is cancelled (asyncio
+        # cancels the future a cancelled task awaits); the loop then skips the entry if its
+        # batch has not started. (One timer, not `asyncio.wait_for`'s extra future and task
+        # callbacks: this runs once per request.)
+        expiry = loop.call_later(timeout, _expire, entry.future) if timeout is not None else None
+        try:
+            return await entry.future
+        finally:
+            if expiry is not None:
+                expiry.cancel()
 
     async def _loop(self) -> None:
         assert self._arrived is not None

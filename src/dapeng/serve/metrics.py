@@ -8,6 +8,7 @@ collide. With `--workers N` each process reports its own numbers; scrape each re
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -55,6 +56,7 @@ class Metrics:
             ["model"],
             registry=self.registry,
         )
+        self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     def track_queue(self, model: str, depth: Callable[[], float], in_flight: Callable[[], float]) -> None:
         """Report the model's queue depth and in-flight items, read at every scrape."""
@@ -66,8 +68,17 @@ class Metrics:
         self.batch_latency.labels(model=model).observe(seconds)
 
     def observe_request(self, endpoint: str, model: str, code: int, seconds: float) -> None:
-        self.requests.labels(endpoint=endpoint, model=model, code=str(code)).inc()
-        self.latency.labels(endpoint=endpoint, model=model).observe(seconds)
+        # One per request: the labelled children are looked up once per label set, not each time
+        # (`labels()` takes a lock and builds a key; label sets are few and bounded).
+        key = (endpoint, model, code)
+        children = self._request_children.get(key)
+        if children is None:
+            children = self._request_children[key] = (
+                self.requests.labels(endpoint=endpoint, model=model, code=str(code)),
+                self.latency.labels(endpoint=endpoint, model=model),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
