@@ -6,12 +6,17 @@ For every configuration (dtype × batch × prompt length) the two are timed alte
 load from other processes hits both alike, and the fastest of `--repeats` runs counts
 (the least disturbed one):
 
-* prefill tokens/s: batch × prompt / time to produce the first token;
-* decode tokens/s: batch × (N − 1) / (time for N new tokens − time for 1).
+* prefill tokens/s: batch × prompt / time to produce the first token (best run);
+* decode tokens/s: batch / the median time of one decoding step (both sides stream their
+  tokens, so every step is timed on its own; a step slowed by outside load doesn't move the median).
 
-`results.decode_fraction_of_bandwidth` compares dapeng's fp32 batch-1 decode with the memory
-bandwidth measured in the same run (one thread summing a 512 MB tensor): every decode step
-reads all weights once, so weight bytes × steps/s ÷ bandwidth is the fraction reached.
+With one torch thread (the default) the clock is this process's CPU time, so time another
+process holds the core counts for neither side.
+
+`results.decode_fraction_of_bandwidth` compares dapeng's fp32 batch-1 decode (prompt 32) with
+the memory bandwidth measured in the same run (one thread summing a 512 MB tensor): every
+decode step reads all weights once, so weight bytes × steps/s ÷ bandwidth is the fraction
+reached (`..._by_dtype` adds bf16, whose weights are half the bytes).
 
     python benchmarks/generate.py                  # all 8 configurations per dtype (slow with bf16 on CPUs without it)
     python benchmarks/generate.py --quick          # batch 1, prompt 32, 8 new tokens
@@ -26,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -60,53 +66,87 @@ def load_models() -> tuple[torch.nn.Module, torch.nn.Module, int]:
     return artifact.model.eval(), ref, int(artifact.meta["preprocess"]["pad_id"])
 
 
-def timer(fn: Callable[[], Any]) -> float:
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
+def clock(threads: int) -> Callable[[], float]:
+    """This process's CPU time with one torch thread, else wall time.
+
+    With one thread, CPU time is the time the work took on a core that it had to itself:
+    while another process holds the core, neither side's clock runs, which removes most of
+    the noise of a shared machine (cache and memory-bandwidth contention remain).
+    """
+    return time.process_time if threads == 1 else time.perf_counter
+
+
+class StepTimes:
+    """A transformers streamer that records the clock at the prompt and at every new token."""
+
+    def __init__(self, now: Callable[[], float]) -> None:
+        self.now, self.marks = now, []
+
+    def put(self, value: Any) -> None:
+        self.marks.append(self.now())
+
+    def end(self) -> None:
+        pass
+
+
+def rates(start: float, marks: list[float], batch: int, prompt: int) -> tuple[float, list[float]]:
+    """(prefill tokens/s, per-step decode seconds) from the clock at the start and at each new token."""
+    return batch * prompt / (marks[0] - start), [b - a for a, b in zip(marks, marks[1:])]
 
 
 def measure(ours: torch.nn.Module, ref: torch.nn.Module, pad_id: int, batch: int, prompt: int, new: int,
-            repeats: int) -> dict[str, float | None]:
-    """Best-of-`repeats` prefill and decode tokens/s for both, run alternately."""
-    ids = torch.randint(200, 40000, (batch, prompt), generator=torch.Generator().manual_seed(batch * 1000 + prompt))
-    mask = torch.ones_like(ids)
+            repeats: int, now: Callable[[], float]) -> dict[str, float | None]:
+    """Prefill and decode tokens/s for both, run alternately.
 
-    def dapeng_run(n: int) -> None:
-        ours.generate(ids, max_new_tokens=n, temperature=0.0)
+    Both generate `new` tokens per run, streaming, so each step is timed on its own: prefill is
+    the time to the first new token (best run counts), decode is batch ÷ the median step time
+    over all runs (a step slowed by outside load doesn't move the median).
+    """
+    gen = torch.Generator().manual_seed(batch * 1000 + prompt)
+    ids = torch.randint(200, 40000, (batch, prompt), generator=gen)
+
+    def dapeng_run(prompt_ids: torch.Tensor, n: int) -> tuple[float, list[float]]:
+        start = now()
+        marks = [now() for _ in ours.generate(prompt_ids, max_new_tokens=n, temperature=0.0, stream=True)]
+        return start, marks
 
     @torch.inference_mode()
-    def hf_run(n: int) -> None:
-        ref.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, eos_token_id=None,
-                     pad_token_id=pad_id)
+    def hf_run(prompt_ids: torch.Tensor, n: int) -> tuple[float, list[float]]:
+        streamer = StepTimes(now)
+        start = now()
+        ref.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=n, do_sample=False,
+                     eos_token_id=None, pad_token_id=pad_id, streamer=streamer)
+        return start, streamer.marks[1:]  # the first put is the prompt itself
 
-    dapeng_run(2)  # warm-up: allocator, kernels
-    hf_run(2)
-    best: dict[str, float] = {"d1": float("inf"), "dn": float("inf"), "h1": float("inf"), "hn": float("inf")}
+    # warm-up (allocator, kernels) on a short prompt: a long bf16 prefill costs minutes on CPUs without bf16
+    dapeng_run(ids[:, :32], 3)
+    hf_run(ids[:, :32], 3)
+    prefill: dict[str, float] = {"dapeng": 0.0, "transformers": 0.0}
+    steps: dict[str, list[float]] = {"dapeng": [], "transformers": []}
     for _ in range(repeats):
-        best["d1"] = min(best["d1"], timer(lambda: dapeng_run(1)))
-        best["h1"] = min(best["h1"], timer(lambda: hf_run(1)))
-        best["dn"] = min(best["dn"], timer(lambda: dapeng_run(new)))
-        best["hn"] = min(best["hn"], timer(lambda: hf_run(new)))
-    steps = batch * (new - 1)
-
-    def decode_rate(total: float, first: float) -> float | None:
-        # Under heavy outside load a long run can beat a short one: no valid figure then.
-        return steps / (total - first) if total > first * 1.05 else None
-
-    return {
-        "dapeng_prefill_tok_s": batch * prompt / best["d1"],
-        "transformers_prefill_tok_s": batch * prompt / best["h1"],
-        "dapeng_decode_tok_s": decode_rate(best["dn"], best["d1"]),
-        "transformers_decode_tok_s": decode_rate(best["hn"], best["h1"]),
-    }
+        for side, run in (("dapeng", dapeng_run), ("transformers", hf_run)):
+            start, marks = run(ids, new)
+            if len(marks) != new:
+                raise RuntimeError(f"{side} produced {len(marks)} tokens, expected {new}")
+            rate, step_s = rates(start, marks, batch, prompt)
+            prefill[side] = max(prefill[side], rate)
+            steps[side] += step_s
+    out: dict[str, float | None] = {}
+    for side in ("dapeng", "transformers"):
+        out[f"{side}_prefill_tok_s"] = prefill[side]
+        out[f"{side}_decode_tok_s"] = batch / statistics.median(steps[side])
+    return out
 
 
-def read_bandwidth_gb_s() -> float:
+def read_bandwidth_gb_s(now: Callable[[], float]) -> float:
     """Single-thread memory read bandwidth: best of 5 sums over a 512 MB tensor."""
     x = torch.ones(128 * 1024 * 1024, dtype=torch.float32)
-    best = min(timer(lambda: x.sum()) for _ in range(5))
-    return x.numel() * 4 / best / 1e9
+    times = []
+    for _ in range(5):
+        start = now()
+        x.sum()
+        times.append(now() - start)
+    return x.numel() * 4 / min(times) / 1e9
 
 
 def main() -> None:
@@ -122,41 +162,61 @@ def main() -> None:
     if args.quick:
         args.batches, args.prompts, args.new_tokens, args.repeats = [1], [32], 8, 1
     torch.set_num_threads(args.threads)
+    now = clock(args.threads)
+    native_bf16 = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     ours32, ref32, pad_id = load_models()
     results: dict[str, Any] = {"configs": {}}
     ratios: dict[str, dict[str, float | None]] = {"decode_vs_transformers": {}, "prefill_vs_transformers": {}}
+    repeats_used: dict[str, int] = {}
     for dtype in args.dtypes:
         ours, ref = ours32.to(DTYPES[dtype]), ref32.to(DTYPES[dtype])
         for batch in args.batches:
             for prompt in args.prompts:
                 key = f"{dtype}_b{batch}_p{prompt}"
-                log(f"{key}: measuring")
-                r = measure(ours, ref, pad_id, batch, prompt, args.new_tokens, args.repeats)
+                # transformers' bf16 prefill of 8 × 512 tokens takes minutes without native bf16: one run
+                slow = dtype == "bf16" and not native_bf16 and batch * prompt >= 2048
+                repeats_used[key] = 1 if slow else args.repeats
+                log(f"{key}: measuring ({repeats_used[key]} run(s) of {args.new_tokens} new tokens per side)")
+                started = time.perf_counter()
+                r = measure(ours, ref, pad_id, batch, prompt, args.new_tokens, repeats_used[key], now)
+                r["wall_s"] = round(time.perf_counter() - started, 1)
                 results["configs"][key] = r
-                valid = r["dapeng_decode_tok_s"] and r["transformers_decode_tok_s"]
-                ratios["decode_vs_transformers"][key] = (
-                    r["dapeng_decode_tok_s"] / r["transformers_decode_tok_s"] if valid else None
-                )
+                ratios["decode_vs_transformers"][key] = r["dapeng_decode_tok_s"] / r["transformers_decode_tok_s"]
                 ratios["prefill_vs_transformers"][key] = r["dapeng_prefill_tok_s"] / r["transformers_prefill_tok_s"]
                 log(f"{key}: {json.dumps(r)}")
     ours32.float()
-    bandwidth = read_bandwidth_gb_s()
-    weight_bytes = sum(p.numel() * 4 for p in ours32.parameters())
-    first = results["configs"].get("fp32_b1_p32") or next(iter(results["configs"].values()))
+    bandwidth = read_bandwidth_gb_s(now)
+    params = sum(p.numel() for p in ours32.parameters())
     results["read_bandwidth_gb_s"] = bandwidth
-    results["weight_bytes_fp32"] = weight_bytes
-    rate = first["dapeng_decode_tok_s"]
-    results["decode_fraction_of_bandwidth"] = weight_bytes * rate / (bandwidth * 1e9) if rate else None
+    results["weight_bytes"] = {"fp32": params * 4, "bf16": params * 2}
+    # every decode step of one sequence reads all weights once: bytes/s ÷ bandwidth
+    fractions = {
+        dtype: results["configs"][f"{dtype}_b1_p32"]["dapeng_decode_tok_s"] * params * (4 if dtype == "fp32" else 2)
+        / (bandwidth * 1e9)
+        for dtype in args.dtypes
+        if f"{dtype}_b1_p32" in results["configs"]
+    }
+    results["decode_fraction_of_bandwidth"] = fractions.get("fp32", next(iter(fractions.values()), None))
+    results["decode_fraction_of_bandwidth_by_dtype"] = fractions
     env = {
         "threads": torch.get_num_threads(),
+        "timer": "process CPU time" if args.threads == 1 else "wall time",
         "precision": args.dtypes,
+        "native_bf16": native_bf16,
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_count": os.cpu_count(),
         "new_tokens": args.new_tokens,
-        "repeats": args.repeats,
-        "load_average": os.getloadavg()[0],
-        "note": "shared 2-core machine; both sides timed alternately, best of repeats",
+        "repeats": repeats_used,
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "note": (
+            "shared 2-core machine; both sides timed alternately in one process, each step on its own; "
+            "prefill: best run, decode: median step. dapeng bf16 on a CPU without native bf16, batch >= 8: "
+            "weights stay bf16, activations/KV cache/attention fp32 and matrix products upcast the weights "
+            "(the vocabulary projection reads bf16); batch 1 runs in bf16 throughout. transformers runs bf16 "
+            "throughout. Long bf16 configs measured with one run instead of several."
+        ),
     }
     print(json.dumps({"results": results, "ratios": ratios, "env": env}))
 

@@ -272,3 +272,52 @@ def test_attention_equals_torch_on_long_inputs_with_fused_qkv():
     assert (ours(x, mask=padding_mask(keep)) - expected).abs().max() <= 1e-5
     glu = SwiGLU(D, 24)
     torch.testing.assert_close(glu(x), glu.down(F.silu(glu.gate(x)) * glu.up(x)))
+
+
+def test_rmsnorm_training_backward_equals_autograd_of_the_formula():
+    torch.manual_seed(0)
+    norm = RMSNorm(8, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    grad = torch.randn(3, 5, 8)
+    norm(x).backward(grad)  # the hand-written backward
+    ours = x.grad.clone(), norm.weight.grad.clone()
+    x.grad, norm.weight.grad = None, None
+    (x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight).backward(grad)
+    torch.testing.assert_close(ours[0], x.grad)
+    torch.testing.assert_close(ours[1], norm.weight.grad)
+
+
+def test_swiglu_training_path_equals_separate_projections_in_value_and_gradient():
+    from dapeng.layers.fused import MIN_ROWS
+
+    torch.manual_seed(0)
+    glu = SwiGLU(8, 12)
+    x = torch.randn(2, MIN_ROWS, 8, requires_grad=True)  # enough rows for the fused gate|up path
+    out = glu(x)
+    out.square().sum().backward()
+    grads = [p.grad.clone() for p in (glu.gate.weight, glu.up.weight, glu.down.weight)] + [x.grad.clone()]
+    glu.zero_grad(set_to_none=True)
+    x.grad = None
+    expected = glu.down(F.silu(glu.gate(x)) * glu.up(x))
+    expected.square().sum().backward()
+    torch.testing.assert_close(out, expected)
+    for a, b in zip(grads, [p.grad for p in (glu.gate.weight, glu.up.weight, glu.down.weight)] + [x.grad]):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("rows", [1, 8])
+def test_linear_with_fp32_inputs_over_bf16_weights(rows):
+    from dapeng.layers.fused import linear
+
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 12).to(torch.bfloat16)
+    x = torch.randn(rows, 16)
+    out = linear(x, layer)
+    assert out.dtype == torch.float32
+    expected = F.linear(x, layer.weight.float(), layer.bias.float())
+    if rows >= 8:  # the weight is upcast: exactly the fp32 product with the bf16 weights
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    else:  # one row reads the bf16 weights with a bf16 input
+        torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)

@@ -263,3 +263,19 @@ def test_dynamo_traces_in_one_graph(name):
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(**inputs), model(**inputs))
+
+
+def test_lm_bf16_generation_without_native_bf16_keeps_fp32_activations(monkeypatch):
+    import dapeng.models.lm as lm
+
+    monkeypatch.setattr(lm, "_native_bf16", lambda: False)
+    model = _build("lm", tie_embeddings=False).eval()
+    nn.init.normal_(model.lm_head.weight, std=1.0)
+    ids = torch.randint(3, V, (8, T), generator=torch.Generator().manual_seed(2))
+    rounded = model.to(torch.bfloat16).float()  # the fp32 model holding exactly the bf16 weights
+    expected = rounded.generate(ids, max_new_tokens=6)
+    half = rounded.to(torch.bfloat16)
+    assert half._activation_dtype(8) == torch.float32 and half._activation_dtype(1) == torch.bfloat16
+    # batch 8: weights stay bf16, every product is the fp32 one with those weights
+    assert torch.equal(half.generate(ids, max_new_tokens=6), expected)
+    assert half.generate(ids[:1], max_new_tokens=3).shape == (1, T + 3)  # batch 1 runs in bf16

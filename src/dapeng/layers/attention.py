@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dapeng.layers.fused import project_together
+from dapeng.layers.fused import linear, project_together
 from dapeng.layers.positions import apply_rotary
 
 
@@ -152,7 +152,7 @@ class MultiHeadAttention(nn.Module):
             k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
             v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
         else:
-            q = self.q(x)
+            q = linear(x, self.q)
             k, v = kv if kv is not None else self.project_kv(context)  # (B, Hkv, S, Dh) each
         q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
         if rope is not None:
@@ -176,13 +176,13 @@ class MultiHeadAttention(nn.Module):
             )
         else:
             y = self._attend_explicitly(q, k, v, mask, causal)
-        return self.o(y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))  # (B, T, D)
+        return linear(y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim), self.o)  # (B, T, D)
 
     def project_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Project (B, S, D') inputs to keys and values, each (B, Hkv, S, Dh)."""
         b, s, _ = context.shape
-        k = self.k(context).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v(context).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        k = linear(context, self.k).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = linear(context, self.v).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return k, v
 
     def _attend_explicitly(

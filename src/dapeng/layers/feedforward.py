@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dapeng.layers.fused import project_together
+from dapeng.layers.fused import linear, project_fused
 
 _ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),  # exact erf form, as BERT
@@ -37,7 +37,7 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.down(_ACTIVATIONS[self.activation](self.up(x))))
+        return self.dropout(linear(_ACTIVATIONS[self.activation](linear(x, self.up)), self.down))
 
 
 class SwiGLU(nn.Module):
@@ -58,6 +58,38 @@ class SwiGLU(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = project_together(x, (self.gate, self.up))
-        out = self.down(F.silu(gate) * up)
+        gate_up = project_fused(x, (self.gate, self.up))  # (…, 2H): one GEMM for both, or None
+        if gate_up is None:
+            hidden = F.silu(linear(x, self.gate)) * linear(x, self.up)
+        elif gate_up.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            hidden = _SiluMul.apply(gate_up)
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            hidden = F.silu(gate) * up
+        out = linear(hidden, self.down)
         return self.dropout(out) if self.dropout is not None else out
+
+
+class _SiluMul(torch.autograd.Function):
+    """`silu(gate) * up` from the fused (…, 2H) gate|up projection, for training.
+
+    Its backward writes d(gate) and d(up) straight into one (…, 2H) buffer (the fused GEMM's
+    output gradient); autograd's chunk → silu → mul graph would make them separately, then
+    concatenate them, and it would keep silu(gate) alive as well.
+    """
+
+    @staticmethod
+    def forward(ctx, gate_up: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        gate, up = gate_up.chunk(2, dim=-1)
+        ctx.save_for_backward(gate_up)
+        return F.silu(gate).mul_(up)  # (…, H)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (gate_up,) = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)
+        out = torch.empty_like(gate_up)
+        d_gate, d_up = out.chunk(2, dim=-1)
+        torch.mul(grad, F.silu(gate), out=d_up)
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=d_gate)
+        return out

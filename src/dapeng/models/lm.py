@@ -20,12 +20,12 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dapeng.errors import ModelError
 from dapeng.layers.attention import KVCache, MultiHeadAttention, causal_mask
 from dapeng.layers.feedforward import SwiGLU
+from dapeng.layers.fused import UPCAST_MIN_ROWS, linear, linear_weight
 from dapeng.layers.norms import RMSNorm
 from dapeng.layers.positions import RotaryEmbedding
 
@@ -149,8 +149,8 @@ class LlamaLM(nn.Module):
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:
-            return F.linear(features, self.embed.weight)  # (…, V)
-        return self.lm_head(features)
+            return linear_weight(features, self.embed.weight)  # (…, V)
+        return linear(features, self.lm_head)
 
     def reset_head(self, num_labels: int) -> None:
         """A fresh, untied (hidden → num_labels) output projection."""
@@ -170,6 +170,26 @@ class LlamaLM(nn.Module):
             for _ in self.layers
         ]
 
+    def _activation_dtype(self, batch: int) -> torch.dtype:
+        """The dtype generation computes in: the weights', except bf16 weights on a CPU without native bf16.
+
+        There a bf16 matrix product of several rows runs reference kernels several times slower
+        than fp32, so from `UPCAST_MIN_ROWS` sequences on, activations, the KV cache and attention
+        stay fp32 while the weights stay bf16 in memory; products upcast the weights (the
+        vocabulary projection, too big to convert per step, reads them as bf16: `layers.fused`).
+        A single sequence decodes by matrix-vector products, bound by memory bandwidth, which
+        bf16 weights halve: it stays in bf16.
+        """
+        weight = self.embed.weight
+        if (
+            weight.dtype == torch.bfloat16
+            and weight.device.type == "cpu"
+            and batch >= UPCAST_MIN_ROWS
+            and not _native_bf16()
+        ):
+            return torch.float32
+        return weight.dtype
+
     def _step(
         self,
         input_ids: torch.Tensor,
@@ -180,7 +200,7 @@ class LlamaLM(nn.Module):
         causal: bool,
     ) -> torch.Tensor:
         """Run `input_ids` (B, T) written at cache slot `pos`; return logits of the last position (B, V)."""
-        x = self.embed(input_ids)  # (B, T, D)
+        x = self.embed(input_ids).to(caches[0].k.dtype)  # (B, T, D), in the activation dtype
         rope = self.rope(positions, x.dtype)
         for layer, cache in zip(self.layers, caches):
             x = layer(x, rope, mask, causal, cache, pos)
@@ -241,7 +261,7 @@ class LlamaLM(nn.Module):
         """Yield (B,) new tokens, one step at a time."""
         b, t = input_ids.shape
         total = t + max_new_tokens
-        caches = self.new_cache(b, total)
+        caches = self.new_cache(b, total, self._activation_dtype(b))
         device = input_ids.device
         if attention_mask is None:
             keys = None
@@ -269,6 +289,10 @@ class LlamaLM(nn.Module):
             mask = None if keys is None else keys[:, None, None, : pos + 1]
             logits = self._step(token[:, None], next_pos, caches, pos, mask, False)
             next_pos = next_pos + 1
+
+
+def _native_bf16() -> bool:
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _positions(keep: torch.Tensor) -> torch.Tensor:
