@@ -176,6 +176,26 @@ def test_attention_explanations(method):
     assert len(e.attention) == 2 and e.attention[0].shape == (2, 5, 5)
 
 
+def test_value_weighted_attention_counts_what_a_token_passes_on():
+    from dapeng.explain.attention import query_weights, value_weighted
+    from dapeng.layers.attention import MultiHeadAttention
+
+    torch.manual_seed(0)
+    layer = MultiHeadAttention(4, 2, bias=False)
+    with torch.no_grad():
+        layer.v.weight.copy_(torch.eye(4))
+        layer.o.weight.copy_(torch.eye(4))
+    inputs = torch.tensor([[[1.0, 0, 0, 0], [0, 0, 0, 0], [0, 3.0, 0, 0]]])  # token 1 carries nothing
+    weights = torch.full((1, 2, 3, 3), 1 / 3)  # every query looks at every token alike
+    weights[:, :, :, 1] = 0.8  # ... and mostly at the empty token
+    weights[:, :, :, [0, 2]] = 0.1
+    scores = value_weighted(weights, layer, inputs, query_weights(3, 1, None, "mean"))[0]
+    torch.testing.assert_close(scores, torch.tensor([0.1, 0.0, 0.3]))  # weight x norm of W_o v
+    cls = query_weights(3, 1, torch.tensor([[1, 1, 0]]), "cls")
+    assert cls.tolist() == [[1.0, 0.0, 0.0]]
+    assert query_weights(3, 1, torch.tensor([[1, 1, 0]]), "mean").tolist() == [[0.5, 0.5, 0.0]]
+
+
 def test_attention_needs_attention_layers():
     with pytest.raises(ModelError, match="no attention layers"):
         explain(text_pipeline("lstm"), "a witty movie", method="attention")

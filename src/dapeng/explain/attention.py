@@ -9,6 +9,7 @@ attention runs through SDPA and materialises none.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,6 +34,71 @@ def capture(model: nn.Module, run: Callable[[], torch.Tensor]) -> tuple[torch.Te
             "use method ig or saliency, or a transformer model",
         )
     return out, maps
+
+
+def capture_with_inputs(
+    model: nn.Module, run: Callable[[], torch.Tensor]
+) -> tuple[torch.Tensor, list[torch.Tensor], tuple[nn.Module, torch.Tensor] | None]:
+    """`capture`, plus the last self-attention layer and the input it received (B, S, D).
+
+    The input is what `value_weighted` needs to tell how much each token actually passes
+    on through that layer; None when the model has no such layer with `v`/`o` projections.
+    """
+    from dapeng.layers.attention import MultiHeadAttention
+
+    layers = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
+    seen: dict[int, tuple[nn.Module, torch.Tensor]] = {}
+
+    def remember(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        context = kwargs.get("context", args[1] if len(args) > 1 else None)
+        if context is None and kwargs.get("kv") is None:  # self-attention only
+            seen[len(seen)] = (module, args[0].detach())
+
+    hooks = [m.register_forward_pre_hook(remember, with_kwargs=True) for m in layers]
+    try:
+        out, maps = capture(model, run)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    last = seen.get(len(seen) - 1)
+    if last is None or not all(isinstance(getattr(last[0], n, None), nn.Linear) for n in ("v", "o")):
+        last = None
+    return out, maps, last
+
+
+def value_weighted(weights: torch.Tensor, layer: nn.Module, inputs: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """What each token passes on through one attention layer (Kobayashi et al., 2020): (B, S).
+
+    A weight says how much a query looks at a token, not how much of it arrives: a token
+    whose transformed value `W_o v` is small passes on little however much it is looked at.
+    The token's contribution to the queries the model reads is the norm of
+    sum_h a_h W_o,h v_h, with a_h the head-h weight averaged over those queries.
+
+    Args:
+        weights: (B, H, T, S) the layer's attention weights.
+        layer: the `MultiHeadAttention` layer (its `v` and `o` projections).
+        inputs: (B, S, D) the layer's input (the normalised hidden states).
+        queries: (B, T) how much each query position counts (e.g. the pooling's weights).
+    """
+    b, s, _ = inputs.shape
+    heads, kv_heads, dim = layer.num_heads, layer.num_kv_heads, layer.head_dim
+    with torch.no_grad():
+        v = nn.functional.linear(inputs.float(), layer.v.weight.float(), None)  # (B, S, Hkv*Dh), bias aside
+        v = v.view(b, s, kv_heads, dim).repeat_interleave(heads // kv_heads, dim=2)  # (B, S, H, Dh)
+        w_o = layer.o.weight.float().view(-1, heads, dim)  # (D, H, Dh)
+        per_head = torch.einsum("bshd,ehd->bshe", v, w_o)  # (B, S, H, D)
+        a = torch.einsum("bt,bhts->bhs", queries.float(), weights.float())  # (B, H, S)
+        return torch.einsum("bhs,bshe->bse", a, per_head).norm(dim=-1)  # (B, S)
+
+
+def query_weights(length: int, batch: int, mask: torch.Tensor | None, pooling: str | None) -> torch.Tensor:
+    """(B, T) how much each position's output counts in the pooled vector the head reads."""
+    if pooling == "cls":
+        q = torch.zeros(batch, length)
+        q[:, 0] = 1.0
+        return q
+    q = torch.ones(batch, length) if mask is None else mask.float().cpu()
+    return q / q.sum(1, keepdim=True).clamp_min(1)
 
 
 def rollout(maps: list[torch.Tensor], residual: float = 0.5) -> torch.Tensor:

@@ -282,11 +282,16 @@ def _explain_attention(
     method: str, target: Any,
 ) -> Explanation:
     model = pipeline.model
-    _, maps = attn.capture(model, lambda: _forward(model, ids, mask))
+    _, maps, last = attn.capture_with_inputs(model, lambda: _forward(model, ids, mask))
     roll = attn.rollout(maps)  # (1, T, T)
-    # "attention" reads the last layer's head-averaged weights, "rollout" all layers'.
-    flow = roll if method == "rollout" else maps[-1].mean(1)  # (1, T, T)
-    importance = attn.token_importance(flow, mask, getattr(model, "pooling", None))[0]  # (T,)
+    pooling = getattr(model, "pooling", None)
+    if method == "attention" and last is not None and maps[-1].shape[-1] == maps[-1].shape[-2]:
+        # the last layer's weights, scaled by how much of each token they carry (norm of W_o v)
+        queries = attn.query_weights(ids.shape[1], 1, mask, pooling).to(maps[-1].device)
+        importance = attn.value_weighted(maps[-1], last[0], last[1], queries)[0]  # (T,)
+    else:  # rollout: every layer's head-averaged weights mixed with the residual stream
+        flow = roll if method == "rollout" else maps[-1].mean(1)  # (1, T, T)
+        importance = attn.token_importance(flow, mask, pooling)[0]  # (T,)
     probs = out[0].softmax(-1) if out.dim() == 2 else out[0].softmax(-1).amax(0)
     labels = _label_names(pipeline, probs.numel())
     k = resolve_target(labels, target, probs)
