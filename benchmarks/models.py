@@ -90,21 +90,21 @@ class RefTransformer(nn.Module):
         return F.linear(x, self.wte.weight)  # (B, T, V), tied
 
 
-def matmul_peak(dtype: torch.dtype, budget_s: float = 2.0) -> float:
+def matmul_peak(dtype: torch.dtype, budget_s: float = 2.0, now: Callable[[], float] = time.perf_counter) -> float:
     """FLOP/s of square matmuls in `dtype` (the best of a few sizes), within a time budget."""
     best = 0.0
     for n in (256, 512, 1024, 2048):
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        start = time.perf_counter()
+        start = now()
         a @ b
-        if time.perf_counter() - start > budget_s / 4:  # emulated dtype: don't wait for the big sizes
-            best = max(best, 2 * n**3 / (time.perf_counter() - start))
+        if now() - start > budget_s / 4:  # emulated dtype: don't wait for the big sizes
+            best = max(best, 2 * n**3 / (now() - start))
             break
         reps, times = 0, []
         while reps < 3 or sum(times) < budget_s / 4:
-            t0 = time.perf_counter()
+            t0 = now()
             a @ b
-            times.append(time.perf_counter() - t0)
+            times.append(now() - t0)
             reps += 1
         best = max(best, 2 * n**3 / min(times))
     return best
@@ -127,20 +127,21 @@ def race(
     steps: int,
     warmup: int,
     autocast: Any,
+    now: Callable[[], float] = time.perf_counter,
 ) -> dict[str, float]:
-    """Alternate training steps of each side; return the median seconds per step."""
+    """Alternate training steps of each side; return the median seconds per step (by the clock `now`)."""
     optims = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, foreach=True) for k, (m, _) in sides.items()}
     times: dict[str, list[float]] = {k: [] for k in sides}
     for i in range(warmup + steps):
         for name, (model, loss_fn) in sides.items():
-            t0 = time.perf_counter()
+            t0 = now()
             with autocast():
                 loss = loss_fn(model)
             loss.backward()
             optims[name].step()
             optims[name].zero_grad(set_to_none=True)
             if i >= warmup:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(now() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -157,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="measured steps per side")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    # one thread: this process's CPU time, so time that another process holds the core counts for neither side
+    now = time.process_time if args.threads == 1 else time.perf_counter
     torch.manual_seed(0)
     native_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     precision = args.precision if args.precision != "auto" else ("bf16" if native_bf16 else "fp32")
@@ -169,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         vocab, dim, layers, heads, batch, seq, steps, warmup = 1024, 64, 2, 2, 4, 32, 3, 1
     else:
-        vocab, dim, layers, heads, batch, seq, steps, warmup = 8192, 256, 10, 4, 32, 128, 5, 2
+        vocab, dim, layers, heads, batch, seq, steps, warmup = 8192, 256, 10, 4, 32, 128, 7, 2
     steps = args.steps or steps
     labels = 2
     ids = torch.randint(0, vocab, (batch, seq))
@@ -194,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         logits = model(ids[:, :-1])
         return F.cross_entropy(logits.float().reshape(-1, vocab), ids[:, 1:].reshape(-1))
 
-    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    peaks = {"fp32": matmul_peak(torch.float32, now=now), "bf16": matmul_peak(torch.bfloat16, now=now)}
     results: dict[str, Any] = {"matmul_peak_gflops": {k: round(v / 1e9, 2) for k, v in peaks.items()}}
     ratios: dict[str, float] = {}
     for kind, ours, ref, loss_fn in (
@@ -202,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         ("decoder", decoder, ref_decoder, next_token),
     ):
         flops = {"dapeng": step_flops(ours, loss_fn, autocast), "reference": step_flops(ref, loss_fn, autocast)}
-        secs = race({"dapeng": (ours, loss_fn), "reference": (ref, loss_fn)}, steps, warmup, autocast)
+        secs = race({"dapeng": (ours, loss_fn), "reference": (ref, loss_fn)}, steps, warmup, autocast, now)
         tokens = batch * seq
         for side, model in (("dapeng", ours), ("reference", ref)):
             achieved = flops[side] / secs[side]
@@ -213,9 +216,13 @@ def main(argv: list[str] | None = None) -> int:
                 "gflop_per_step": round(flops[side] / 1e9, 3),
                 "achieved_gflops": round(achieved / 1e9, 2),
                 "fraction_of_peak": round(achieved / peaks[precision], 3),
+                "fraction_of_fp32_peak": round(achieved / peaks["fp32"], 3),
+                "fraction_of_bf16_peak": round(achieved / peaks["bf16"], 3),
             }
         ratios[f"{kind}_vs_reference"] = round(secs["reference"] / secs["dapeng"], 3)
-        results[f"{kind}_fraction_of_{precision}_peak"] = results[f"{kind}_dapeng"]["fraction_of_peak"]
+        # the issue's figure, computed literally (achieved ÷ the bf16 peak), and the one against fp32
+        results[f"{kind}_fraction_of_bf16_peak"] = results[f"{kind}_dapeng"]["fraction_of_bf16_peak"]
+        results[f"{kind}_fraction_of_fp32_peak"] = results[f"{kind}_dapeng"]["fraction_of_fp32_peak"]
     results["batch"], results["seq"] = batch, seq
     env = {
         "threads": args.threads,
@@ -227,6 +234,15 @@ def main(argv: list[str] | None = None) -> int:
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "python": sys.version.split()[0],
         "quick": args.quick,
+        "steps": steps,
+        "timer": "process CPU time" if args.threads == 1 else "wall time",
+        "note": (
+            "shared 2-core machine; sides alternate step by step, median step counts. "
+            + ("" if native_bf16 else "This CPU has no native bf16 (AVX2 only): bf16 matmuls run reference kernels "
+               "far slower than fp32, so training runs in fp32 and fraction_of_bf16_peak (achieved fp32 FLOP/s "
+               "over the measured bf16 peak) exceeds 1 and says nothing about efficiency; "
+               "fraction_of_fp32_peak is the meaningful one here.")
+        ),
     }
     print(json.dumps({"results": results, "ratios": ratios, "env": env}), flush=True)
     return 0 if all(math.isfinite(v) for v in ratios.values()) else 1

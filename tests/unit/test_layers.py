@@ -321,3 +321,31 @@ def test_linear_with_fp32_inputs_over_bf16_weights(rows):
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
     else:  # one row reads the bf16 weights with a bf16 input
         torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_rotary_attention_fast_path_equals_the_plain_path_in_value_and_gradient(monkeypatch, bias):
+    import dapeng.layers.attention as attention
+    import dapeng.layers.fused as fused
+
+    torch.manual_seed(0)
+    attn = MultiHeadAttention(D, H, num_kv_heads=2, bias=bias)
+    rope = RotaryEmbedding(D // H, 128, theta=100.0)
+    x = torch.randn(2, 80, D, requires_grad=True)  # 160 rows: the fused, complex-rotation path
+    keep = torch.ones(2, 80, dtype=torch.bool)
+    keep[1, 60:] = False
+    tables = rope((keep.long().cumsum(1) - 1).clamp_min(0), x.dtype)  # (B, 1, T, Dh) per-row positions
+
+    def run() -> list[torch.Tensor]:
+        x.grad = None
+        attn.zero_grad(set_to_none=True)
+        out = attn(x, mask=padding_mask(keep) & causal_mask(80), rope=tables)
+        out.square().sum().backward()
+        return [out, x.grad] + [p.grad for p in attn.parameters()]
+
+    fast = run()
+    monkeypatch.setattr(attention, "MIN_ROWS", 10**9)
+    monkeypatch.setattr(fused, "MIN_ROWS", 10**9)
+    plain = run()
+    for a, b in zip(fast, plain):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

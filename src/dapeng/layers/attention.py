@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dapeng.layers.fused import linear, project_together
+from dapeng.layers.fused import MIN_ROWS, linear, project_together
 from dapeng.layers.positions import apply_rotary
 
 
@@ -147,16 +147,22 @@ class MultiHeadAttention(nn.Module):
             kv: keys and values already projected by `project_kv` (cross-attention while decoding).
         """
         b, t, _ = x.shape
-        if kv is None and context is None:
-            q, k, v = project_together(x, (self.q, self.k, self.v))
-            k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
-            v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
+        rotated = None
+        if kv is None and context is None and rope is not None and cache is None:
+            rotated = self._project_rotated(x, rope)
+        if rotated is not None:
+            q, k, v = rotated
         else:
-            q = linear(x, self.q)
-            k, v = kv if kv is not None else self.project_kv(context)  # (B, Hkv, S, Dh) each
-        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
-        if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            if kv is None and context is None:
+                q, k, v = project_together(x, (self.q, self.k, self.v))
+                k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
+                v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
+            else:
+                q = linear(x, self.q)
+                k, v = kv if kv is not None else self.project_kv(context)  # (B, Hkv, S, Dh) each
+            q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
+            if rope is not None:
+                q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             k, v = cache.update(k, v, pos)
         s = k.shape[2]
@@ -177,6 +183,49 @@ class MultiHeadAttention(nn.Module):
         else:
             y = self._attend_explicitly(q, k, v, mask, causal)
         return linear(y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim), self.o)  # (B, T, D)
+
+    def _project_rotated(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Rotated queries and keys, and values, from one GEMM and one complex product; None where it doesn't apply.
+
+        For fp32 self-attention without a cache over enough rows (training, encoding): the q and k
+        weight rows of each head are reordered from rotate-half order (x1…, x2…) to pairs
+        (x1_0, x2_0, x1_1, …) inside the fused weight copy that is built anyway, so the rotation
+        of queries and keys together is one complex multiplication (forward and backward) instead
+        of mul/roll/mul/add per tensor. Both come out in the same reordered dims, which leaves
+        every score q·k, hence the output, unchanged; a KV cache keeps the plain order.
+        """
+        layers = (self.q, self.k, self.v)
+        if (
+            x.dtype != torch.float32
+            or self.head_dim % 2
+            or x.numel() // x.shape[-1] < MIN_ROWS
+            or not all(type(layer) is nn.Linear and layer.weight.dtype == torch.float32 for layer in layers)
+            or (self.q.bias is None) != (self.k.bias is None) or (self.q.bias is None) != (self.v.bias is None)
+            or torch.is_autocast_enabled("cpu")
+            or torch.compiler.is_compiling()
+        ):
+            return None
+        b, t, _ = x.shape
+        h, hkv, half = self.num_heads, self.num_kv_heads, self.head_dim // 2
+
+        def pairs(w: torch.Tensor, heads: int) -> torch.Tensor:  # rows (heads·Dh, …) in pair order
+            return w.view(heads, 2, half, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+        weight = torch.cat([pairs(self.q.weight, h), pairs(self.k.weight, hkv), self.v.weight])
+        bias = None
+        if self.q.bias is not None:
+            bias = torch.cat([pairs(self.q.bias, h), pairs(self.k.bias, hkv), self.v.bias])
+        qkv = F.linear(x, weight, bias)  # (B, T, (H + 2·Hkv)·Dh)
+        qk = qkv[..., : (h + hkv) * self.head_dim].view(b, t, h + hkv, half, 2)
+        cos, sin = rope  # (1 or B, 1, T, Dh); sin carries rotate-half's sign in its first half
+        turn = torch.complex(cos[..., :half], sin[..., half:]).transpose(1, 2)  # (1 or B, T, 1, Dh/2)
+        rotated = torch.view_as_real(torch.view_as_complex(qk) * turn).flatten(-2)  # (B, T, H + Hkv, Dh)
+        q = rotated[:, :, :h].transpose(1, 2)  # (B, H, T, Dh)
+        k = rotated[:, :, h:].transpose(1, 2)  # (B, Hkv, T, Dh)
+        v = qkv[..., (h + hkv) * self.head_dim :].view(b, t, hkv, self.head_dim).transpose(1, 2)
+        return q, k, v
 
     def project_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Project (B, S, D') inputs to keys and values, each (B, Hkv, S, Dh)."""
