@@ -15,11 +15,11 @@ a trained one. Requests are real review snippets from the test split, one per re
 
 A server batches well only where the model does: `results.in_process_batch_gain` is what
 batching buys the model itself (in-process items/s at the batch size the server formed ÷
-at batch 1), and batched ÷ unbatched serving can't exceed it by much. On an AVX2 CPU in
-fp32 the 10M encoder is compute-bound already at batch 1 (gain ~2–3×, so batched ÷
-unbatched stays near 2 whatever the server does); the example's small model gains more
-(~3–6×), and there HTTP — client and servers share the cores — is what keeps every
-server below the in-process rate.
+at batch 1). Where the model is the bottleneck, batched ÷ unbatched serving can't exceed
+it by much: on an AVX2 CPU in fp32 the 10M encoder is compute-bound already at batch 1
+(gain ~2–3×, so batched ÷ unbatched stays near 2 whatever the server does). The example's
+small model gains more (~3–6×); there HTTP — client and servers share the cores — keeps
+every server below the in-process rate, and the unbatched server pays it once per item.
 
 Each server runs in its own process on loopback; this process is the client: aiohttp,
 `concurrency` coroutines sharing one connection pool, a fixed number of requests per
