@@ -217,15 +217,15 @@ class MultiHeadAttention(nn.Module):
         bias = None
         if self.q.bias is not None:
             bias = torch.cat([pairs(self.q.bias, h), pairs(self.k.bias, hkv), self.v.bias])
-        qkv = F.linear(x, weight, bias)  # (B, T, (H + 2·Hkv)·Dh)
-        qk = qkv[..., : (h + hkv) * self.head_dim].view(b, t, h + hkv, half, 2)
+        # split, not slicing: the backward of a split is one concatenation, that of each slice a
+        # zero-filled full-size gradient
+        qk, v = F.linear(x, weight, bias).split([(h + hkv) * self.head_dim, hkv * self.head_dim], dim=-1)
         cos, sin = rope  # (1 or B, 1, T, Dh); sin carries rotate-half's sign in its first half
         turn = torch.complex(cos[..., :half], sin[..., half:]).transpose(1, 2)  # (1 or B, T, 1, Dh/2)
-        rotated = torch.view_as_real(torch.view_as_complex(qk) * turn).flatten(-2)  # (B, T, H + Hkv, Dh)
-        q = rotated[:, :, :h].transpose(1, 2)  # (B, H, T, Dh)
-        k = rotated[:, :, h:].transpose(1, 2)  # (B, Hkv, T, Dh)
-        v = qkv[..., (h + hkv) * self.head_dim :].view(b, t, hkv, self.head_dim).transpose(1, 2)
-        return q, k, v
+        qk = torch.view_as_complex(qk.view(b, t, h + hkv, half, 2)) * turn
+        q, k = torch.view_as_real(qk).flatten(-2).split([h, hkv], dim=2)  # (B, T, H | Hkv, Dh)
+        v = v.view(b, t, hkv, self.head_dim)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H | Hkv, T, Dh)
 
     def project_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Project (B, S, D') inputs to keys and values, each (B, Hkv, S, Dh)."""

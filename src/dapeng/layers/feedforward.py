@@ -75,21 +75,22 @@ class _SiluMul(torch.autograd.Function):
 
     Its backward writes d(gate) and d(up) straight into one (…, 2H) buffer (the fused GEMM's
     output gradient); autograd's chunk → silu → mul graph would make them separately, then
-    concatenate them, and it would keep silu(gate) alive as well.
+    concatenate them.
     """
 
     @staticmethod
     def forward(ctx, gate_up: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         gate, up = gate_up.chunk(2, dim=-1)
-        ctx.save_for_backward(gate_up)
-        return F.silu(gate).mul_(up)  # (…, H)
+        activated = F.silu(gate)
+        ctx.save_for_backward(gate_up, activated)
+        return activated * up  # (…, H)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        (gate_up,) = ctx.saved_tensors
+        gate_up, activated = ctx.saved_tensors
         gate, up = gate_up.chunk(2, dim=-1)
         out = torch.empty_like(gate_up)
         d_gate, d_up = out.chunk(2, dim=-1)
-        torch.mul(grad, F.silu(gate), out=d_up)
+        torch.mul(grad, activated, out=d_up)
         torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=d_gate)
         return out
