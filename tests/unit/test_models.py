@@ -279,3 +279,7 @@ def test_lm_bf16_generation_without_native_bf16_keeps_fp32_activations(monkeypat
     # batch 8: weights stay bf16, every product is the fp32 one with those weights
     assert torch.equal(half.generate(ids, max_new_tokens=6), expected)
     assert half.generate(ids[:1], max_new_tokens=3).shape == (1, T + 3)  # batch 1 runs in bf16
+    from dapeng.layers.lora import apply_lora
+
+    apply_lora(half, rank=2)
+    assert half._activation_dtype(8) == torch.bfloat16  # wrapped layers run as they are

@@ -13,6 +13,8 @@ intermediate=1536, rope_theta=100000, rms_norm_eps=1e-5, tie_embeddings=True.
 Decoding is eager and lean (per-op overhead dominates on CPU): one static, preallocated
 KV cache per layer written in place, the RoPE tables gathered once per step for all layers,
 no mask at all for unpadded batches, and the vocabulary projection only for the last position.
+bf16 weights on a CPU without native bf16 decode a batch of 8 or more with fp32 activations,
+KV cache and attention, the weights staying bf16 in memory (`_activation_dtype`).
 """
 
 from __future__ import annotations
@@ -186,9 +188,15 @@ class LlamaLM(nn.Module):
             and weight.device.type == "cpu"
             and batch >= UPCAST_MIN_ROWS
             and not _native_bf16()
+            and self._plain_layers()
         ):
             return torch.float32
         return weight.dtype
+
+    def _plain_layers(self) -> bool:
+        """Whether every module holding weights is a plain Linear/RMSNorm/Embedding (not LoRA-wrapped, quantized…)."""
+        plain = (nn.Linear, RMSNorm, nn.Embedding)
+        return all(type(m) in plain for m in self.modules() if next(m.parameters(recurse=False), None) is not None)
 
     def _step(
         self,
