@@ -430,9 +430,13 @@ def main() -> None:
     plan = {1: 150, 8: 400, 64: 800} if args.quick else {1: 1000, 8: 2000, 64: 4000}
 
     load_at_start = [round(x, 2) for x in os.getloadavg()]
+    # The same threads everywhere, this process (the in-process baseline) included: left on,
+    # the tokenizer encodes a batch on every core, and the baseline would use two cores to the
+    # servers' one (its thread waited ~13% of the time for those helpers).
+    os.environ.update({"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"})
+    env = dict(os.environ)
     model = args.model or (build_model(threads) if args.encoder_10m else build_example(args.example, threads))
     texts = test_texts(2000)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     commands = {
         "dapeng_batched": (lambda port: dapeng_command(model, port, threads, MAX_BATCH), "/v1/models/bench:predict"),
         "dapeng_unbatched": (lambda port: dapeng_command(model, port, threads, 1), "/v1/models/bench:predict"),
