@@ -212,7 +212,35 @@ class LlamaLM(nn.Module):
         rope = self.rope(positions, x.dtype)
         for layer, cache in zip(self.layers, caches):
             x = layer(x, rope, mask, causal, cache, pos)
-        return self.forward_head(self.norm(x[:, -1]))  # (B, V)
+        features = self.norm(x[:, -1])  # (B, D)
+        head_t = self._transposed_head() if features.shape[0] == 1 else None
+        return self.forward_head(features) if head_t is None else features @ head_t  # (B, V)
+
+    def _transposed_head(self) -> torch.Tensor | None:
+        """A (D, V) contiguous copy of the fp32 output projection for one-sequence decoding, or None.
+
+        The vocabulary projection is the largest single read of a decoding step (a quarter of
+        SmolLM2's weights); for one row, MKL's matrix-vector product streams a (D, V) matrix
+        about twice as fast as the (V, D) one (measured 7.4 vs 14 ms for 49152 × 576, one AVX2
+        thread). The copy costs the projection's size in memory once; it is rebuilt whenever the
+        weight changes (new tensor, or its version counter moves after an in-place update).
+        """
+        head = self.lm_head
+        weight = self.embed.weight if head is None else getattr(head, "weight", None)
+        if (
+            weight is None
+            or weight.dtype != torch.float32
+            or weight.device.type != "cpu"
+            or (head is not None and (type(head) is not nn.Linear or head.bias is not None))
+            or torch.is_autocast_enabled("cpu")
+        ):
+            return None
+        key = (weight.data_ptr(), weight._version, tuple(weight.shape))
+        cached = self.__dict__.get("_head_t")
+        if cached is None or cached[0] != key:
+            cached = (key, weight.detach().t().contiguous())
+            self.__dict__["_head_t"] = cached
+        return cached[1]
 
     def generate(
         self,
