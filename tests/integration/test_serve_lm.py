@@ -78,8 +78,22 @@ def test_streamed_chat_uses_the_chat_template_and_ends_with_done(base, lm_pipeli
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
-    assert text == lm_pipeline.generate(messages, max_new_tokens=6, temperature=0.0)
-    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    generation = lm_pipeline.generate(messages, max_new_tokens=6, temperature=0.0, stream=True)
+    assert text == "".join(generation)
+    assert chunks[-1]["choices"][0]["finish_reason"] == generation.finish_reason
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+
+
+def test_finish_reason_is_length_when_the_token_budget_runs_out(base, lm_pipeline):
+    body = {"model": "tiny-lm", "prompt": "the cat", "max_tokens": 3, "temperature": 0.0}
+    generation = lm_pipeline.generate("the cat", max_new_tokens=3, temperature=0.0, stream=True)
+    text = "".join(generation)
+    status, raw = post(f"{base}/v1/completions", body)
+    choice = json.loads(raw)["choices"][0]
+    assert status == 200 and choice["text"] == text and choice["finish_reason"] == generation.finish_reason
+    if len(text) >= 2:  # a stop string it produces ends it as "stop"
+        status, raw = post(f"{base}/v1/completions", {**body, "stop": [text[1:]]})
+        assert status == 200 and json.loads(raw)["choices"][0] == {**choice, "text": text[:1], "finish_reason": "stop"}
 
 
 def test_prompt_too_long_for_the_context_is_a_422(base):

@@ -191,6 +191,19 @@ def test_chat_template_and_streaming_detokenizer():
         CausalLM(tokenizer=byte_bpe()).prompt_text("hi", chat=True)
 
 
+def test_generation_says_why_it_ended():
+    from dapeng.tasks.causal_lm import Generation
+
+    tok = CausalLM(tokenizer=byte_bpe()).tokenizer
+    ids = tok.encode("the cat sat", add_special_tokens=False).ids
+    ran_out = Generation(tok, iter(ids), set(), ())
+    assert ran_out.finish_reason is None and "".join(ran_out) == "the cat sat" and ran_out.finish_reason == "length"
+    stop_token = Generation(tok, iter(ids[:2] + [999] + ids[2:]), {999}, ())
+    assert "".join(stop_token) == tok.decode(ids[:2]) and stop_token.finish_reason == "stop"
+    stop_string = Generation(tok, iter(ids), set(), (" sat",))
+    assert "".join(stop_string) == "the cat" and stop_string.finish_reason == "stop"
+
+
 def _finetune_config(tmp_path, init, **model_keys):
     from dapeng.config import RunConfig
 

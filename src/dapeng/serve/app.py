@@ -616,12 +616,12 @@ def _add_openai_routes(router: APIRouter, state: ServeState, bodies: Any) -> Non
                 }
 
             return _sse(state, slot, body.prompt, kwargs, chunk)  # type: ignore[attr-defined]
-        text = await _generate(state, slot, body.prompt, kwargs)  # type: ignore[attr-defined]
+        text, finish = await _generate(state, slot, body.prompt, kwargs)  # type: ignore[attr-defined]
         return Completion(
             id=ident,
             created=created,
             model=slot.name,
-            choices=[{"index": 0, "text": text, "finish_reason": "stop"}],
+            choices=[{"index": 0, "text": text, "finish_reason": finish}],
         )
 
     @router.post(
@@ -652,18 +652,24 @@ def _add_openai_routes(router: APIRouter, state: ServeState, bodies: Any) -> Non
                 }
 
             return _sse(state, slot, prompt, kwargs, chunk)
-        text = await _generate(state, slot, prompt, kwargs)
+        text, finish = await _generate(state, slot, prompt, kwargs)
         return ChatCompletion(
             id=ident,
             created=created,
             model=slot.name,
-            choices=[{"index": 0, "message": {"content": text}, "finish_reason": "stop"}],
+            choices=[{"index": 0, "message": {"content": text}, "finish_reason": finish}],
         )
 
 
-async def _generate(state: ServeState, slot: ModelSlot, prompt: Any, kwargs: dict[str, Any]) -> str:
-    result = await _in_worker(state, slot, lambda: slot.pipeline.generate(prompt, **kwargs), ("prompt",))
-    return result if isinstance(result, str) else "".join(result)
+async def _generate(state: ServeState, slot: ModelSlot, prompt: Any, kwargs: dict[str, Any]) -> tuple[str, str]:
+    """The generated text and why it ended ("stop": a stop token or string; "length": the token budget)."""
+
+    def run() -> tuple[str, str]:
+        pieces = slot.pipeline.generate(prompt, stream=True, **kwargs)
+        text = "".join(pieces)
+        return text, getattr(pieces, "finish_reason", None) or "stop"
+
+    return await _in_worker(state, slot, run, ("prompt",))
 
 
 def _sse(
@@ -685,15 +691,18 @@ def _sse(
     cancelled = threading.Event()
 
     def produce() -> None:
+        finish = None
         try:
-            for piece in slot.pipeline.generate(prompt, stream=True, **kwargs):
+            generation = slot.pipeline.generate(prompt, stream=True, **kwargs)
+            for piece in generation:
                 if cancelled.is_set():
                     break
                 loop.call_soon_threadsafe(pieces.put_nowait, ("piece", piece))
+            finish = getattr(generation, "finish_reason", None)
         except Exception as err:
             loop.call_soon_threadsafe(pieces.put_nowait, ("error", err))
         finally:
-            loop.call_soon_threadsafe(pieces.put_nowait, ("end", None))
+            loop.call_soon_threadsafe(pieces.put_nowait, ("end", finish or "stop"))
 
     loop.run_in_executor(slot.executor, produce)
 
@@ -707,7 +716,7 @@ def _sse(
                     log.error("generation failed for model %s: %s", slot.name, value)
                     yield f"data: {json.dumps({'error': {'message': str(value)}})}\n\n"
                 else:
-                    yield f"data: {json.dumps(chunk('', 'stop'))}\n\n"
+                    yield f"data: {json.dumps(chunk('', value))}\n\n"
                     yield "data: [DONE]\n\n"
                     return
         finally:

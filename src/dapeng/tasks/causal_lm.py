@@ -257,7 +257,7 @@ class CausalLM:
         chat: bool = False,
         system: str | None = None,
         seed: int | None = None,
-    ) -> str | Iterator[str]:
+    ) -> str | Generation:
         """Continue `prompt` (a string, or chat messages `[{"role", "content"}]`).
 
         Args:
@@ -273,7 +273,8 @@ class CausalLM:
             seed: seed for reproducible sampling.
 
         Returns:
-            The generated text (without the prompt), or an iterator over its pieces.
+            The generated text (without the prompt), or with `stream=True` a `Generation`: an
+            iterator over its pieces whose `finish_reason` ("stop" or "length") is set at the end.
         """
         if max_new_tokens < 1:
             raise DataError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -295,24 +296,49 @@ class CausalLM:
         top_p: float | None,
         stop: tuple[str, ...],
         seed: int | None,
-    ) -> Iterator[str]:
+    ) -> Generation:
         device = next(model.parameters()).device
         generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         tokens = model.generate(
             torch.tensor([ids], device=device), max_new_tokens=max_new_tokens, temperature=temperature,
             top_k=top_k, top_p=top_p, stop_ids=self.stop_ids or (), stream=True, generator=generator,
         )
-        yield from _detokenize(self.tokenizer, tokens, set(self.stop_ids or ()), stop)
+        return Generation(self.tokenizer, tokens, set(self.stop_ids or ()), stop)
 
 
-def _detokenize(tokenizer: Any, tokens: Iterator[int], stop_ids: set[int], stop: tuple[str, ...]) -> Iterator[str]:
-    """Turn a token stream into text pieces: whole UTF-8 characters only, stop ids and stop strings cut."""
+class Generation(Iterator[str]):
+    """The text pieces of one generation; once they are all read, `finish_reason` says why it ended.
+
+    "stop": a stop token or stop string ended it; "length": the token budget (max_new_tokens or
+    the model's context) ran out. None while pieces remain (OpenAI's `finish_reason`).
+    """
+
+    def __init__(self, tokenizer: Any, tokens: Iterator[int], stop_ids: set[int], stop: tuple[str, ...]) -> None:
+        self.finish_reason: str | None = None
+        self._pieces = _detokenize(tokenizer, tokens, stop_ids, stop, self)
+
+    def __iter__(self) -> Generation:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+
+def _detokenize(
+    tokenizer: Any, tokens: Iterator[int], stop_ids: set[int], stop: tuple[str, ...], outcome: Any = None
+) -> Iterator[str]:
+    """Turn a token stream into text pieces: whole UTF-8 characters only, stop ids and stop strings cut.
+
+    With `outcome`, its `finish_reason` is set when the stream ends: "stop" or "length".
+    """
     new: list[int] = []
     emitted = 0
     hold = max((len(s) for s in stop), default=1) - 1  # chars kept back while a stop string may be forming
     text = ""
+    reason = "length"
     for token in tokens:
         if token in stop_ids:
+            reason = "stop"
             break
         new.append(token)
         text = tokenizer.decode(new, skip_special_tokens=True)
@@ -320,6 +346,8 @@ def _detokenize(tokenizer: Any, tokens: Iterator[int], stop_ids: set[int], stop:
             continue  # a multi-byte character is still incomplete
         cut = _stop_at(text, stop, max(0, emitted - hold))
         if cut >= 0:
+            if outcome is not None:
+                outcome.finish_reason = "stop"
             if cut > emitted:
                 yield text[emitted:cut]
             return
@@ -327,6 +355,8 @@ def _detokenize(tokenizer: Any, tokens: Iterator[int], stop_ids: set[int], stop:
             yield text[emitted : len(text) - hold]
             emitted = len(text) - hold
     cut = _stop_at(text, stop, max(0, emitted - hold))
+    if outcome is not None:
+        outcome.finish_reason = "stop" if cut >= 0 else reason
     end = cut if cut >= 0 else len(text)
     if end > emitted:
         yield text[emitted:end]
