@@ -8,18 +8,7 @@ import pytest
 import dapeng
 from dapeng.cli.main import main
 
-pytestmark = [pytest.mark.data, pytest.mark.slow]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: on busy shared cores a second one is often descheduled and stalls every op."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.data, pytest.mark.slow]
 
 
 def test_generate_cli_streams_and_chat(capsys):

@@ -11,14 +11,7 @@ from dapeng.errors import CheckpointError, ModelError
 from dapeng.hub.convert_bert import read_bert_folder
 from dapeng.hub.convert_gguf import build_tokenizer, read_gguf
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids waiting on a descheduled second one on busy shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 CONFIG = {"vocab_size": 40, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 4,

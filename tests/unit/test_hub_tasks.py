@@ -23,14 +23,7 @@ from dapeng.tasks.causal_lm import CausalLM, _detokenize, render_chat
 from dapeng.tasks.embedding import SentenceEmbedding
 from dapeng.train.optim import build_optimizer, build_schedule
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids waiting on a descheduled second one on busy shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY_ENCODER = {"vocab_size": 60, "num_labels": 2, "pad_id": 0, "hidden": 16, "layers": 3, "heads": 2,

@@ -6,14 +6,7 @@ from torch import nn
 
 from dapeng.layers.lora import LoRALinear, apply_lora, lora_parameters, merge_lora, trainable_fraction
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids waiting on a descheduled second one on busy shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Block(nn.Module):

@@ -97,7 +97,7 @@ def query_weights(length: int, batch: int, mask: torch.Tensor | None, pooling: s
         q = torch.zeros(batch, length)
         q[:, 0] = 1.0
         return q
-    q = torch.ones(batch, length) if mask is None else mask.float().cpu()
+    q = torch.ones(batch, length) if mask is None else mask.float().expand(batch, length)
     return q / q.sum(1, keepdim=True).clamp_min(1)
 
 
@@ -133,14 +133,10 @@ def token_importance(roll: torch.Tensor, mask: torch.Tensor | None, pooling: str
     """What the model's pooled output draws from each token: (B, T).
 
     A [CLS]-pooled encoder reads row 0 of the rollout; a mean- or max-pooled one reads
-    every real token, so its rows are averaged.
+    every real token, so its rows are averaged (`query_weights`).
     """
-    if pooling == "cls":
-        return roll[:, 0]
-    if mask is None:
-        return roll.mean(1)
-    weights = mask.float().unsqueeze(-1)  # (B, T, 1)
-    return (roll * weights).sum(1) / weights.sum(1).clamp_min(1)
+    queries = query_weights(roll.shape[1], roll.shape[0], mask, pooling).to(roll.device)
+    return torch.einsum("bt,bts->bs", queries, roll)
 
 
 def prompt_attention(

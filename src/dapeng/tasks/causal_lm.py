@@ -15,7 +15,7 @@ tokens and stop strings) and returns the text, or an iterator of text pieces wit
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -315,21 +315,25 @@ class Generation(Iterator[str]):
 
     def __init__(self, tokenizer: Any, tokens: Iterator[int], stop_ids: set[int], stop: tuple[str, ...]) -> None:
         self.finish_reason: str | None = None
-        self._pieces = _detokenize(tokenizer, tokens, stop_ids, stop, self)
+        self._pieces = _detokenize(tokenizer, tokens, stop_ids, stop)
 
     def __iter__(self) -> Generation:
         return self
 
     def __next__(self) -> str:
-        return next(self._pieces)
+        try:
+            return next(self._pieces)
+        except StopIteration as done:  # the generator returns its finish reason
+            self.finish_reason = done.value
+            raise
 
 
 def _detokenize(
-    tokenizer: Any, tokens: Iterator[int], stop_ids: set[int], stop: tuple[str, ...], outcome: Any = None
-) -> Iterator[str]:
+    tokenizer: Any, tokens: Iterator[int], stop_ids: set[int], stop: tuple[str, ...]
+) -> Generator[str, None, str]:
     """Turn a token stream into text pieces: whole UTF-8 characters only, stop ids and stop strings cut.
 
-    With `outcome`, its `finish_reason` is set when the stream ends: "stop" or "length".
+    Returns (as the generator's value) why the stream ended: "stop" or "length".
     """
     new: list[int] = []
     emitted = 0
@@ -346,20 +350,17 @@ def _detokenize(
             continue  # a multi-byte character is still incomplete
         cut = _stop_at(text, stop, max(0, emitted - hold))
         if cut >= 0:
-            if outcome is not None:
-                outcome.finish_reason = "stop"
             if cut > emitted:
                 yield text[emitted:cut]
-            return
+            return "stop"
         if len(text) - hold > emitted:
             yield text[emitted : len(text) - hold]
             emitted = len(text) - hold
     cut = _stop_at(text, stop, max(0, emitted - hold))
-    if outcome is not None:
-        outcome.finish_reason = "stop" if cut >= 0 else reason
     end = cut if cut >= 0 else len(text)
     if end > emitted:
         yield text[emitted:end]
+    return "stop" if cut >= 0 else reason
 
 
 def _stop_at(text: str, stop: tuple[str, ...], start: int) -> int:
