@@ -2,6 +2,8 @@
 
     python benchmarks/classification.py                      # everything (long: an hour or more on 2 cores)
     python benchmarks/classification.py --datasets rotten-tomatoes --seeds 3
+    python benchmarks/classification.py --datasets fashion-mnist --models resnet-small   # CPU-sized
+    python benchmarks/classification.py --datasets fashion-mnist --example resnet=my.yaml  # another config
     python benchmarks/classification.py --quick              # small slices, one epoch (CI)
 
 For each data set, on its canonical split (`dapeng data info NAME`):
@@ -36,7 +38,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES: dict[str, dict[str, str]] = {
-    "fashion-mnist": {"resnet": "examples/fashion-mnist-cnn.yaml"},
+    # `resnet` is sized for a GPU (4 minutes on an H200, many hours on 2 CPU cores in fp32);
+    # `resnet-small` for a CPU budget: `--models resnet-small` on a machine without a GPU.
+    "fashion-mnist": {"resnet": "examples/fashion-mnist-resnet.yaml", "resnet-small": "examples/fashion-mnist-cnn.yaml"},
     "rotten-tomatoes": {
         "bilstm": "examples/rotten-tomatoes-bilstm.yaml",
         "transformer": "examples/rotten-tomatoes-transformer.yaml",
@@ -115,6 +119,7 @@ def summarize(runs: list[dict[str, Any]], path: str) -> dict[str, Any]:
         "wall_s": statistics.fmean(r["wall_s"] for r in runs),
         "examples_per_s": statistics.fmean(r["examples_per_s"] or 0.0 for r in runs),
         "epochs": runs[0]["epochs"],
+        "precision": runs[0]["precision"],
         "seeds": len(runs),
         "config": path,
     }
@@ -217,7 +222,7 @@ def ablation(
     )
 
 
-def env_info(threads: int) -> dict[str, Any]:
+def env_info(threads: int, precisions: list[str]) -> dict[str, Any]:
     import torch
 
     from dapeng.train.precision import bf16_supported
@@ -230,14 +235,18 @@ def env_info(threads: int) -> dict[str, Any]:
                 break
     except OSError:
         pass
+    cuda = torch.cuda.is_available()
     return {
         "threads": threads,
-        "precision": "bf16" if bf16_supported(torch.device("cpu")) else "fp32",
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "precision": ",".join(precisions) or ("bf16" if bf16_supported(torch.device("cpu")) else "fp32"),
         "torch": torch.__version__,
         "cpu": cpu,
         "cores": os.cpu_count(),
         "load_average_at_end": os.getloadavg()[0],
-        "note": "shared 2-core machine; other jobs ran at the same time, so times are noisy",
+        "note": "a GPU trained the models; the baseline ran on this machine's CPU"
+        if cuda
+        else "shared 2-core machine; other jobs ran at the same time, so times are noisy",
     }
 
 
@@ -265,6 +274,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--epochs", type=int, default=None, help="override every example's epochs (CPU budget)"
     )
+    parser.add_argument(
+        "--example",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="train the config at PATH as example NAME of the chosen data set (replaces or adds one)",
+    )
     parser.add_argument("--skip-baseline", action="store_true", help="train the examples only")
     parser.add_argument("--baseline-only", action="store_true", help="the baselines (and --ablation) only")
     args = parser.parse_args(argv)
@@ -278,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     ratios: dict[str, float] = {}
     for dataset in args.datasets:
         results[dataset] = {}
-        examples = {k: v for k, v in EXAMPLES[dataset].items() if args.models is None or k in args.models}
+        examples = {**EXAMPLES[dataset], **dict(e.split("=", 1) for e in args.example)}
+        examples = {k: v for k, v in examples.items() if args.models is None or k in args.models}
         seeds = 1 if args.quick else (args.image_seeds if dataset == "fashion-mnist" else args.seeds)
         if args.baseline_only:
             results[dataset]["baseline"] = baseline(dataset, args.quick)
@@ -311,7 +328,9 @@ def main(argv: list[str] | None = None) -> int:
             ratios[f"{dataset}.{model}.accuracy_vs_baseline"] = (
                 results[dataset][model]["test_accuracy"] / base["test_accuracy"]
             )
-    print(json.dumps({"results": results, "ratios": ratios, "env": env_info(args.threads)}), flush=True)
+    precisions = sorted({r["precision"] for d in results.values() for r in d.values() if r.get("precision")})
+    env = env_info(args.threads, precisions)
+    print(json.dumps({"results": results, "ratios": ratios, "env": env}), flush=True)
     return 0
 
 

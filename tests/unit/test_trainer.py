@@ -105,7 +105,7 @@ def test_gradient_clipping_bounds_the_update():
     task, model, train, _ = setup(n=8, dropout=0.0)
     before = [p.detach().clone() for p in model.parameters()]
     Trainer(model, task, epochs=1, batch_size=8, optimizer="sgd", lr=1.0, grad_clip=1e-3, precision="fp32").fit(train)
-    change = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
+    change = torch.cat([(p.detach().cpu() - b.cpu()).flatten() for p, b in zip(model.parameters(), before)])
     assert change.norm().item() == pytest.approx(1e-3, rel=1e-3)  # one SGD step of lr·(clipped grad)
 
 
