@@ -6,8 +6,10 @@
 In one run, on the same batches, precision and thread count:
 * dapeng's `transformer` (BERT layout, sequence classification) against a hand-written
   nanoGPT-style encoder of the same size (fused qkv projection, SDPA, GELU MLP);
-* dapeng's `lm` (Llama layout; `kv_heads = heads` so both sides have the same parameters and
-  FLOPs) against a nanoGPT-style GPT of the same size;
+* dapeng's `lm` (Llama layout, `kv_heads = heads`) against the same architecture hand-written
+  nanoGPT-style, as Karpathy's llama2.c `model.py` writes it (`decoder_vs_reference`), and
+  against nanoGPT's GPT-2 of the same size (`decoder_vs_gpt2_reference`: LayerNorm, GELU MLP and
+  learned positions do less element-wise work per token than RMSNorm, SwiGLU and RoPE);
 * the machine's matmul peak (fp32 and bf16), to turn achieved FLOP/s into a fraction.
 
 Steps of the two sides alternate and the median step time counts, so background load on a
@@ -88,6 +90,59 @@ class RefTransformer(nn.Module):
         if self.head is not None:
             return self.head(x.mean(dim=1))  # (B, K)
         return F.linear(x, self.wte.weight)  # (B, T, V), tied
+
+
+class RefLlamaBlock(nn.Module):
+    """A Llama block as Karpathy's llama2.c `model.py` writes it (nanoGPT's style, Llama's layout).
+
+    RMSNorm as its formula, rotary positions by complex multiplication of adjacent pairs,
+    separate q/k/v projections, SDPA, and SwiGLU `w2(silu(w1(x)) * w3(x))`.
+    """
+
+    def __init__(self, dim: int, heads: int, hidden: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.heads, self.eps = heads, eps
+        self.attention_norm, self.ffn_norm = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.ones(dim))
+        self.wq, self.wk, self.wv, self.wo = (nn.Linear(dim, dim, bias=False) for _ in range(4))
+        self.w1, self.w3 = nn.Linear(dim, hidden, bias=False), nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * weight
+
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        h = self.norm(x, self.attention_norm)
+        q, k, v = (w(h).view(b, t, self.heads, d // self.heads) for w in (self.wq, self.wk, self.wv))
+        q, k = (torch.view_as_real(torch.view_as_complex(z.float().reshape(*z.shape[:-1], -1, 2)) * freqs_cis)
+                .flatten(3).type_as(z) for z in (q, k))  # (B, T, H, Dh)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        x = x + self.wo(y.transpose(1, 2).reshape(b, t, d))
+        h = self.norm(x, self.ffn_norm)
+        return x + self.w2(F.silu(self.w1(h)) * self.w3(h))
+
+
+class RefLlama(nn.Module):
+    """llama2.c's Transformer: the same architecture as dapeng's `lm`, hand-written nanoGPT-style."""
+
+    def __init__(self, vocab: int, dim: int, layers: int, heads: int, hidden: int, seq: int,
+                 theta: float = 10000.0) -> None:
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(vocab, dim)
+        self.layers = nn.ModuleList(RefLlamaBlock(dim, heads, hidden) for _ in range(layers))
+        self.norm = nn.Parameter(torch.ones(dim))
+        head_dim = dim // heads
+        freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
+        angles = torch.outer(torch.arange(seq).float(), freqs)  # (T, Dh/2)
+        self.register_buffer("freqs_cis", torch.polar(torch.ones_like(angles), angles)[:, None, :], persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.tok_embeddings(ids)
+        freqs_cis = self.freqs_cis[: ids.shape[1]]  # (T, 1, Dh/2)
+        for layer in self.layers:
+            x = layer(x, freqs_cis)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * self.norm
+        return F.linear(x, self.tok_embeddings.weight)  # (B, T, V), tied
 
 
 def matmul_peak(dtype: torch.dtype, budget_s: float = 2.0, now: Callable[[], float] = time.perf_counter) -> float:
@@ -189,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     swiglu = 16 * round(8 * dim / 3 / 16)
     decoder = MODELS.create("lm", vocab_size=vocab, hidden=dim, layers=layers, heads=heads, kv_heads=heads,
                             intermediate=swiglu, max_positions=seq)
-    ref_decoder = RefTransformer(vocab, dim, layers, heads, 4 * dim, seq, causal=True)
+    ref_decoder = RefLlama(vocab, dim, layers, heads, swiglu, seq)
+    gpt_decoder = RefTransformer(vocab, dim, layers, heads, 4 * dim, seq, causal=True)
 
     def classify(model: nn.Module) -> torch.Tensor:
         logits = model(ids, mask) if getattr(model, "_orig_mod", model) is encoder else model(ids)
@@ -202,17 +258,18 @@ def main(argv: list[str] | None = None) -> int:
     peaks = {"fp32": matmul_peak(torch.float32, now=now), "bf16": matmul_peak(torch.bfloat16, now=now)}
     results: dict[str, Any] = {"matmul_peak_gflops": {k: round(v / 1e9, 2) for k, v in peaks.items()}}
     ratios: dict[str, float] = {}
-    for kind, ours, ref, loss_fn in (
-        ("encoder", encoder, ref_encoder, classify),
-        ("decoder", decoder, ref_decoder, next_token),
+    for kind, ours, refs, loss_fn in (
+        ("encoder", encoder, {"reference": ref_encoder}, classify),
+        ("decoder", decoder, {"reference": ref_decoder, "gpt2_reference": gpt_decoder}, next_token),
     ):
-        flops = {"dapeng": step_flops(ours, loss_fn, autocast), "reference": step_flops(ref, loss_fn, autocast)}
-        timed = {"dapeng": ours, "reference": ref}
+        models = {"dapeng": ours, **refs}
+        flops = {side: step_flops(model, loss_fn, autocast) for side, model in models.items()}
+        timed = dict(models)
         if args.compile:  # compiled after counting FLOPs on the eager models; warm-up steps absorb the compile
             timed = {side: torch.compile(model) for side, model in timed.items()}
         secs = race({side: (model, loss_fn) for side, model in timed.items()}, steps, warmup, autocast, now)
         tokens = batch * seq
-        for side, model in (("dapeng", ours), ("reference", ref)):
+        for side, model in models.items():
             achieved = flops[side] / secs[side]
             results[f"{kind}_{side}"] = {
                 "params": params(model),
@@ -224,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
                 "fraction_of_fp32_peak": round(achieved / peaks["fp32"], 3),
                 "fraction_of_bf16_peak": round(achieved / peaks["bf16"], 3),
             }
-        ratios[f"{kind}_vs_reference"] = round(secs["reference"] / secs["dapeng"], 3)
+        for side in refs:
+            ratios[f"{kind}_vs_{side}"] = round(secs[side] / secs["dapeng"], 3)
         # the issue's figure, computed literally (achieved ÷ the bf16 peak), and the one against fp32
         results[f"{kind}_fraction_of_bf16_peak"] = results[f"{kind}_dapeng"]["fraction_of_bf16_peak"]
         results[f"{kind}_fraction_of_fp32_peak"] = results[f"{kind}_dapeng"]["fraction_of_fp32_peak"]
