@@ -41,6 +41,7 @@ def evaluate(model: torch.nn.Module, task, loader: DataLoader, precision: str, d
     metric, total, count = task.metric(), 0.0, 0
     with eval_mode(model), autocast(precision, device):
         for batch in loader:
+            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
             loss, outputs = task.loss(model, batch)
             total += loss.item() * batch_size_of(batch)
             count += batch_size_of(batch)

@@ -221,7 +221,7 @@ def test_lora_from_a_config_trains_adapters_only_and_saves_a_merged_model(pretra
     result = train(cfg, tmp_path / "run", progress=False)
     fraction = result["metrics"]["train"]["trainable_fraction"]
     assert 0 < fraction < 0.2
-    saved = dapeng.load(tmp_path / "run", precision="fp32").model
+    saved = dapeng.load(tmp_path / "run", precision="fp32").model.cpu()
     keys = saved.state_dict().keys()
     assert not any("lora" in k or ".base." in k for k in keys)  # merged: the plain architecture
     # the frozen parts are the pretrained weights; the adapted ones moved
@@ -238,7 +238,7 @@ def test_freeze_from_a_config_keeps_the_lowest_groups(pretrained, tmp_path):
 
     path, source = pretrained
     train(_finetune_config(tmp_path, path, freeze=2), tmp_path / "run", progress=False)
-    saved = dapeng.load(tmp_path / "run", precision="fp32").model.state_dict()
+    saved = dapeng.load(tmp_path / "run", precision="fp32").model.cpu().state_dict()
     ref = source.state_dict()
     frozen = [k for k in ref if k.startswith(("embeddings.", "layers.0."))]
     assert frozen and all(torch.equal(saved[k], ref[k]) for k in frozen)

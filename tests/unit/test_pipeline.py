@@ -14,6 +14,7 @@ import torch
 import dapeng
 from dapeng.errors import CheckpointError, DapengError
 from dapeng.pipeline import InputError, Pipeline, to_json
+from dapeng.train.precision import autocast
 
 WORDS = ["good", "great", "fine", "bad", "awful", "poor", "film", "plot", "the", "a"]
 
@@ -69,8 +70,9 @@ def test_predict_matches_the_model_run_by_hand(pipe):
     texts = ["good film", "the plot was awful and poor", "a"]
     outputs = pipe.predict(texts)
     batch = pipe.task.collate(pipe.task.encode([{"text": t} for t in texts]))
-    with torch.no_grad():
-        probs = pipe.model(batch["input_ids"], batch["attention_mask"]).softmax(-1)
+    batch = {k: v.to(pipe.device) for k, v in batch.items()}
+    with torch.no_grad(), autocast(pipe.precision, pipe.device):
+        probs = pipe.model(batch["input_ids"], batch["attention_mask"]).float().softmax(-1).cpu()
     for out, row in zip(outputs, probs):
         assert out["label"] == pipe.labels[int(row.argmax())]
         assert [out["probabilities"][k] for k in pipe.labels] == pytest.approx(row.tolist(), abs=1e-5)
