@@ -261,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         "--seeds", type=int, default=3, help="seeds per example (text); images use --image-seeds"
     )
     parser.add_argument("--image-seeds", type=int, default=1)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds run from here (split seeds across machines)")
     parser.add_argument(
         "--ablation", action="store_true", help="also train the first example without augmentation"
     )
@@ -306,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             examples = {}
         for model, path in examples.items():
             runs = []
-            for seed in range(seeds):
+            for seed in range(args.first_seed, args.first_seed + seeds):
                 log(f"[{dataset}] {model} seed {seed}")
                 out = out_root / f"{dataset}-{model}-s{seed}"
                 runs.append(run_example(path, seed, out, args.quick, epochs=args.epochs))
