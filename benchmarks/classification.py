@@ -1,6 +1,6 @@
 """Classification on real data: each example config against a tuned classical baseline, same split.
 
-    python benchmarks/classification.py                      # everything (long: an hour or more on 2 cores)
+    python benchmarks/classification.py                      # everything: minutes on a GPU, a day on 2 CPU cores
     python benchmarks/classification.py --datasets rotten-tomatoes --seeds 3
     python benchmarks/classification.py --datasets fashion-mnist --models resnet-small   # CPU-sized
     python benchmarks/classification.py --datasets fashion-mnist --example resnet=my.yaml  # another config
