@@ -143,6 +143,20 @@ def test_glove_init_copies_vectors(monkeypatch):
         task.init_model(TinyText(**task.model_kwargs(), embed_dim=8))
 
 
+def test_glove_vocab_gives_unseen_words_their_vectors(monkeypatch):
+    vectors = np.arange(4 * 50, dtype=np.float32).reshape(4, 50)
+    index = {"the": 0, "film": 1, "superb": 2, "dreary": 3}  # by frequency, as GloVe lists them
+    monkeypatch.setattr(glove, "load_glove", lambda: (index, vectors))
+    task = text_task(glove=True, glove_vocab=3)  # the 3 most frequent: "superb" gets an id, "dreary" not
+    assert task.tokenizer.encode("superb dreary").tokens[1:3] == ["superb", "[UNK]"]
+    model = TinyText(**task.model_kwargs(), embed_dim=50)
+    task.init_model(model)
+    weight = model.get_input_embeddings().weight
+    assert torch.equal(weight[task.tokenizer.token_to_id("superb")], torch.from_numpy(vectors[2]))
+    with pytest.raises(ConfigError, match="glove_vocab needs glove: true"):
+        text_task(glove_vocab=3)
+
+
 def test_text_augmentation_only_in_training():
     task = text_task(augment={"token_dropout": 0.9})
     model = TinyText(**task.model_kwargs())

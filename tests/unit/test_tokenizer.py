@@ -6,6 +6,7 @@ import torch
 from dapeng.data.tokenizers import (
     LengthBucketSampler,
     encode_texts,
+    extend_word_vocab,
     load_tokenizer,
     pad_batch,
     tokenizer_json,
@@ -35,6 +36,19 @@ def test_word_tokenizer_maps_unknown_words_to_unk():
     tok = train_tokenizer(TEXTS, kind="word", vocab_size=300)
     assert tok.encode("zyzzyva").tokens[1] == "[UNK]"
     assert "film" in vocab_words(tok) and "[PAD]" not in vocab_words(tok)
+
+
+def test_extending_a_word_vocabulary_keeps_ids_and_adds_words():
+    tok = train_tokenizer(TEXTS, kind="word", vocab_size=300)
+    before = tok.get_vocab()
+    assert extend_word_vocab(tok, ["film", "zyzzyva", "marvellous"]) == 2  # "film" already has an id
+    after = tok.get_vocab()
+    assert all(after[t] == i for t, i in before.items())
+    assert {after["zyzzyva"], after["marvellous"]} == {len(before), len(before) + 1}
+    tokens = tok.encode("A marvellous zyzzyva film").tokens
+    assert tokens == ["[CLS]", "a", "marvellous", "zyzzyva", "film", "[SEP]"]
+    with pytest.raises(DataError, match="word tokenizer"):
+        extend_word_vocab(train_tokenizer(TEXTS, kind="wordpiece", vocab_size=300), ["film"])
 
 
 def test_truncation_keeps_sep():

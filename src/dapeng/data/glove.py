@@ -56,6 +56,12 @@ def glove_matrix(vocab: Mapping[str, int], num_tokens: int) -> tuple[np.ndarray,
     return out, found
 
 
+def frequent_words(n: int) -> list[str]:
+    """GloVe's `n` most frequent words (its files list words by corpus frequency)."""
+    index, _ = load_glove()
+    return [w for w, row in index.items() if row < n]
+
+
 def glove_neighbours(
     vocab: Mapping[str, int], num_tokens: int, k: int = 5, min_similarity: float = 0.6
 ) -> np.ndarray:

@@ -85,6 +85,26 @@ def train_tokenizer(
     return tok
 
 
+def extend_word_vocab(tokenizer, words: Iterable[str]) -> int:
+    """Give `words` ids after the trained ones in a word-level tokenizer; returns how many were new.
+
+    The ids already given stay as they are, as do normalisation, pre-tokenisation and the
+    [CLS]/[SEP] template: only the WordLevel model is rebuilt with the longer vocabulary.
+    """
+    from tokenizers import models
+
+    spec = json.loads(tokenizer.to_str())["model"]
+    if spec["type"] != "WordLevel":
+        raise DataError(f"only a word tokenizer's vocabulary can be extended, not a {spec['type']} one",
+                        "set task_options.tokenizer: word")
+    vocab = dict(spec["vocab"])
+    before = len(vocab)
+    for word in words:
+        vocab.setdefault(word, len(vocab))
+    tokenizer.model = models.WordLevel(vocab, unk_token=spec["unk_token"])
+    return len(vocab) - before
+
+
 def load_tokenizer(source: str | Path):
     """A tokenizer from a tokenizer.json path or its JSON text."""
     from tokenizers import Tokenizer

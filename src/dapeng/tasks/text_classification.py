@@ -45,6 +45,12 @@ class TextOptions(Options):
     max_length: int = Field(256, gt=2)
     special_tokens: bool = Field(True, description="wrap texts in [CLS] … [SEP]")
     glove: bool = Field(False, description="initialise word embeddings from GloVe-6B-50d (embed_dim 50)")
+    glove_vocab: int = Field(
+        0,
+        ge=0,
+        description="with glove: true and the word tokenizer, also give GloVe's N most frequent words ids: "
+        "words never seen in training keep their pretrained vectors instead of becoming [UNK]",
+    )
     freeze_embeddings: bool = False
     augment: TextAugmentOptions = Field(default_factory=TextAugmentOptions)
 
@@ -79,7 +85,21 @@ class TextClassificationTask(ClassificationTask):
                 self.options.lowercase,
                 self.options.min_frequency,
             )
+            if self.options.glove_vocab:
+                self._extend_with_glove()
         self._finish_tokenizer()
+
+    def _extend_with_glove(self) -> None:
+        """Append GloVe's most frequent words to the trained word vocabulary (`glove_vocab`)."""
+        from dapeng.data.glove import frequent_words
+        from dapeng.data.tokenizers import extend_word_vocab
+
+        if not self.options.glove or self.options.tokenizer != "word":
+            raise ConfigError(
+                "task_options.glove_vocab needs glove: true and tokenizer: word",
+                "set both, or glove_vocab: 0",
+            )
+        extend_word_vocab(self.tokenizer, frequent_words(self.options.glove_vocab))
 
     def _finish_tokenizer(self) -> None:
         from dapeng.data.tokenizers import PAD, UNK, special_id
