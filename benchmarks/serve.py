@@ -6,7 +6,7 @@ and the Pipeline called in-process, all in one run on the same model and inputs.
 
 The model is the text classifier of `examples/rotten-tomatoes-bilstm.yaml` (a bidirectional
 LSTM over GloVe-50 word vectors, ~1.1M parameters: the most accurate of the classification
-examples, 79.0% test over 3 seeds), built as `dapeng train` builds it (word tokenizer learned
+examples, 78.9% test over 3 seeds), built as `dapeng train` builds it (word tokenizer learned
 on the Rotten Tomatoes training split) and cached under $DAPENG_HOME/bench. Its weights are
 not trained: throughput does not depend on them.
 `--example transformer|cnn` serves another classification example's model, `--encoder-10m` a
