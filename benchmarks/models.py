@@ -92,6 +92,11 @@ class RefTransformer(nn.Module):
         return F.linear(x, self.wte.weight)  # (B, T, V), tied
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """llama2.c's RMSNorm, written as its formula."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
 class RefLlamaBlock(nn.Module):
     """A Llama block as Karpathy's llama2.c `model.py` writes it (nanoGPT's style, Llama's layout).
 
@@ -107,18 +112,15 @@ class RefLlamaBlock(nn.Module):
         self.w1, self.w3 = nn.Linear(dim, hidden, bias=False), nn.Linear(dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
 
-    def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * weight
-
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
-        h = self.norm(x, self.attention_norm)
+        h = rms_norm(x, self.attention_norm, self.eps)
         q, k, v = (w(h).view(b, t, self.heads, d // self.heads) for w in (self.wq, self.wk, self.wv))
         q, k = (torch.view_as_real(torch.view_as_complex(z.float().reshape(*z.shape[:-1], -1, 2)) * freqs_cis)
                 .flatten(3).type_as(z) for z in (q, k))  # (B, T, H, Dh)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
         x = x + self.wo(y.transpose(1, 2).reshape(b, t, d))
-        h = self.norm(x, self.ffn_norm)
+        h = rms_norm(x, self.ffn_norm, self.eps)
         return x + self.w2(F.silu(self.w1(h)) * self.w3(h))
 
 
@@ -141,7 +143,7 @@ class RefLlama(nn.Module):
         freqs_cis = self.freqs_cis[: ids.shape[1]]  # (T, 1, Dh/2)
         for layer in self.layers:
             x = layer(x, freqs_cis)
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * self.norm
+        x = rms_norm(x, self.norm)
         return F.linear(x, self.tok_embeddings.weight)  # (B, T, V), tied
 
 

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from torch import nn
 
 from dapeng.data.augment import TextAugment
@@ -53,6 +53,13 @@ class TextOptions(Options):
     )
     freeze_embeddings: bool = False
     augment: TextAugmentOptions = Field(default_factory=TextAugmentOptions)
+
+    @field_validator("glove_vocab")
+    @classmethod
+    def _glove_vocab_needs_glove_words(cls, n: int, info: ValidationInfo) -> int:
+        if n and (not info.data.get("glove") or info.data.get("tokenizer") != "word"):
+            raise ValueError("glove_vocab needs glove: true and tokenizer: word (or glove_vocab: 0)")
+        return n
 
 
 class TextClassificationTask(ClassificationTask):
@@ -94,11 +101,6 @@ class TextClassificationTask(ClassificationTask):
         from dapeng.data.glove import frequent_words
         from dapeng.data.tokenizers import extend_word_vocab
 
-        if not self.options.glove or self.options.tokenizer != "word":
-            raise ConfigError(
-                "task_options.glove_vocab needs glove: true and tokenizer: word",
-                "set both, or glove_vocab: 0",
-            )
         extend_word_vocab(self.tokenizer, frequent_words(self.options.glove_vocab))
 
     def _finish_tokenizer(self) -> None:
