@@ -667,7 +667,7 @@ async def _generate(state: ServeState, slot: ModelSlot, prompt: Any, kwargs: dic
     def run() -> tuple[str, str]:
         pieces = slot.pipeline.generate(prompt, stream=True, **kwargs)
         text = "".join(pieces)
-        return text, pieces.finish_reason
+        return text, getattr(pieces, "finish_reason", None) or "stop"  # any iterator of text serves
 
     return await _in_worker(state, slot, run, ("prompt",))
 
@@ -698,7 +698,7 @@ def _sse(
                 if cancelled.is_set():
                     break
                 loop.call_soon_threadsafe(pieces.put_nowait, ("piece", piece))
-            finish = generation.finish_reason
+            finish = getattr(generation, "finish_reason", None)
         except Exception as err:
             loop.call_soon_threadsafe(pieces.put_nowait, ("error", err))
         finally:
