@@ -109,12 +109,23 @@ class TrainConfig(_Strict):
     log_every: int = Field(50, gt=0, description="steps between logged losses (each log costs one device sync)")
 
 
+class DistillConfig(_Strict):
+    """Knowledge distillation from a trained classifier (`dapeng.compress.distill`)."""
+
+    teacher: str = Field(description="the teacher: a run directory, an Artifact folder or a hub name")
+    alpha: float = Field(0.5, gt=0.0, le=1.0, description="weight of the soft-target loss (1 - alpha on the labels)")
+    temperature: float = Field(2.0, gt=0.0)
+    loss: Literal["kl", "mse"] = "kl"
+    batch_size: int = Field(64, gt=0, description="batch size of the teacher's one pass over the data")
+
+
 class RunConfig(_Strict):
     task: str
     task_options: dict[str, Any] = Field(default_factory=dict)
     data: DataConfig
     model: ModelConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
+    distill: DistillConfig | None = None
 
 
 # --------------------------------------------------------------------------- loading

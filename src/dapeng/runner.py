@@ -189,6 +189,13 @@ def train(
     train_items = task.encode(splits.train)
     eval_items = task.encode(splits.eval) if splits.eval else []
     test_items = task.encode(splits.test) if splits.test else []
+    teacher_facts: dict[str, Any] = {}
+    if config.distill:  # the teacher's logits ride along with the training items
+        from dapeng.compress.distill import attach_teacher
+        from dapeng.train.precision import resolve_device
+
+        task, teacher_facts = attach_teacher(config.distill, task, splits.train, train_items, splits.eval or (),
+                                             device=str(resolve_device(config.train.device)))
 
     trackers: list[Any] = [JsonlLogger(out / METRICS_LOG), TensorBoardLogger(out / "tb")]
     if progress and not quiet():
@@ -207,6 +214,7 @@ def train(
     metrics["train"]["device"] = str(trainer.device)
     metrics["train"]["trainable_params"] = trainable
     metrics["train"]["trainable_fraction"] = trainable / max(total, 1)
+    metrics["train"].update({k: v for k, v in teacher_facts.items() if v is not None})
     if config.model.lora:
         from dapeng.layers.lora import merge_lora
 
@@ -291,6 +299,11 @@ def _card_facts(cfg: RunConfig, trainable_fraction: float = 1.0) -> dict[str, st
                 facts["data"] += f": {description}"
         except ImportError:
             pass
+    if cfg.distill:
+        d = cfg.distill
+        facts["summary"] = (facts.get("summary", f"A `{m.name}` model for `{cfg.task}`.") +
+                            f" Distilled from the teacher `{d.teacher}` ({d.loss} loss, alpha {d.alpha},"
+                            f" temperature {d.temperature}).")
     facts["data"] += f" (seed {cfg.data.seed}{f', first {cfg.data.limit} records' if cfg.data.limit else ''})."
     return facts
 

@@ -44,6 +44,11 @@ def resolve_init(init: str) -> Path:
     path = Path(init).expanduser()
     if path.is_dir():
         return path / "model" if (path / "model" / "dapeng.json").is_file() else path
+    if "/" in init or "\\" in init or init.startswith((".", "~")):  # meant as a folder, not a hub name
+        from dapeng.errors import NotFoundError
+
+        raise NotFoundError(f"model folder {init!r} not found",
+                            "pass a run directory, an Artifact folder or a hub name (`dapeng hub list`)")
     from dapeng.hub.store import resolve
 
     return resolve(init)

@@ -1,0 +1,126 @@
+"""Knowledge distillation: the soft-target loss, the task wrapper, and a teacher → student run."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from dapeng.compress.distill import DistillTask, distillation_loss
+from dapeng.config import RunConfig, load_config
+from dapeng.errors import ConfigError, NotFoundError
+from dapeng.runner import train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+POSITIVE = ["a joy", "great fun", "wonderful cast", "a delight", "sharp and funny", "moving and smart"]
+NEGATIVE = ["a mess", "dull and long", "boring plot", "a chore", "flat and lifeless", "tedious and silly"]
+
+
+def test_kl_loss_is_zero_at_the_teacher_and_pulls_the_student_towards_it():
+    teacher = torch.tensor([[2.0, -1.0, 0.5], [0.0, 3.0, -2.0]])
+    assert distillation_loss(teacher.clone(), teacher, temperature=3.0).item() == pytest.approx(0.0, abs=1e-6)
+    student = torch.zeros(2, 3, requires_grad=True)
+    loss = distillation_loss(student, teacher, temperature=2.0)
+    loss.backward()
+    assert loss.item() > 0
+    # a gradient step raises the student's logit where the teacher's is highest
+    assert (student.grad.argmin(-1) == teacher.argmax(-1)).all()
+    # T² scaling: the soft loss keeps its size as T grows (for small logits, ≈ constant)
+    small = teacher / 10
+    ratio = distillation_loss(torch.zeros(2, 3), small, 4.0) / distillation_loss(torch.zeros(2, 3), small, 2.0)
+    assert ratio.item() == pytest.approx(1.0, rel=0.1)
+    assert distillation_loss(student, teacher, kind="mse").item() == pytest.approx((teacher**2).mean().item())
+    with pytest.raises(ValueError, match="kl or mse"):
+        distillation_loss(student, teacher, kind="ce")
+
+
+class _Task:
+    labels = ["a", "b"]
+
+    def collate(self, items):
+        return {"x": torch.stack([it["x"] for it in items]), "labels": torch.stack([it["label"] for it in items])}
+
+    def loss(self, model, batch):
+        logits = model(batch["x"])
+        return torch.nn.functional.cross_entropy(logits, batch["labels"]), {"logits": logits}
+
+    def state(self):
+        return {"labels": self.labels}
+
+
+def test_distill_task_mixes_the_losses_while_training_only():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    items = [{"x": torch.randn(4), "label": torch.tensor(i % 2), "teacher_logits": torch.tensor([3.0, -3.0])}
+             for i in range(6)]
+    task = DistillTask(_Task(), alpha=0.25, temperature=2.0)
+    batch = task.collate(items)
+    assert batch["teacher_logits"].shape == (6, 2)
+    hard, outputs = _Task().loss(model, batch)
+    mixed, _ = task.loss(model, batch)
+    soft = distillation_loss(outputs["logits"], batch["teacher_logits"], 2.0)
+    assert mixed.item() == pytest.approx(0.75 * hard.item() + 0.25 * soft.item(), rel=1e-5)
+    model.eval()  # evaluation: the plain task loss, comparable with an undistilled run
+    assert task.loss(model, batch)[0].item() == pytest.approx(hard.item(), rel=1e-5)
+    # items without teacher logits (eval, test) batch as the task's own
+    assert "teacher_logits" not in task.collate([{k: v for k, v in it.items() if k != "teacher_logits"} for it in items])
+    assert task.state() == {"labels": ["a", "b"]} and task.labels == ["a", "b"]
+
+
+def _config(tmp_path, model, kwargs, **extra):
+    rows = [(f"{t} {i}", "up") for i in range(5) for t in POSITIVE] + [
+        (f"{t} {i}", "down") for i in range(5) for t in NEGATIVE]
+    data = tmp_path / "reviews.csv"
+    data.write_text("review,verdict\n" + "".join(f"{t},{y}\n" for t, y in rows))
+    return RunConfig.model_validate({
+        "task": "text-classification",
+        "task_options": {"tokenizer": "word", "max_length": 16},
+        "data": {"train": str(data), "text_column": "review", "label_column": "verdict", "eval_fraction": 0.2,
+                 "test_fraction": 0.2},
+        "model": {"name": model, "kwargs": kwargs},
+        "train": {"epochs": 6, "batch_size": 8, "optimizer": {"name": "adamw", "lr": 0.01}, "monitor": "eval/accuracy",
+                  "precision": "fp32"},
+        **extra,
+    })
+
+
+def test_a_student_learns_from_a_teacher_run_with_its_own_tokenizer(tmp_path):
+    teacher_cfg = _config(tmp_path, "textcnn", {"embed_dim": 16, "filters": 8, "kernel_sizes": [2, 3], "dropout": 0.0})
+    teacher = train(teacher_cfg.model_copy(update={"task_options": {"tokenizer": "wordpiece", "vocab_size": 60,
+                                                                    "max_length": 16}}),
+                    tmp_path / "teacher", progress=False)
+    student_cfg = _config(tmp_path, "lstm", {"embed_dim": 16, "hidden": 16},
+                          distill={"teacher": str(tmp_path / "teacher"), "alpha": 0.7, "temperature": 2.0})
+    out = train(student_cfg, tmp_path / "student", progress=False)
+    facts = out["metrics"]["train"]
+    assert facts["teacher"] == str(tmp_path / "teacher")
+    assert facts["teacher_eval_accuracy"] == pytest.approx(teacher["metrics"]["eval"]["accuracy"])
+    assert out["metrics"]["test"]["accuracy"] >= 0.75
+    card = (tmp_path / "student" / "model" / "card.md").read_text()
+    assert "Distilled from the teacher" in card
+    # the student's Artifact is a plain model: no teacher needed to run it
+    meta = json.loads((tmp_path / "student" / "model" / "dapeng.json").read_text())
+    assert meta["model"]["name"] == "lstm"
+
+
+def test_a_teacher_with_other_labels_or_no_teacher_is_one_config_error(tmp_path):
+    with pytest.raises(NotFoundError, match="not found"):
+        train(_config(tmp_path, "lstm", {"embed_dim": 8, "hidden": 8}, distill={"teacher": str(tmp_path / "nope")}),
+              tmp_path / "s1", progress=False)
+    # a teacher trained on other labels
+    cfg = _config(tmp_path, "textcnn", {"embed_dim": 8, "filters": 4, "kernel_sizes": [2], "dropout": 0.0})
+    rows = "review,verdict\n" + "".join(f"{t} {i},{'pos' if t in POSITIVE else 'neg'}\n"
+                                        for i in range(3) for t in POSITIVE + NEGATIVE)
+    other = tmp_path / "other.csv"
+    other.write_text(rows)
+    train(cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": other}),
+                                 "train": cfg.train.model_copy(update={"epochs": 1})}),
+          tmp_path / "other-teacher", progress=False)
+    with pytest.raises(ConfigError, match="does not know the labels"):
+        train(_config(tmp_path, "lstm", {"embed_dim": 8, "hidden": 8},
+                      distill={"teacher": str(tmp_path / "other-teacher")}), tmp_path / "s2", progress=False)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump({**_config(tmp_path, "lstm", {}).model_dump(mode="json"), "distill": {"alpha": 0.5}}))
+    with pytest.raises(ConfigError, match="distill.teacher"):
+        load_config(path)
