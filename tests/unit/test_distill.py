@@ -124,3 +124,22 @@ def test_a_teacher_with_other_labels_or_no_teacher_is_one_config_error(tmp_path)
     path.write_text(yaml.safe_dump({**_config(tmp_path, "lstm", {}).model_dump(mode="json"), "distill": {"alpha": 0.5}}))
     with pytest.raises(ConfigError, match="distill.teacher"):
         load_config(path)
+
+
+def test_teacher_logits_are_cached_keyed_by_teacher_and_records(tmp_path, monkeypatch):
+    from dapeng.compress.distill import cached_logits
+    from dapeng.hub.artifact import load_artifact
+
+    monkeypatch.setenv("DAPENG_HOME", str(tmp_path / "home"))
+    cfg = _config(tmp_path, "textcnn", {"embed_dim": 8, "filters": 4, "kernel_sizes": [2], "dropout": 0.0})
+    train(cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 1})}), tmp_path / "t", progress=False)
+    teacher = load_artifact(tmp_path / "t" / "model")
+    records = [{"text": "a joy 1"}, {"text": "boring plot 2"}, {"text": "a chore"}]
+    first = cached_logits(teacher, records)
+    files = list((tmp_path / "home" / "cache" / "distill").glob("*.safetensors"))
+    assert len(files) == 1 and first.shape == (3, 2)
+    assert torch.equal(cached_logits(teacher, records), first)
+    files[0].write_bytes(b"not safetensors")  # a damaged cache is recomputed, not trusted
+    assert torch.equal(cached_logits(teacher, records), first)
+    cached_logits(teacher, records[:2])  # other records: another entry
+    assert len(list((tmp_path / "home" / "cache" / "distill").glob("*.safetensors"))) == 2

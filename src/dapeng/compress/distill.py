@@ -19,16 +19,19 @@ In a config:
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dapeng.errors import ConfigError
 
-__all__ = ["DistillTask", "attach_teacher", "distillation_loss", "teacher_logits"]
+__all__ = ["DistillTask", "attach_teacher", "cached_logits", "distillation_loss", "teacher_logits"]
 
 TEACHER_KEY = "teacher_logits"
 
@@ -138,14 +141,54 @@ def attach_teacher(spec: Any, task: Any, train_records: Sequence[dict[str, Any]]
         raise ConfigError(f"config key distill.teacher: the teacher {spec.teacher!r} does not know the labels {shown}",
                           "distil from a classifier trained on the same labels")
     columns = torch.tensor([teacher_labels.index(label) for label in task.labels])  # teacher column of each label
-    logits = teacher_logits(teacher.model, teacher.task, train_records, spec.batch_size, device)[:, columns]
+
+    def logits_of(records: Sequence[dict[str, Any]]) -> torch.Tensor:
+        return cached_logits(teacher, records, spec.batch_size, device)[:, columns]
+
+    logits = logits_of(train_records)
     for item, row in zip(train_items, logits):
         item[TEACHER_KEY] = row
     facts: dict[str, Any] = {"teacher": str(spec.teacher), "teacher_train_accuracy": _accuracy(logits, train_items)}
     if eval_records:
-        eval_logits = teacher_logits(teacher.model, teacher.task, eval_records, spec.batch_size, device)[:, columns]
+        eval_logits = logits_of(eval_records)
         facts["teacher_eval_accuracy"] = _accuracy(eval_logits, task.encode(eval_records))
     return DistillTask(task, spec.alpha, spec.temperature, spec.loss), facts
+
+
+def cached_logits(teacher: Any, records: Sequence[dict[str, Any]], batch_size: int = 64,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """`teacher_logits` of an Artifact, kept under `$DAPENG_HOME/cache/distill` for the next run.
+
+    The key is a digest of the teacher's weights, its task state and the records, so a
+    retrained teacher or other data never reads stale logits; a damaged cache file is
+    recomputed (and rewritten atomically).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, save_file
+
+    from dapeng.data.fetch import atomic_path
+    from dapeng.hub.store import dapeng_home
+
+    digest = hashlib.sha256()
+    for name in ("model.safetensors", "dapeng.json"):
+        file = Path(teacher.path) / name
+        if file.is_file():
+            digest.update(hashlib.sha256(file.read_bytes()).digest())
+    for record in records:
+        for key in sorted(record):
+            value = record[key]
+            digest.update(key.encode())
+            digest.update(value.tobytes() if isinstance(value, np.ndarray) else repr(value).encode())
+    path = dapeng_home() / "cache" / "distill" / f"{digest.hexdigest()[:32]}.safetensors"
+    if path.is_file():
+        try:
+            return load_file(str(path))["logits"]
+        except (SafetensorError, KeyError, OSError):
+            pass  # recompute below
+    logits = teacher_logits(teacher.model, teacher.task, records, batch_size, device)
+    with atomic_path(path) as tmp:
+        save_file({"logits": logits.contiguous()}, str(tmp))
+    return logits
 
 
 def _accuracy(logits: torch.Tensor, items: Sequence[dict[str, Any]]) -> float | None:
