@@ -13,6 +13,8 @@ intermediate=1536, rope_theta=100000, rms_norm_eps=1e-5, tie_embeddings=True.
 Decoding is eager and lean (per-op overhead dominates on CPU): one static, preallocated
 KV cache per layer written in place, the RoPE tables gathered once per step for all layers,
 no mask at all for unpadded batches, and the vocabulary projection only for the last position.
+One sequence in fp32 reads q|k|v, gate|up and the vocabulary projection from contiguous
+(in, out) copies, which matrix-vector products stream faster (`layers.fused`, `_transposed_head`).
 bf16 weights on a CPU without native bf16 decode a batch of 8 or more with fp32 activations,
 KV cache and attention, the weights staying bf16 in memory (`_activation_dtype`).
 """
