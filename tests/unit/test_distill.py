@@ -143,3 +143,24 @@ def test_teacher_logits_are_cached_keyed_by_teacher_and_records(tmp_path, monkey
     assert torch.equal(cached_logits(teacher, records), first)
     cached_logits(teacher, records[:2])  # other records: another entry
     assert len(list((tmp_path / "home" / "cache" / "distill").glob("*.safetensors"))) == 2
+
+
+def test_distill_verb_takes_the_teacher_and_weights_from_the_command_line(tmp_path, capsys):
+    from dapeng.cli.main import main
+
+    cfg = _config(tmp_path, "textcnn", {"embed_dim": 8, "filters": 4, "kernel_sizes": [2], "dropout": 0.0})
+    train(cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 2})}), tmp_path / "t", progress=False)
+    student = tmp_path / "student.yaml"
+    raw = _config(tmp_path, "lstm", {"embed_dim": 8, "hidden": 8}).model_dump(mode="json")
+    raw["train"]["epochs"] = 1
+    student.write_text(yaml.safe_dump(raw))
+    assert main(["distill", str(student), "--out", str(tmp_path / "nothing")]) == 2  # no teacher anywhere
+    assert "no teacher" in capsys.readouterr().err
+    args = ["distill", str(student), "--teacher", str(tmp_path / "t"), "--alpha", "0.9", "--loss", "mse",
+            "--out", str(tmp_path / "s"), "--json"]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["metrics"]["train"]["teacher"] == str(tmp_path / "t")
+    saved = yaml.safe_load((tmp_path / "s" / "config.yaml").read_text())
+    assert saved["distill"] == {"teacher": str(tmp_path / "t"), "alpha": 0.9, "temperature": 2.0, "loss": "mse",
+                                "batch_size": 64}

@@ -19,6 +19,7 @@ VERBS = {
     "eval": "evaluate",
     "predict": "predict",
     "explain": "explain",
+    "distill": "distill",
     "serve": "serve",
     "generate": "generate",
     "embed": "embed",
