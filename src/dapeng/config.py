@@ -109,6 +109,15 @@ class TrainConfig(_Strict):
     log_every: int = Field(50, gt=0, description="steps between logged losses (each log costs one device sync)")
 
 
+class TransferConfig(_Strict):
+    """Perturbed copies of the training texts that the teacher labels too (`compress.distill.transfer_set`)."""
+
+    copies: int = Field(0, ge=0, description="perturbed copies of each training text (0: none)")
+    drop: float = Field(0.1, ge=0.0, lt=1.0, description="probability of dropping each word")
+    synonym: float = Field(0.1, ge=0.0, lt=1.0, description="probability of a GloVe-neighbour replacement")
+    seed: int = 0
+
+
 class DistillConfig(_Strict):
     """Knowledge distillation from a trained classifier (`dapeng.compress.distill`)."""
 
@@ -117,6 +126,7 @@ class DistillConfig(_Strict):
     temperature: float = Field(2.0, gt=0.0)
     loss: Literal["kl", "mse"] = "kl"
     batch_size: int = Field(64, gt=0, description="batch size of the teacher's one pass over the data")
+    transfer: TransferConfig = Field(default_factory=TransferConfig)
 
 
 class RunConfig(_Strict):

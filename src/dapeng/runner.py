@@ -194,8 +194,8 @@ def train(
         from dapeng.compress.distill import attach_teacher
         from dapeng.train.precision import resolve_device
 
-        task, teacher_facts = attach_teacher(config.distill, task, splits.train, train_items, splits.eval or (),
-                                             device=str(resolve_device(config.train.device)))
+        task, train_items, teacher_facts = attach_teacher(config.distill, task, splits.train, train_items,
+                                                          splits.eval or (), str(resolve_device(config.train.device)))
 
     trackers: list[Any] = [JsonlLogger(out / METRICS_LOG), TensorBoardLogger(out / "tb")]
     if progress and not quiet():

@@ -13,6 +13,12 @@ from dapeng.runner import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+
+@pytest.fixture(autouse=True)
+def _own_home(tmp_path, monkeypatch):
+    """Teacher logits are cached under $DAPENG_HOME: keep the tests' out of the user's cache."""
+    monkeypatch.setenv("DAPENG_HOME", str(tmp_path / "home"))
+
 POSITIVE = ["a joy", "great fun", "wonderful cast", "a delight", "sharp and funny", "moving and smart"]
 NEGATIVE = ["a mess", "dull and long", "boring plot", "a chore", "flat and lifeless", "tedious and silly"]
 
@@ -91,9 +97,12 @@ def test_a_student_learns_from_a_teacher_run_with_its_own_tokenizer(tmp_path):
                                                                     "max_length": 16}}),
                     tmp_path / "teacher", progress=False)
     student_cfg = _config(tmp_path, "lstm", {"embed_dim": 16, "hidden": 16},
-                          distill={"teacher": str(tmp_path / "teacher"), "alpha": 0.7, "temperature": 2.0})
+                          distill={"teacher": str(tmp_path / "teacher"), "alpha": 0.7, "temperature": 2.0,
+                                   "transfer": {"copies": 2, "drop": 0.2, "synonym": 0.0}})
     out = train(student_cfg, tmp_path / "student", progress=False)
     facts = out["metrics"]["train"]
+    assert facts["transfer_records"] == 2 * 36  # 60 reviews, 12 of them eval and 12 test
+    assert 0.0 <= facts["teacher_transfer_agreement"] <= 1.0
     assert facts["teacher"] == str(tmp_path / "teacher")
     assert facts["teacher_eval_accuracy"] == pytest.approx(teacher["metrics"]["eval"]["accuracy"])
     assert out["metrics"]["test"]["accuracy"] >= 0.75
@@ -126,11 +135,10 @@ def test_a_teacher_with_other_labels_or_no_teacher_is_one_config_error(tmp_path)
         load_config(path)
 
 
-def test_teacher_logits_are_cached_keyed_by_teacher_and_records(tmp_path, monkeypatch):
+def test_teacher_logits_are_cached_keyed_by_teacher_and_records(tmp_path):
     from dapeng.compress.distill import cached_logits
     from dapeng.hub.artifact import load_artifact
 
-    monkeypatch.setenv("DAPENG_HOME", str(tmp_path / "home"))
     cfg = _config(tmp_path, "textcnn", {"embed_dim": 8, "filters": 4, "kernel_sizes": [2], "dropout": 0.0})
     train(cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 1})}), tmp_path / "t", progress=False)
     teacher = load_artifact(tmp_path / "t" / "model")
@@ -162,5 +170,24 @@ def test_distill_verb_takes_the_teacher_and_weights_from_the_command_line(tmp_pa
     result = json.loads(capsys.readouterr().out)
     assert result["metrics"]["train"]["teacher"] == str(tmp_path / "t")
     saved = yaml.safe_load((tmp_path / "s" / "config.yaml").read_text())
-    assert saved["distill"] == {"teacher": str(tmp_path / "t"), "alpha": 0.9, "temperature": 2.0, "loss": "mse",
-                                "batch_size": 64}
+    assert {k: saved["distill"][k] for k in ("teacher", "alpha", "temperature", "loss")} == {
+        "teacher": str(tmp_path / "t"), "alpha": 0.9, "temperature": 2.0, "loss": "mse"}
+
+
+def test_transfer_set_perturbs_each_text_deterministically_and_keeps_labels():
+    from dapeng.compress.distill import transfer_set
+
+    records = [{"text": "a good movie with a great cast", "label": "up", "_source": "r.csv:2"},
+               {"text": "a bad film and a terrible plot", "label": "down"}]
+    copies = transfer_set(records, copies=3, drop=0.2, synonym=0.3, seed=1)
+    assert len(copies) == 6
+    assert [c["label"] for c in copies] == ["up", "down"] * 3
+    assert copies[0]["_source"] == "r.csv:2 (copy 1)" and "_source" not in copies[1]
+    assert transfer_set(records, copies=3, drop=0.2, synonym=0.3, seed=1) == copies
+    assert any(c["text"] != r["text"] for c, r in zip(copies, records * 3))
+    words = {w for r in records for w in r["text"].split()}
+    assert all(set(c["text"].split()) <= words for c in copies)  # synonyms come from the records' own words
+    assert transfer_set(records, copies=1, drop=0.0, synonym=0.0) == [
+        {**records[0], "_source": "r.csv:2 (copy 1)"}, records[1]]
+    with pytest.raises(ConfigError, match="text records"):
+        transfer_set([{"image": 1, "label": "a"}], copies=1)

@@ -31,7 +31,7 @@ from torch import nn
 
 from dapeng.errors import ConfigError
 
-__all__ = ["DistillTask", "attach_teacher", "cached_logits", "distillation_loss", "teacher_logits"]
+__all__ = ["DistillTask", "attach_teacher", "cached_logits", "distillation_loss", "teacher_logits", "transfer_set"]
 
 TEACHER_KEY = "teacher_logits"
 
@@ -117,12 +117,16 @@ class DistillTask:
         return (1.0 - self.alpha) * hard + self.alpha * soft, outputs
 
 
-def attach_teacher(spec: Any, task: Any, train_records: Sequence[dict[str, Any]], train_items: list[dict[str, Any]],
-                   eval_records: Sequence[dict[str, Any]] = (), device: str = "cpu") -> tuple[DistillTask, dict[str, Any]]:
+def attach_teacher(
+    spec: Any, task: Any, train_records: Sequence[dict[str, Any]], train_items: list[dict[str, Any]],
+    eval_records: Sequence[dict[str, Any]] = (), device: str = "cpu",
+) -> tuple[DistillTask, list[dict[str, Any]], dict[str, Any]]:
     """Load the teacher `spec.teacher`, write its logits into `train_items`, wrap `task`.
 
-    Returns the wrapped task and facts for the run's metrics: the teacher's name and, when
-    there are eval records, its eval accuracy (what the student is measured against).
+    Returns the wrapped task, the training items (with `spec.transfer.copies` perturbed
+    copies of each text appended, labelled by the teacher too) and facts for the run's
+    metrics: the teacher's name and, when there are eval records, its eval accuracy (what
+    the student is measured against).
 
     Raises:
         ConfigError: the teacher is missing, is no classifier, or knows other labels.
@@ -149,10 +153,67 @@ def attach_teacher(spec: Any, task: Any, train_records: Sequence[dict[str, Any]]
     for item, row in zip(train_items, logits):
         item[TEACHER_KEY] = row
     facts: dict[str, Any] = {"teacher": str(spec.teacher), "teacher_train_accuracy": _accuracy(logits, train_items)}
+    items = list(train_items)
+    transfer = spec.transfer
+    if transfer.copies:
+        extra = transfer_set(train_records, transfer.copies, transfer.drop, transfer.synonym, transfer.seed)
+        extra_items = task.encode(extra)
+        for item, row in zip(extra_items, logits_of(extra)):
+            item[TEACHER_KEY] = row
+        items += extra_items
+        facts["transfer_records"] = len(extra_items)
+        # how often the teacher still gives the original label after the perturbation
+        facts["teacher_transfer_agreement"] = _accuracy(
+            torch.stack([it[TEACHER_KEY] for it in extra_items]), extra_items)
     if eval_records:
         eval_logits = logits_of(eval_records)
         facts["teacher_eval_accuracy"] = _accuracy(eval_logits, task.encode(eval_records))
-    return DistillTask(task, spec.alpha, spec.temperature, spec.loss), facts
+    return DistillTask(task, spec.alpha, spec.temperature, spec.loss), items, facts
+
+
+def transfer_set(records: Sequence[dict[str, Any]], copies: int, drop: float = 0.1, synonym: float = 0.1,
+                 seed: int = 0) -> list[dict[str, Any]]:
+    """`copies` perturbed versions of each text record, for the teacher to label (Tang et al. 2019).
+
+    Each word is dropped with probability `drop`, else replaced with probability `synonym` by
+    one of its GloVe-6B-50d nearest neighbours (cosine ≥ 0.7, among the words of the
+    records); the record keeps its label. The teacher's soft predictions on these texts show
+    the student how the decision moves around each training example, which plain labels
+    cannot. Deterministic for a seed (so the teacher's logits are cached across runs).
+
+    Raises:
+        ConfigError: the records hold no text.
+    """
+    from dapeng.data.glove import glove_neighbours
+
+    if any(not isinstance(r.get("text"), str) for r in records):
+        raise ConfigError("config key distill.transfer: perturbed copies need text records",
+                          "set distill.transfer.copies: 0 for other data")
+    split = [r["text"].split() for r in records]
+    vocab: dict[str, int] = {}
+    for words in split:
+        for w in words:
+            vocab.setdefault(w.lower(), len(vocab))
+    neighbours = glove_neighbours(vocab, len(vocab), 5, 0.7) if synonym else None
+    words_of = list(vocab)
+    rng = np.random.default_rng(seed)
+    out: list[dict[str, Any]] = []
+    for copy in range(copies):
+        for record, words in zip(records, split):
+            kept: list[str] = []
+            for w, u in zip(words, rng.random(len(words))):
+                if u < drop:
+                    continue
+                if neighbours is not None and u < drop + synonym:
+                    options = neighbours[vocab[w.lower()]]
+                    options = options[options >= 0]
+                    if len(options):
+                        w = words_of[int(options[rng.integers(len(options))])]
+                kept.append(w)
+            text = " ".join(kept or words)
+            source = record.get("_source")
+            out.append({**record, "text": text, **({"_source": f"{source} (copy {copy + 1})"} if source else {})})
+    return out
 
 
 def cached_logits(teacher: Any, records: Sequence[dict[str, Any]], batch_size: int = 64,
