@@ -10,11 +10,13 @@ items; the student (augmented as configured) then minimises
 
 (`loss: mse` uses the mean squared error between raw logits instead, as Tang et al. 2019
 did for BiLSTM students of BERT). Evaluation uses the plain task loss, so `eval/loss`
-stays comparable with an undistilled run.
+stays comparable with an undistilled run. A transfer set (`transfer.copies`) adds
+perturbed copies of the training texts that the teacher labels as well: the student sees
+how the teacher's decision moves around each example, which the labels alone don't show.
 
-In a config:
+In a config (`dapeng distill CONFIG --teacher RUN` sets the same from the command line):
 
-    distill: {teacher: runs/rt-minilm, alpha: 0.5, temperature: 2.0}
+    distill: {teacher: runs/rt-minilm, alpha: 0.5, temperature: 2.0, transfer: {copies: 4}}
 """
 
 from __future__ import annotations
@@ -158,7 +160,9 @@ def attach_teacher(
     if transfer.copies:
         extra = transfer_set(train_records, transfer.copies, transfer.drop, transfer.synonym, transfer.seed)
         extra_items = task.encode(extra)
-        for item, row in zip(extra_items, logits_of(extra)):
+        n = len(train_records)  # one cache entry per copy: asking for more copies later reuses these
+        extra_logits = torch.cat([logits_of(extra[start:start + n]) for start in range(0, len(extra), n)])
+        for item, row in zip(extra_items, extra_logits):
             item[TEACHER_KEY] = row
         items += extra_items
         facts["transfer_records"] = len(extra_items)
