@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from dapeng.cli.train import add_run_arguments
+
 EXAMPLE = """example:
   dapeng train examples/rotten-tomatoes-minilm.yaml --out runs/rt-minilm          # the teacher
   dapeng distill examples/rotten-tomatoes-bilstm.yaml --teacher runs/rt-minilm --out runs/rt-bilstm-distilled
@@ -29,11 +31,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--alpha", type=float, default=None, help="weight of the teacher's soft targets (default 0.5)")
     p.add_argument("--temperature", type=float, default=None, help="softmax temperature (default 2)")
     p.add_argument("--loss", choices=["kl", "mse"], default=None, help="soft-target loss (default kl)")
-    p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<config name>-distilled)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.epochs=5 (repeatable)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON object (no progress bar)")
+    add_run_arguments(p, "runs/<config name>-distilled")
     return p
 
 

@@ -23,12 +23,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("config", type=Path, help="YAML run config (task, data, model, train)")
-    p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<config name>)")
+    add_run_arguments(p, "runs/<config name>")
+    return p
+
+
+def add_run_arguments(p: argparse.ArgumentParser, default_out: str) -> None:
+    """--out, --set, --resume and --json: what every verb that writes a run directory takes."""
+    p.add_argument("--out", type=Path, default=None, help=f"run directory (default: {default_out})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.optimizer.lr=3e-4 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object (no progress bar)")
-    return p
 
 
 def run(args: argparse.Namespace) -> int:
