@@ -195,7 +195,8 @@ def train(
         from dapeng.train.precision import resolve_device
 
         task, train_items, teacher_facts = attach_teacher(config.distill, task, splits.train, train_items,
-                                                          splits.eval or (), str(resolve_device(config.train.device)))
+                                                          splits.eval or (), str(resolve_device(config.train.device)),
+                                                          eval_items)
 
     trackers: list[Any] = [JsonlLogger(out / METRICS_LOG), TensorBoardLogger(out / "tb")]
     if progress and not quiet():

@@ -121,7 +121,7 @@ class DistillTask:
 
 def attach_teacher(
     spec: Any, task: Any, train_records: Sequence[dict[str, Any]], train_items: list[dict[str, Any]],
-    eval_records: Sequence[dict[str, Any]] = (), device: str = "cpu",
+    eval_records: Sequence[dict[str, Any]] = (), device: str = "cpu", eval_items: Sequence[dict[str, Any]] = (),
 ) -> tuple[DistillTask, list[dict[str, Any]], dict[str, Any]]:
     """Load the teacher `spec.teacher`, write its logits into `train_items`, wrap `task`.
 
@@ -171,7 +171,7 @@ def attach_teacher(
             torch.stack([it[TEACHER_KEY] for it in extra_items]), extra_items)
     if eval_records:
         eval_logits = logits_of(eval_records)
-        facts["teacher_eval_accuracy"] = _accuracy(eval_logits, task.encode(eval_records))
+        facts["teacher_eval_accuracy"] = _accuracy(eval_logits, eval_items or task.encode(eval_records))
     return DistillTask(task, spec.alpha, spec.temperature, spec.loss), items, facts
 
 

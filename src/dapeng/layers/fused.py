@@ -53,6 +53,9 @@ def project_fused(x: torch.Tensor, layers: Sequence[nn.Module]) -> torch.Tensor 
     """The outputs of `layers` concatenated on the last dim, from one matmul; None when that doesn't pay or apply."""
     if not all(type(layer) is nn.Linear for layer in layers):
         return None
+    biases = [layer.bias for layer in layers]
+    if any(b is None for b in biases) and not all(b is None for b in biases):
+        return None
     rows = x.numel() // x.shape[-1]
     if rows == 1:
         packed = _one_row_weight(x, layers)
@@ -61,9 +64,6 @@ def project_fused(x: torch.Tensor, layers: Sequence[nn.Module]) -> torch.Tensor 
         weight_t, bias = packed
         return x @ weight_t if bias is None else torch.addmm(bias, x.reshape(1, -1), weight_t).view(*x.shape[:-1], -1)
     if rows < MIN_ROWS:
-        return None
-    biases = [layer.bias for layer in layers]
-    if any(b is None for b in biases) and not all(b is None for b in biases):
         return None
     weight = torch.cat([layer.weight for layer in layers]).to(x.dtype)
     bias = None if biases[0] is None else torch.cat(biases).to(x.dtype)
@@ -105,9 +105,7 @@ def _one_row_weight(
         or torch.compiler.is_compiling()
     ):
         return None
-    biases = [layer.bias for layer in layers]
-    if any(b is None for b in biases) != all(b is None for b in biases):
-        return None
+    biases = [layer.bias for layer in layers]  # all or none: project_fused checked
     key = tuple((w.data_ptr(), w._version, tuple(w.shape)) for w in weights) + tuple(id(layer) for layer in layers)
     cache = layers[0].__dict__.setdefault("_one_row_packed", {})
     cached = cache.get(len(layers))
