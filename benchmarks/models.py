@@ -170,10 +170,10 @@ def matmul_peak(dtype: torch.dtype, budget_s: float = 2.0, now: Callable[[], flo
 def step_flops(model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor], autocast: Any) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
-    with counter, autocast():
-        loss = loss_fn(model)
-    with counter:
+    # one context for both passes: entering a FlopCounterMode again clears what it counted
+    with FlopCounterMode(display=False) as counter:
+        with autocast():
+            loss = loss_fn(model)
         loss.backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
