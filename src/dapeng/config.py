@@ -98,6 +98,10 @@ class TrainConfig(_Strict):
     l1: float = Field(0.0, ge=0.0)
     grad_accum: int = Field(1, gt=0)
     grad_clip: float | None = Field(None, gt=0.0)
+    ema: float | None = Field(
+        None, gt=0.0, lt=1.0,
+        description="decay of a moving average of the weights (e.g. 0.999) that is evaluated and saved",
+    )
     compile: bool = False
     early_stopping: int | None = Field(None, gt=0, description="stop after N evals without improvement")
     monitor: str = "eval/loss"

@@ -42,6 +42,7 @@ def trainer_kwargs(train: TrainConfig) -> dict[str, Any]:
         "schedule": sched.name, "warmup_steps": sched.warmup_steps, "step_size": sched.step_size,
         "gamma": sched.gamma, "min_lr_ratio": sched.min_lr_ratio,
         "l1": train.l1, "grad_accum": train.grad_accum, "grad_clip": train.grad_clip,
+        "ema": train.ema,
         "precision": train.precision, "device": train.device, "compile": train.compile,
         "early_stopping": train.early_stopping, "monitor": train.monitor, "mode": train.mode,
         "seed": train.seed, "deterministic": train.deterministic,

@@ -192,3 +192,58 @@ def test_cuda_auto_device_and_bf16():
     assert trainer.precision == ("bf16" if torch.cuda.is_bf16_supported() else "fp32")
     assert trainer.fit(train, eval)["best"] >= 0.8
     assert next(model.parameters()).is_cuda
+
+
+def test_weight_average_follows_the_weights_with_a_ramped_decay():
+    from dapeng.train.ema import WeightAverage
+
+    model = torch.nn.Linear(2, 1)
+    frozen = torch.nn.Linear(2, 1)
+    frozen.requires_grad_(False)
+    average = WeightAverage(torch.nn.Sequential(model, frozen), decay=0.9)
+    assert len(average.average) == 2  # the frozen layer is left out
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    average.update()  # decay min(0.9, 2/11)
+    expected = start + (1 - 2 / 11)
+    assert torch.allclose(average.average[0], expected)
+    with average.applied():
+        assert torch.equal(model.weight, average.average[0])
+    assert torch.equal(model.weight, start + 1.0)  # the trained weights come back
+    with pytest.raises(ValueError, match="decay"):
+        WeightAverage(model, decay=1.0)
+
+
+def test_ema_is_evaluated_kept_and_resumed(tmp_path):
+    kwargs = dict(epochs=2, batch_size=8, lr=0.05, precision="fp32", deterministic=True, checkpoint_every=3,
+                  ema=0.9, monitor="eval/accuracy")
+    task, straight, train, eval = setup()
+    trainer = Trainer(straight, task, checkpoint_dir=tmp_path / "a", **kwargs)
+    summary = trainer.fit(train, eval)
+    # after fit the model holds the average, not the last trained weights
+    average = trainer.weight_average.average
+    assert all(torch.equal(p, a) for p, a in zip(straight.parameters(), average))
+    last = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    assert not torch.equal(last["model"]["head.weight"], straight.head.weight)
+    assert last["ema"]["updates"] == summary["steps"]
+    # the best checkpoint holds the weights that were evaluated: the average at that step
+    trainer.load_best()
+    assert trainer.evaluate(eval)["eval/accuracy"] == summary["best"]
+
+    class Crash:
+        def on_step_end(self, trainer):
+            if trainer.state.step == 7:
+                raise RuntimeError("simulated crash")
+
+    _, model, _, _ = setup()
+    with pytest.raises(RuntimeError, match="simulated"):
+        Trainer(model, task, checkpoint_dir=tmp_path / "b", callbacks=[Crash()], **kwargs).fit(train, eval)
+    _, resumed, _, _ = setup(seed=123)
+    again = Trainer(resumed, task, checkpoint_dir=tmp_path / "b", **kwargs)
+    again.fit(train, eval, resume=True)
+    for a, b in zip(trainer.weight_average.average, again.weight_average.average):
+        assert torch.equal(a, b)
+    Trainer(resumed, task, checkpoint_dir=tmp_path / "c", **{**kwargs, "ema": None, "epochs": 1}).fit(train, eval)
+    with pytest.raises(CheckpointError, match="no weight average"):
+        Trainer(resumed, task, checkpoint_dir=tmp_path / "c", **kwargs).fit(train, eval, resume=True)

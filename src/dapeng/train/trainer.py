@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 
 from dapeng.errors import CheckpointError, ConfigError
 from dapeng.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from dapeng.train.ema import WeightAverage
 from dapeng.train.optim import build_optimizer, build_schedule, decayed_parameters, l1_penalty
 from dapeng.train.precision import (
     autocast,
@@ -146,6 +147,9 @@ class Trainer:
         l1: strength of the L1 penalty on weights (not biases or norms).
         grad_accum: micro-batches per optimizer step.
         grad_clip: clip the gradients' global L2 norm to this value.
+        ema: keep an exponential moving average of the weights with this decay (e.g. 0.999);
+            evaluations, the best checkpoint and the weights left in the model after `fit` are
+            the average's (`dapeng.train.ema.WeightAverage`).
         precision: `auto`, `fp32` or `bf16`.
         device: `auto`, `cpu` or `cuda`.
         compile: run the model through `torch.compile`.
@@ -187,6 +191,7 @@ class Trainer:
         l1: float = 0.0,
         grad_accum: int = 1,
         grad_clip: float | None = None,
+        ema: float | None = None,
         precision: str = "auto",
         device: str = "auto",
         compile: bool = False,
@@ -222,6 +227,10 @@ class Trainer:
         self.l1 = l1
         self.grad_accum = grad_accum
         self.grad_clip = grad_clip
+        if ema is not None and not 0.0 < ema < 1.0:
+            raise ConfigError(f"config key train.ema: {ema} is not a decay in (0, 1)", "use e.g. 0.999, or leave it out")
+        self.ema = ema
+        self.weight_average: WeightAverage | None = None
         self.compile = compile
         self.monitor = monitor
         self.mode = monitor_mode(monitor, mode)
@@ -279,6 +288,7 @@ class Trainer:
         self.scheduler = build_schedule(self.optimizer, total_steps=self.total_steps, **self.schedule_args)
         # A constant rate without warm-up never changes: skip the per-step scheduler call.
         self._step_schedule = not (self.schedule_args["name"] == "constant" and not self.schedule_args["warmup_steps"])
+        self.weight_average = WeightAverage(self.model, self.ema) if self.ema else None
         self.train_model = maybe_compile(self.model, self.compile)
         self._l1_params = decayed_parameters(self.model) if self.l1 else []
         self._handlers = {event: [cb for cb in self.callbacks if hasattr(cb, event)] for event in EVENTS}
@@ -301,6 +311,8 @@ class Trainer:
             self.stop_reason = str(stop) or "stopped"
         if self.optimizer is not None and self.checkpoint_dir is not None:
             self.save_checkpoint()
+        if self.weight_average is not None:
+            self.weight_average.copy_to()  # as Keras does at the end of fit: the average is the result
         elapsed = time.perf_counter() - started
         summary = {
             "steps": self.state.step,
@@ -367,6 +379,8 @@ class Trainer:
             "trainer": dataclasses.asdict(self.state),
             "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.callbacks if hasattr(cb, "state_dict")},
         }
+        if self.weight_average is not None:
+            state["ema"] = self.weight_average.state_dict()
         save_checkpoint(path, state)
         self._emit("on_checkpoint", path=path)
         return path
@@ -430,6 +444,8 @@ class Trainer:
         if self.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip, foreach=True)
         self.optimizer.step()
+        if self.weight_average is not None:
+            self.weight_average.update()
         if self._step_schedule:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -457,6 +473,12 @@ class Trainer:
         self._emit("on_log", logs=logs)
 
     def _evaluate_and_monitor(self, eval: Sequence[Any]) -> dict[str, float]:
+        if self.weight_average is None:
+            return self._monitor(eval)
+        with self.weight_average.applied():  # evaluate, and keep as the best, the averaged weights
+            return self._monitor(eval)
+
+    def _monitor(self, eval: Sequence[Any]) -> dict[str, float]:
         metrics = self.evaluate(eval)
         if self.monitor not in metrics:
             raise ConfigError(
@@ -492,6 +514,13 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.state = TrainState(**ckpt["trainer"])
+        if self.weight_average is not None:
+            if "ema" not in ckpt:
+                raise CheckpointError(
+                    f"{str(path)!r} holds no weight average, but train.ema is set",
+                    "resume with the train.ema the run started with",
+                )
+            self.weight_average.load_state_dict(ckpt["ema"])
         saved = ckpt.get("callbacks", {})
         for cb in self.callbacks:
             if hasattr(cb, "load_state_dict") and type(cb).__name__ in saved:
