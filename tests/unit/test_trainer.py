@@ -201,7 +201,7 @@ def test_weight_average_follows_the_weights_with_a_ramped_decay():
     frozen = torch.nn.Linear(2, 1)
     frozen.requires_grad_(False)
     average = WeightAverage(torch.nn.Sequential(model, frozen), decay=0.9)
-    assert len(average.average) == 2  # the frozen layer is left out
+    assert sorted(average.average) == [0, 1]  # the frozen layer is left out while frozen
     start = model.weight.detach().clone()
     with torch.no_grad():
         model.weight.add_(1.0)
@@ -211,6 +211,9 @@ def test_weight_average_follows_the_weights_with_a_ramped_decay():
     with average.applied():
         assert torch.equal(model.weight, average.average[0])
     assert torch.equal(model.weight, start + 1.0)  # the trained weights come back
+    frozen.requires_grad_(True)  # gradual unfreezing: averaged from its first trained step on
+    average.update()
+    assert sorted(average.average) == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="decay"):
         WeightAverage(model, decay=1.0)
 
@@ -223,7 +226,8 @@ def test_ema_is_evaluated_kept_and_resumed(tmp_path):
     summary = trainer.fit(train, eval)
     # after fit the model holds the average, not the last trained weights
     average = trainer.weight_average.average
-    assert all(torch.equal(p, a) for p, a in zip(straight.parameters(), average))
+    assert len(average) == len(list(straight.parameters()))
+    assert all(torch.equal(p, average[i]) for i, p in enumerate(straight.parameters()))
     last = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
     assert not torch.equal(last["model"]["head.weight"], straight.head.weight)
     assert last["ema"]["updates"] == summary["steps"]
@@ -242,8 +246,8 @@ def test_ema_is_evaluated_kept_and_resumed(tmp_path):
     _, resumed, _, _ = setup(seed=123)
     again = Trainer(resumed, task, checkpoint_dir=tmp_path / "b", **kwargs)
     again.fit(train, eval, resume=True)
-    for a, b in zip(trainer.weight_average.average, again.weight_average.average):
-        assert torch.equal(a, b)
+    for i, a in trainer.weight_average.average.items():
+        assert torch.equal(a, again.weight_average.average[i])
     Trainer(resumed, task, checkpoint_dir=tmp_path / "c", **{**kwargs, "ema": None, "epochs": 1}).fit(train, eval)
     with pytest.raises(CheckpointError, match="no weight average"):
         Trainer(resumed, task, checkpoint_dir=tmp_path / "c", **kwargs).fit(train, eval, resume=True)
