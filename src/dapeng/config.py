@@ -119,6 +119,7 @@ class TransferConfig(_Strict):
     copies: int = Field(0, ge=0, description="perturbed copies of each training text (0: none)")
     drop: float = Field(0.1, ge=0.0, lt=1.0, description="probability of dropping each word")
     synonym: float = Field(0.1, ge=0.0, lt=1.0, description="probability of a GloVe-neighbour replacement")
+    ngram: float = Field(0.0, ge=0.0, le=1.0, description="probability of cutting a copy to 1-5 consecutive words")
     seed: int = 0
 
 

@@ -189,5 +189,10 @@ def test_transfer_set_perturbs_each_text_deterministically_and_keeps_labels():
     assert all(set(c["text"].split()) <= words for c in copies)  # synonyms come from the records' own words
     assert transfer_set(records, copies=1, drop=0.0, synonym=0.0) == [
         {**records[0], "_source": "r.csv:2 (copy 1)"}, records[1]]
+    # n-gram sampling: every copy a run of 1-5 consecutive words of its text
+    phrases = transfer_set(records, copies=4, drop=0.0, synonym=0.0, ngram=1.0)
+    for c, r in zip(phrases, records * 4):
+        assert 1 <= len(c["text"].split()) <= 5 and c["text"] in r["text"]
+    assert len({c["text"] for c in phrases}) > 2
     with pytest.raises(ConfigError, match="text records"):
         transfer_set([{"image": 1, "label": "a"}], copies=1)

@@ -158,7 +158,8 @@ def attach_teacher(
     items = list(train_items)
     transfer = spec.transfer
     if transfer.copies:
-        extra = transfer_set(train_records, transfer.copies, transfer.drop, transfer.synonym, transfer.seed)
+        extra = transfer_set(train_records, transfer.copies, transfer.drop, transfer.synonym, transfer.seed,
+                             ngram=transfer.ngram)
         extra_items = task.encode(extra)
         n = len(train_records)  # one cache entry per copy: asking for more copies later reuses these
         extra_logits = torch.cat([logits_of(extra[start:start + n]) for start in range(0, len(extra), n)])
@@ -176,12 +177,14 @@ def attach_teacher(
 
 
 def transfer_set(records: Sequence[dict[str, Any]], copies: int, drop: float = 0.1, synonym: float = 0.1,
-                 seed: int = 0) -> list[dict[str, Any]]:
+                 seed: int = 0, ngram: float = 0.0) -> list[dict[str, Any]]:
     """`copies` perturbed versions of each text record, for the teacher to label (Tang et al. 2019).
 
     Each word is dropped with probability `drop`, else replaced with probability `synonym` by
     one of its GloVe-6B-50d nearest neighbours (cosine ≥ 0.7, among the words of the
-    records); the record keeps its label. The teacher's soft predictions on these texts show
+    records); then, with probability `ngram`, the copy is cut down to a random run of 1–5 of
+    its words (Tang et al.'s n-gram sampling: the teacher says what a phrase alone conveys).
+    The record keeps its label. The teacher's soft predictions on these texts show
     the student how the decision moves around each training example, which plain labels
     cannot. Deterministic for a seed (so the teacher's logits are cached across runs).
 
@@ -214,7 +217,12 @@ def transfer_set(records: Sequence[dict[str, Any]], copies: int, drop: float = 0
                     if len(options):
                         w = words_of[int(options[rng.integers(len(options))])]
                 kept.append(w)
-            text = " ".join(kept or words)
+            kept = kept or words
+            if ngram and rng.random() < ngram:  # drawn only when asked: copies without it stay as cached
+                n = int(rng.integers(1, 6))
+                start = int(rng.integers(0, max(1, len(kept) - n + 1)))
+                kept = kept[start : start + n]
+            text = " ".join(kept)
             source = record.get("_source")
             out.append({**record, "text": text, **({"_source": f"{source} (copy {copy + 1})"} if source else {})})
     return out
