@@ -30,6 +30,23 @@ class Recorder:
         return lambda trainer, **info: self.events.append(name)
 
 
+def crash_and_resume(task, train, eval, folder, kwargs, crash_step: int = 7) -> Trainer:
+    """Train until a simulated crash at `crash_step`, then resume a freshly initialised model from `folder`."""
+
+    class Crash:
+        def on_step_end(self, trainer):
+            if trainer.state.step == crash_step:
+                raise RuntimeError("simulated crash")
+
+    _, model, _, _ = setup()
+    with pytest.raises(RuntimeError, match="simulated"):
+        Trainer(model, task, checkpoint_dir=folder, callbacks=[Crash()], **kwargs).fit(train, eval)
+    _, fresh, _, _ = setup(seed=123)  # different init: everything must come from the checkpoint
+    trainer = Trainer(fresh, task, checkpoint_dir=folder, **kwargs)
+    trainer.fit(train, eval, resume=True)
+    return trainer
+
+
 def test_fit_learns_and_reports():
     task, model, train, eval = setup()
     trainer = Trainer(model, task, epochs=4, batch_size=8, lr=0.01, precision="fp32", monitor="eval/accuracy")
@@ -144,19 +161,9 @@ def test_in_process_resume_is_bit_identical(tmp_path):
     task, straight, train, eval = setup()
     Trainer(straight, task, checkpoint_dir=tmp_path / "a", **kwargs).fit(train, eval)
 
-    class Crash:
-        def on_step_end(self, trainer):
-            if trainer.state.step == 7:
-                raise RuntimeError("simulated crash")
-
-    _, model, _, _ = setup()
-    with pytest.raises(RuntimeError, match="simulated"):
-        Trainer(model, task, checkpoint_dir=tmp_path / "b", callbacks=[Crash()], **kwargs).fit(train, eval)
-    _, resumed, _, _ = setup(seed=123)  # different init: everything must come from the checkpoint
-    trainer = Trainer(resumed, task, checkpoint_dir=tmp_path / "b", **kwargs)
-    trainer.fit(train, eval, resume=True)
+    trainer = crash_and_resume(task, train, eval, tmp_path / "b", kwargs)
     assert trainer.state.step == 18
-    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+    for a, b in zip(straight.state_dict().values(), trainer.model.state_dict().values()):
         assert torch.equal(a, b)
 
 
@@ -235,17 +242,8 @@ def test_ema_is_evaluated_kept_and_resumed(tmp_path):
     trainer.load_best()
     assert trainer.evaluate(eval)["eval/accuracy"] == summary["best"]
 
-    class Crash:
-        def on_step_end(self, trainer):
-            if trainer.state.step == 7:
-                raise RuntimeError("simulated crash")
-
-    _, model, _, _ = setup()
-    with pytest.raises(RuntimeError, match="simulated"):
-        Trainer(model, task, checkpoint_dir=tmp_path / "b", callbacks=[Crash()], **kwargs).fit(train, eval)
-    _, resumed, _, _ = setup(seed=123)
-    again = Trainer(resumed, task, checkpoint_dir=tmp_path / "b", **kwargs)
-    again.fit(train, eval, resume=True)
+    again = crash_and_resume(task, train, eval, tmp_path / "b", kwargs)
+    resumed = again.model
     for i, a in trainer.weight_average.average.items():
         assert torch.equal(a, again.weight_average.average[i])
     Trainer(resumed, task, checkpoint_dir=tmp_path / "c", **{**kwargs, "ema": None, "epochs": 1}).fit(train, eval)
