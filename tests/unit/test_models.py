@@ -286,20 +286,22 @@ def test_lm_bf16_generation_without_native_bf16_keeps_fp32_activations(monkeypat
 
 
 def test_lm_one_sequence_decoding_head_follows_weight_updates():
-    model = _build("lm").eval()  # tied embeddings: batch 1 decodes through a transposed copy
+    model = _build("lm").eval()  # tied embeddings: decoding reads copies of the embedding matrix
     with torch.no_grad():
         model.embed.weight.mul_(30)  # spread the logits so tokens vary
-    ids = _inputs("lm")["input_ids"][:1]
+    batch = _inputs("lm")["input_ids"]  # one row: the transposed copy; several: oneDNN's layout
 
-    def recomputed(n: int) -> torch.Tensor:
+    def recomputed(ids: torch.Tensor, n: int) -> torch.Tensor:
         out = ids
         with torch.no_grad():
             for _ in range(n):
                 out = torch.cat([out, model(out)[:, -1].argmax(-1, keepdim=True)], dim=1)
         return out
 
-    assert torch.equal(model.generate(ids, max_new_tokens=6), recomputed(6))
+    for ids in (batch[:1], batch):
+        assert torch.equal(model.generate(ids, max_new_tokens=6), recomputed(ids, 6))
     with torch.no_grad():
-        model.embed.weight[5:].neg_()  # in place: the cached copy must be rebuilt
-    assert torch.equal(model.generate(ids, max_new_tokens=6), recomputed(6))
-    assert model._transposed_head().shape == (16, V)
+        model.embed.weight[5:].neg_()  # in place: the cached copies must be rebuilt
+    for ids in (batch[:1], batch):
+        assert torch.equal(model.generate(ids, max_new_tokens=6), recomputed(ids, 6))
+    assert model._head_copy("transposed").shape == (16, V)
