@@ -45,6 +45,7 @@ class WeightAverage:
         # parameter index → its average; a frozen parameter gets one when it first trains
         # (gradual unfreezing), until then it equals its own average
         self.average: dict[int, torch.Tensor] = {}
+        self._frozen = list(range(len(self.params)))  # indices without an average yet
         self.updates = 0
         self._track_trainable()
 
@@ -54,27 +55,26 @@ class WeightAverage:
         self.updates += 1
         self._track_trainable()
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        index = list(self.average)
-        torch._foreach_lerp_([self.average[i] for i in index], [self.params[i].detach() for i in index], 1.0 - decay)
+        weights, average = self._pairs()
+        torch._foreach_lerp_(average, weights, 1.0 - decay)
 
     @torch.no_grad()
     def copy_to(self) -> None:
         """Overwrite the model's weights with the average (for good: what training hands on)."""
-        index = list(self.average)
-        torch._foreach_copy_([self.params[i].detach() for i in index], [self.average[i] for i in index])
+        torch._foreach_copy_(*self._pairs())
 
     @contextmanager
     def applied(self) -> Iterator[None]:
         """The average in the model's weights inside the block; the trained weights back after it."""
-        index = list(self.average)
+        weights, _ = self._pairs()
         with torch.no_grad():
-            trained = [self.params[i].detach().clone() for i in index]
+            trained = [w.clone() for w in weights]
         self.copy_to()
         try:
             yield
         finally:
             with torch.no_grad():
-                torch._foreach_copy_([self.params[i].detach() for i in index], trained)
+                torch._foreach_copy_(weights, trained)
 
     def state_dict(self) -> dict[str, Any]:
         return {"decay": self.decay, "updates": self.updates, "average": {i: a.clone() for i, a in self.average.items()}}
@@ -87,9 +87,16 @@ class WeightAverage:
                 "resume with the model and train.ema the run started with",
             )
         self.average = {i: a.to(self.params[i].device, self.params[i].dtype) for i, a in average.items()}
+        self._frozen = [i for i in range(len(self.params)) if i not in self.average]
         self.decay, self.updates = float(state["decay"]), int(state["updates"])
 
+    def _pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The averaged parameters (detached) and their averages, in the same order."""
+        return [self.params[i].detach() for i in self.average], list(self.average.values())
+
     def _track_trainable(self) -> None:
-        for i, p in enumerate(self.params):
-            if p.requires_grad and i not in self.average:
-                self.average[i] = p.detach().clone()
+        if not self._frozen:
+            return
+        for i in [i for i in self._frozen if self.params[i].requires_grad]:
+            self.average[i] = self.params[i].detach().clone()
+        self._frozen = [i for i in self._frozen if i not in self.average]
