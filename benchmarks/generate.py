@@ -39,6 +39,8 @@ from typing import Any
 
 import torch
 
+from dapeng.layers import cpu_matmul
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -203,6 +205,7 @@ def main() -> None:
         "timer": "process CPU time" if args.threads == 1 else "wall time",
         "precision": args.dtypes,
         "native_bf16": native_bf16,
+        "cpu_kernel": cpu_matmul.available(),  # dapeng.layers.cpu_matmul; DAPENG_CPU_KERNELS=0 turns it off
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -212,10 +215,10 @@ def main() -> None:
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "note": (
             "shared 2-core machine; both sides timed alternately in one process, each step on its own; "
-            "prefill: best run, decode: median step. dapeng bf16 on a CPU without native bf16, batch >= 8: "
-            "weights stay bf16, activations/KV cache/attention fp32 and matrix products upcast the weights "
-            "(the vocabulary projection reads bf16); batch 1 runs in bf16 throughout. transformers runs bf16 "
-            "throughout. Long bf16 configs measured with one run instead of several."
+            "prefill: best run, decode: median step. dapeng bf16 on a CPU without native bf16: weights stay "
+            "bf16, activations/KV cache/attention fp32; products of a few rows read the bf16 weights in "
+            "dapeng's CPU kernel (cpu_kernel: true; fp32 accumulation), larger ones upcast the weights. "
+            "transformers runs bf16 throughout. Long bf16 configs measured with one run instead of several."
         ),
     }
     print(json.dumps({"results": results, "ratios": ratios, "env": env}))

@@ -334,17 +334,23 @@ def test_swiglu_training_path_equals_separate_projections_in_value_and_gradient(
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("kernel", ["1", "0"])
 @pytest.mark.parametrize("rows", [1, 8])
-def test_linear_with_fp32_inputs_over_bf16_weights(rows):
+def test_linear_with_fp32_inputs_over_bf16_weights(rows, kernel, monkeypatch):
+    from dapeng.layers import cpu_matmul
     from dapeng.layers.fused import linear
 
+    monkeypatch.setenv("DAPENG_CPU_KERNELS", kernel)
     torch.manual_seed(0)
     layer = nn.Linear(16, 12).to(torch.bfloat16)
     x = torch.randn(rows, 16)
-    out = linear(x, layer)
+    with torch.no_grad():  # decoding: with gradients wanted the kernel steps aside for autograd
+        out = linear(x, layer)
     assert out.dtype == torch.float32
     expected = F.linear(x, layer.weight.float(), layer.bias.float())
-    if rows >= 8:  # the weight is upcast: exactly the fp32 product with the bf16 weights
+    if cpu_matmul.available():  # the kernel: the fp32 product with the bf16 weights, its own summation order
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    elif rows >= 8:  # the weight is upcast: exactly the fp32 product with the bf16 weights
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
     else:  # one row reads the bf16 weights with a bf16 input
         torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)

@@ -9,11 +9,12 @@
   row (decoding one sequence) of a wide group multiplies a cached, packed (in, out) copy
   instead, which MKL streams about 1.4x faster (`_one_row_weight`).
 * `linear`: one layer, where activations may be fp32 while the weights are bf16
-  ("weight-only bf16", what `LlamaLM.generate` uses on CPUs without native bf16). There a
-  bf16 GEMM runs reference kernels at ~9 GFLOP/s whatever the shape, while fp32 reaches
-  30–70: a product of 8 rows or more upcasts the (small) weight and multiplies in fp32
-  (bit-identical weights, fp32 accumulation); a matrix-vector product, bound by memory
-  bandwidth, reads the weights as they are, in bf16.
+  ("weight-only bf16", what `LlamaLM.generate` uses on CPUs without native bf16). Products
+  of a few rows (decoding) go to `cpu_matmul`'s kernel, which reads bf16 or fp32 weights and
+  accumulates in fp32. Without it, a bf16 GEMM runs reference kernels at ~9 GFLOP/s whatever
+  the shape, while fp32 reaches 30–70: a product of 8 rows or more upcasts the (small) weight
+  and multiplies in fp32 (bit-identical weights, fp32 accumulation); a matrix-vector product,
+  bound by memory bandwidth, reads the weights as they are, in bf16.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from dapeng.layers import cpu_matmul
 
 # below this many rows the weight copy costs more than the bigger GEMM saves
 MIN_ROWS = 128
@@ -34,13 +37,16 @@ UPCAST_MAX_WEIGHT = 1 << 22
 
 def linear(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     """`layer(x)`, also when `x` is fp32 and a plain `nn.Linear`'s weight is bf16; the result has x's dtype."""
-    if type(layer) is not nn.Linear or layer.weight.dtype == x.dtype:
+    hooked = layer._forward_hooks or layer._forward_pre_hooks  # keep them firing where layer(x) can run
+    if type(layer) is not nn.Linear or (hooked and layer.weight.dtype == x.dtype):
         return layer(x)
     return linear_weight(x, layer.weight, layer.bias)
 
 
 def linear_weight(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)` in x's dtype, for fp32 activations over bf16 weights as well (see above)."""
+    if (y := cpu_matmul.matmul(x, weight, bias)) is not None:
+        return y
     if weight.dtype == x.dtype or torch.is_autocast_enabled(x.device.type):
         return F.linear(x, weight, bias)
     rows = x.numel() // x.shape[-1]

@@ -13,11 +13,11 @@ intermediate=1536, rope_theta=100000, rms_norm_eps=1e-5, tie_embeddings=True.
 Decoding is eager and lean (per-op overhead dominates on CPU): one static, preallocated
 KV cache per layer written in place, the RoPE tables gathered once per step for all layers,
 no mask at all for unpadded batches, and the vocabulary projection only for the last position.
-One sequence in fp32 reads q|k|v, gate|up and the vocabulary projection from contiguous
-(in, out) copies, which matrix-vector products stream faster (`layers.fused`, `_head_copy`); a
-batch reads the vocabulary projection in oneDNN's layout.
-bf16 weights on a CPU without native bf16 decode a batch of 8 or more with fp32 activations,
-KV cache and attention, the weights staying bf16 in memory (`_activation_dtype`).
+Products of a few rows go to `layers.cpu_matmul`'s kernel where it is built (x86-64 with
+AVX2); one sequence in fp32 reads q|k|v, gate|up and the vocabulary projection from
+contiguous (in, out) copies, which MKL's matrix-vector product streams faster
+(`layers.fused`, `_head_copy`). bf16 weights on a CPU without native bf16 decode with fp32
+activations, KV cache and attention, the weights staying bf16 in memory (`_activation_dtype`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from torch import nn
 from dapeng.errors import ModelError
 from dapeng.layers.attention import KVCache, MultiHeadAttention, causal_mask
 from dapeng.layers.feedforward import SwiGLU
-from dapeng.layers.fused import UPCAST_MIN_ROWS, linear, linear_weight
+from dapeng.layers.fused import linear, linear_weight
 from dapeng.layers.norms import RMSNorm
 from dapeng.layers.positions import RotaryEmbedding
 
@@ -175,21 +175,19 @@ class LlamaLM(nn.Module):
             for _ in self.layers
         ]
 
-    def _activation_dtype(self, batch: int) -> torch.dtype:
+    def _activation_dtype(self) -> torch.dtype:
         """The dtype generation computes in: the weights', except bf16 weights on a CPU without native bf16.
 
-        There a bf16 matrix product of several rows runs reference kernels several times slower
-        than fp32, so from `UPCAST_MIN_ROWS` sequences on, activations, the KV cache and attention
-        stay fp32 while the weights stay bf16 in memory; products upcast the weights (the
-        vocabulary projection, too big to convert per step, reads them as bf16: `layers.fused`).
-        A single sequence decodes by matrix-vector products, bound by memory bandwidth, which
-        bf16 weights halve: it stays in bf16.
+        There every bf16 operation widens to fp32 and rounds back element by element, and a
+        bf16 matrix product of several rows runs reference kernels several times slower than
+        fp32. So activations, the KV cache and attention stay fp32 while the weights stay bf16
+        in memory: products read them as bf16 (`layers.fused.linear_weight`), with fp32
+        accumulation.
         """
         weight = self.embed.weight
         if (
             weight.dtype == torch.bfloat16
             and weight.device.type == "cpu"
-            and batch >= UPCAST_MIN_ROWS
             and not _native_bf16()
             and self._plain_layers()
         ):
@@ -216,25 +214,18 @@ class LlamaLM(nn.Module):
         for layer, cache in zip(self.layers, caches):
             x = layer(x, rope, mask, causal, cache, pos)
         features = self.norm(x[:, -1])  # (B, D)
-        rows = features.shape[0]
-        if rows == 1 and (head_t := self._head_copy("transposed")) is not None:
+        if features.shape[0] == 1 and (head_t := self._head_copy()) is not None:
             return features @ head_t  # (1, V)
-        if 1 < rows <= 64 and (head_m := self._head_copy("mkldnn")) is not None:
-            return torch._C._nn.mkldnn_linear(features.to_mkldnn(), head_m, None).to_dense()  # (B, V)
         return self.forward_head(features)  # (B, V)
 
-    def _head_copy(self, kind: str) -> torch.Tensor | None:
-        """A copy of the fp32 output projection laid out for decoding on CPU, or None where it doesn't apply.
+    def _head_copy(self) -> torch.Tensor | None:
+        """A (D, V) contiguous copy of the fp32 output projection for one sequence on CPU, else None.
 
         The vocabulary projection is the largest single read of a decoding step (a quarter of
-        SmolLM2's weights), and MKL's kernels for its shapes are slow on this kind of CPU:
-        * "transposed", one row: a (D, V) contiguous copy, which MKL's matrix-vector product
-          streams about twice as fast as the (V, D) weight (7.4 vs 14 ms for 49152 × 576, one
-          AVX2 thread);
-        * "mkldnn", a few rows (batched decoding): the weight in oneDNN's layout, whose linear
-          runs 1.2-1.3x faster than MKL's GEMM for 2-64 rows (8 rows: 31 vs 38 ms).
-        Each copy costs the projection's size in memory once; it is rebuilt whenever the
-        weight changes (new tensor, or its version counter moves after an in-place update).
+        SmolLM2's weights), and MKL's matrix-vector product streams this copy about twice as
+        fast as the (V, D) weight (7.4 vs 14 ms for 49152 × 576, one AVX2 thread). The copy
+        costs the projection's size in memory once; it is rebuilt whenever the weight changes
+        (new tensor, or its version counter moves after an in-place update).
         """
         head = self.lm_head
         weight = self.embed.weight if head is None else getattr(head, "weight", None)
@@ -244,15 +235,12 @@ class LlamaLM(nn.Module):
             or weight.device.type != "cpu"
             or (head is not None and (type(head) is not nn.Linear or head.bias is not None))
             or torch.is_autocast_enabled("cpu")
-            or (kind == "mkldnn" and not torch.backends.mkldnn.is_available())
         ):
             return None
         key = (weight.data_ptr(), weight._version, tuple(weight.shape))
-        cache = self.__dict__.setdefault("_head_copies", {})
-        cached = cache.get(kind)
+        cached = self.__dict__.get("_head_transposed")
         if cached is None or cached[0] != key:
-            copy = weight.detach().t().contiguous() if kind == "transposed" else weight.detach().to_mkldnn()
-            cached = cache[kind] = (key, copy)
+            cached = self.__dict__["_head_transposed"] = (key, weight.detach().t().contiguous())
         return cached[1]
 
     def generate(
@@ -310,7 +298,7 @@ class LlamaLM(nn.Module):
         """Yield (B,) new tokens, one step at a time."""
         b, t = input_ids.shape
         total = t + max_new_tokens
-        caches = self.new_cache(b, total, self._activation_dtype(b))
+        caches = self.new_cache(b, total, self._activation_dtype())
         device = input_ids.device
         if attention_mask is None:
             keys = None

@@ -1,0 +1,133 @@
+"""Decoding-sized linear products on x86-64 CPUs, by a small AVX2 kernel compiled on first use.
+
+`matmul(x, weight, bias)` is `F.linear` for fp32 activations of a few rows (a decoding step:
+one per sequence) over a bf16 or fp32 weight, computed by `cpu_matmul.c`: each weight row is
+streamed once, widened to fp32 in registers and multiplied into every row of x, with fp32
+accumulation. On one AVX2 core it is 1.4-1.7x PyTorch's bf16 matrix-vector product, 2-5x
+its bf16 products of 4-64 rows, and 1.3-1.8x MKL's fp32 GEMM for 2-24 rows (SmolLM2's
+shapes; `benchmarks/generate.py` measures the whole decoding loop). Where it doesn't apply or
+pay — other devices or dtypes, gradients, autocast, dispatch modes, more rows, one fp32 row
+(MKL streams that as fast) — it returns None and the caller runs PyTorch.
+
+The kernel is built with the machine's C compiler (`$CC`, else gcc or cc) into
+`$DAPENG_HOME/cache/kernels/`, once per source version, and loaded with ctypes. Without a
+compiler, on other CPUs, or with `DAPENG_CPU_KERNELS=0`, everything runs on PyTorch's kernels
+(one warning says why when the build fails).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+
+import torch
+
+__all__ = ["available", "matmul"]
+
+# more rows than this and PyTorch's own GEMMs are as fast (measured on SmolLM2's shapes)
+MAX_ROWS = {torch.bfloat16: 64, torch.float32: 24}
+_SOURCE = Path(__file__).with_name("cpu_matmul.c")
+_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+_ARGTYPES = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4
+
+
+def available() -> bool:
+    """Whether the kernel is built (building it now if needed) and enabled."""
+    return _library() is not None
+
+
+def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """`F.linear(x, weight, bias)` by the kernel, in fp32; None where it doesn't apply (see the module doc).
+
+    Args:
+        x: (…, K) fp32 activations on CPU.
+        weight: (N, K) bf16 or fp32, contiguous, on CPU.
+        bias: optional (N,), added after the product.
+    """
+    k = x.shape[-1]
+    rows = x.numel() // k if k else 0
+    limit = MAX_ROWS.get(weight.dtype, 0)
+    if (
+        not 1 <= rows <= limit
+        or (rows == 1 and weight.dtype == torch.float32)
+        or x.dtype != torch.float32
+        or x.device.type != "cpu"
+        or x.layout != torch.strided
+        or weight.device.type != "cpu"
+        or weight.dim() != 2
+        or weight.shape[1] != k
+        or not weight.is_contiguous()
+        or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        or torch.is_autocast_enabled("cpu")
+        or torch.compiler.is_compiling()
+        or torch._C._len_torch_dispatch_stack() > 0  # FLOP counters, fake tensors: they must see an aten op
+    ):
+        return None
+    lib = _library()
+    if lib is None:
+        return None
+    x2 = x.reshape(rows, k).contiguous()
+    n = weight.shape[0]
+    y = torch.empty(rows, n)
+    run = lib.matmul_bf16 if weight.dtype == torch.bfloat16 else lib.matmul_f32
+    run(weight.data_ptr(), x2.data_ptr(), y.data_ptr(), rows, n, k, torch.get_num_threads())
+    if bias is not None:
+        y += bias
+    return y.view(*x.shape[:-1], n)
+
+
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("DAPENG_CPU_KERNELS", "1") == "0":
+        return None
+    return _load()
+
+
+@functools.cache
+def _load() -> ctypes.CDLL | None:
+    if platform.machine().lower() not in ("x86_64", "amd64") or torch.backends.cpu.get_cpu_capability() not in (
+        "AVX2",
+        "AVX512",
+    ):
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build()))
+    except (OSError, subprocess.SubprocessError) as e:
+        warnings.warn(
+            f"dapeng: could not build its CPU decoding kernel ({e}); decoding runs on PyTorch's "
+            "kernels, slower. Install gcc (or set CC) to get it; DAPENG_CPU_KERNELS=0 skips it.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    for fn in (lib.matmul_bf16, lib.matmul_f32):
+        fn.argtypes = _ARGTYPES
+        fn.restype = None
+    return lib
+
+
+def _build() -> Path:
+    """The compiled kernel for this source and these flags, compiled now unless a previous run did."""
+    from dapeng.data.fetch import atomic_path, dapeng_home
+
+    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        raise OSError("no C compiler found")
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join((compiler, *_FLAGS)).encode()).hexdigest()[:16]
+    target = dapeng_home() / "cache" / "kernels" / f"cpu_matmul-{key}.so"
+    if not target.exists():
+        with atomic_path(target) as tmp:
+            done = subprocess.run(
+                [compiler, *_FLAGS, str(_SOURCE), "-o", str(tmp)], capture_output=True, text=True, timeout=120
+            )
+            if done.returncode != 0:
+                first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip())
+                raise OSError(f"{compiler} failed: {first[:200]}")
+    return target
