@@ -32,3 +32,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def cpu_kernel(monkeypatch):
+    """`cpu_kernel("0")` turns dapeng's CPU decoding kernel off for the test (`"1"`: on where it builds)."""
+    from dapeng.layers import cpu_matmul
+
+    def switch(value: str) -> None:
+        monkeypatch.setenv("DAPENG_CPU_KERNELS", value)
+        cpu_matmul._library.cache_clear()
+
+    yield switch
+    cpu_matmul._library.cache_clear()  # settled again, from the restored environment, at the next product

@@ -62,22 +62,18 @@ def test_steps_aside_where_pytorch_must_run():
         assert cpu_matmul.matmul(x, weight.detach()) is None
 
 
-def test_switch_and_failed_build_fall_back_with_one_warning(tmp_path, monkeypatch):
-    monkeypatch.setenv("DAPENG_CPU_KERNELS", "0")
+def test_switch_and_failed_build_fall_back_with_one_warning(tmp_path, monkeypatch, cpu_kernel):
+    cpu_kernel("0")
     assert cpu_matmul.matmul(torch.randn(4, 64), torch.randn(10, 64)) is None
-    monkeypatch.setenv("DAPENG_CPU_KERNELS", "1")
     monkeypatch.setenv("DAPENG_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
     monkeypatch.setattr(cpu_matmul.torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     monkeypatch.setattr(cpu_matmul.platform, "machine", lambda: "x86_64")
-    cpu_matmul._load.cache_clear()
-    try:
-        with pytest.warns(RuntimeWarning, match="could not build its CPU decoding kernel"):
-            assert cpu_matmul.matmul(torch.randn(4, 64), torch.randn(10, 64)) is None
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # said once, not at every product
-            assert cpu_matmul.matmul(torch.randn(4, 64), torch.randn(10, 64)) is None
-        kernels = tmp_path / "home" / "cache" / "kernels"
-        assert not kernels.exists() or not any(kernels.iterdir())  # nothing half-written left behind
-    finally:
-        cpu_matmul._load.cache_clear()
+    cpu_kernel("1")
+    with pytest.warns(RuntimeWarning, match="could not build its CPU decoding kernel"):
+        assert cpu_matmul.matmul(torch.randn(4, 64), torch.randn(10, 64)) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once, not at every product
+        assert cpu_matmul.matmul(torch.randn(4, 64), torch.randn(10, 64)) is None
+    kernels = tmp_path / "home" / "cache" / "kernels"
+    assert not kernels.exists() or not any(kernels.iterdir())  # nothing half-written left behind

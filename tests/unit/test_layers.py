@@ -336,11 +336,11 @@ def test_swiglu_training_path_equals_separate_projections_in_value_and_gradient(
 
 @pytest.mark.parametrize("kernel", ["1", "0"])
 @pytest.mark.parametrize("rows", [1, 8])
-def test_linear_with_fp32_inputs_over_bf16_weights(rows, kernel, monkeypatch):
+def test_linear_with_fp32_inputs_over_bf16_weights(rows, kernel, cpu_kernel):
     from dapeng.layers import cpu_matmul
     from dapeng.layers.fused import linear
 
-    monkeypatch.setenv("DAPENG_CPU_KERNELS", kernel)
+    cpu_kernel(kernel)
     torch.manual_seed(0)
     layer = nn.Linear(16, 12).to(torch.bfloat16)
     x = torch.randn(rows, 16)

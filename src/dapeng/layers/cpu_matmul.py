@@ -12,7 +12,8 @@ pay — other devices or dtypes, gradients, autocast, dispatch modes, more rows,
 The kernel is built with the machine's C compiler (`$CC`, else gcc or cc) into
 `$DAPENG_HOME/cache/kernels/`, once per source version, and loaded with ctypes. Without a
 compiler, on other CPUs, or with `DAPENG_CPU_KERNELS=0`, everything runs on PyTorch's kernels
-(one warning says why when the build fails).
+(one warning says why when the build fails). The switch and the build are settled at the
+first product of a process.
 """
 
 from __future__ import annotations
@@ -53,13 +54,12 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
-    limit = MAX_ROWS.get(weight.dtype, 0)
     if (
-        not 1 <= rows <= limit
+        not 1 <= rows <= MAX_ROWS.get(weight.dtype, 0)
         or (rows == 1 and weight.dtype == torch.float32)
         or x.dtype != torch.float32
-        or x.device.type != "cpu"
         or x.layout != torch.strided
+        or x.device.type != "cpu"
         or weight.device.type != "cpu"
         or weight.dim() != 2
         or weight.shape[1] != k
@@ -68,29 +68,25 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         or torch.is_autocast_enabled("cpu")
         or torch.compiler.is_compiling()
         or torch._C._len_torch_dispatch_stack() > 0  # FLOP counters, fake tensors: they must see an aten op
+        or (lib := _library()) is None
     ):
         return None
-    lib = _library()
-    if lib is None:
-        return None
-    x2 = x.reshape(rows, k).contiguous()
+    if not x.is_contiguous():
+        x = x.contiguous()
     n = weight.shape[0]
-    y = torch.empty(rows, n)
+    y = torch.empty(*x.shape[:-1], n)
     run = lib.matmul_bf16 if weight.dtype == torch.bfloat16 else lib.matmul_f32
-    run(weight.data_ptr(), x2.data_ptr(), y.data_ptr(), rows, n, k, torch.get_num_threads())
+    run(weight.data_ptr(), x.data_ptr(), y.data_ptr(), rows, n, k, torch.get_num_threads())
     if bias is not None:
         y += bias
-    return y.view(*x.shape[:-1], n)
-
-
-def _library() -> ctypes.CDLL | None:
-    if os.environ.get("DAPENG_CPU_KERNELS", "1") == "0":
-        return None
-    return _load()
+    return y
 
 
 @functools.cache
-def _load() -> ctypes.CDLL | None:
+def _library() -> ctypes.CDLL | None:
+    """The built kernel, or None; decided once per process (`_library.cache_clear()` to ask again)."""
+    if os.environ.get("DAPENG_CPU_KERNELS", "1") == "0":
+        return None
     if platform.machine().lower() not in ("x86_64", "amd64") or torch.backends.cpu.get_cpu_capability() not in (
         "AVX2",
         "AVX512",
