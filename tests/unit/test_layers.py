@@ -103,6 +103,14 @@ def test_grouped_query_attention_matches_explicit_repeat_and_captures_rows_summi
     assert w[1, :, :, 3:].abs().max() == 0  # padded keys get no weight
     assert torch.triu(w[0, 0], diagonal=1).abs().max() == 0  # no weight on the future
     assert attn.record is None  # capture ended
+    # a decoding step: one query per row over cached keys, padded ones masked per row
+    cache = KVCache(2, 2, 8, D // 4)
+    attn(x, mask=padding_mask(keep), causal=True, cache=cache, pos=0)
+    step, mask = torch.randn(2, 1, D), torch.cat([keep, torch.ones(2, 1, dtype=torch.bool)], 1)[:, None, None]
+    grouped = attn(step, mask=mask, cache=cache, pos=5)  # the query heads of a key/value head attend together
+    with capture_attention(attn):
+        explicit = attn(step, mask=mask, cache=cache, pos=5)
+    torch.testing.assert_close(grouped, explicit, atol=1e-5, rtol=1e-5)
 
 
 def test_kv_cache_steps_equal_full_causal_attention():

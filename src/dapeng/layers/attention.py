@@ -39,6 +39,11 @@ def causal_mask(t: int, s: int | None = None, device: torch.device | None = None
     return torch.ones(t, s, dtype=torch.bool, device=device).tril(diagonal=s - t)
 
 
+def _per_row(mask: torch.Tensor | None) -> bool:
+    """Whether `mask` is None or the same for every head and query of a row: (B or 1, 1, 1, S)."""
+    return mask is None or (mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1)
+
+
 class KVCache:
     """A preallocated (static) key/value cache for one attention layer.
 
@@ -166,19 +171,29 @@ class MultiHeadAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, pos)
         s = k.shape[2]
-        if causal and (mask is not None or s != t):
+        if causal and t == 1:
+            causal = False  # the one query, aligned to the last key, sees every key
+        elif causal and (mask is not None or s != t):
             cm = causal_mask(t, s, device=x.device)
             mask = cm if mask is None else mask & cm
             causal = False
-        if self.record is None:
+        group = self.num_heads // self.num_kv_heads
+        dropout = self.dropout if self.training else 0.0
+        if self.record is None and t == 1 and group > 1 and not causal and _per_row(mask):
+            # one query per head (decoding): the heads sharing a key/value head attend as its
+            # `group` queries, so each cached key/value is read once instead of once per head
+            qg = q.view(b, self.num_kv_heads, group, self.head_dim)  # (B, Hkv, G, Dh)
+            y = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, dropout_p=dropout)
+            y = y.view(b, self.num_heads, 1, self.head_dim)  # (B, H, 1, Dh)
+        elif self.record is None:
             y = F.scaled_dot_product_attention(
                 q,
                 k,
                 v,
                 attn_mask=mask,
-                dropout_p=self.dropout if self.training else 0.0,
+                dropout_p=dropout,
                 is_causal=causal,
-                enable_gqa=self.num_kv_heads != self.num_heads,
+                enable_gqa=group > 1,
             )
         else:
             y = self._attend_explicitly(q, k, v, mask, causal)
