@@ -271,33 +271,6 @@ def test_fused_projections_equal_separate_layers_in_value_and_gradient():
         torch.testing.assert_close(a, b)
 
 
-def test_one_row_projections_use_a_packed_copy_that_follows_the_weights():
-    from dapeng.layers.fused import project_together
-
-    torch.manual_seed(0)
-    layers = [nn.Linear(8, n, bias=bias) for n, bias in ((8, True), (4, True), (4, True))]
-    x = torch.randn(1, 1, 8)
-    with torch.inference_mode():  # decoding one sequence
-        packed = project_together(x, layers)
-        for a, lin in zip(packed, layers):
-            torch.testing.assert_close(a, lin(x))
-        assert "_one_row_packed" in layers[0].__dict__
-        copy = layers[0].__dict__["_one_row_packed"][3][1][0]
-        assert copy.shape == (8, 16) and copy.is_contiguous()
-    with torch.no_grad():
-        layers[1].weight.mul_(2)  # an in-place update (a LoRA merge, an optimizer step): the copy follows
-        for a, lin in zip(project_together(x, layers), layers):
-            torch.testing.assert_close(a, lin(x))
-    # a narrow group (fewer outputs than inputs) and training keep the layers' own products
-    narrow = [nn.Linear(8, 2), nn.Linear(8, 2)]
-    with torch.inference_mode():
-        project_together(x, narrow)
-    assert "_one_row_packed" not in narrow[0].__dict__
-    fresh = [nn.Linear(8, 8), nn.Linear(8, 8)]
-    out = project_together(x, fresh)
-    assert "_one_row_packed" not in fresh[0].__dict__ and out[0].requires_grad
-
-
 def test_attention_equals_torch_on_long_inputs_with_fused_qkv():
     ours, ref = _pair()
     x = torch.randn(2, 80, D)  # 160 rows: q/k/v run as one GEMM

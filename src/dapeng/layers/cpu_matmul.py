@@ -2,12 +2,12 @@
 
 `matmul(x, weight, bias)` is `F.linear` for fp32 activations of a few rows (a decoding step:
 one per sequence) over a bf16 or fp32 weight, computed by `cpu_matmul.c`: each weight row is
-streamed once, widened to fp32 in registers and multiplied into every row of x, with fp32
-accumulation. On one AVX2 core it is 1.4-1.7x PyTorch's bf16 matrix-vector product, 2-5x
-its bf16 products of 4-64 rows, and 1.3-1.8x MKL's fp32 GEMM for 2-24 rows (SmolLM2's
-shapes; `benchmarks/generate.py` measures the whole decoding loop). Where it doesn't apply or
-pay — other devices or dtypes, gradients, autocast, dispatch modes, more rows, one fp32 row
-(MKL streams that as fast) — it returns None and the caller runs PyTorch.
+streamed once, several distant rows at a time, widened to fp32 in registers and multiplied
+into every row of x, with fp32 accumulation. On one AVX2 core and SmolLM2's shapes it is
+1.5-2x PyTorch's bf16 matrix-vector product, 2-4x its bf16 products of 4-64 rows, and
+1.3-1.6x MKL for 1-24 fp32 rows (`benchmarks/generate.py` measures the whole decoding loop).
+Where it doesn't apply or pay — other devices or dtypes, gradients, autocast, dispatch modes,
+more rows — it returns None and the caller runs PyTorch.
 
 The kernel is built with the machine's C compiler (`$CC`, else gcc or cc) into
 `$DAPENG_HOME/cache/kernels/`, once per source version, and loaded with ctypes. Without a
@@ -56,7 +56,6 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     rows = x.numel() // k if k else 0
     if (
         not 1 <= rows <= MAX_ROWS.get(weight.dtype, 0)
-        or (rows == 1 and weight.dtype == torch.float32)
         or x.dtype != torch.float32
         or x.layout != torch.strided
         or x.device.type != "cpu"

@@ -14,10 +14,9 @@ Decoding is eager and lean (per-op overhead dominates on CPU): one static, preal
 KV cache per layer written in place, the RoPE tables gathered once per step for all layers,
 no mask at all for unpadded batches, and the vocabulary projection only for the last position.
 Products of a few rows go to `layers.cpu_matmul`'s kernel where it is built (x86-64 with
-AVX2); one sequence in fp32 reads q|k|v, gate|up and the vocabulary projection from
-contiguous (in, out) copies, which MKL's matrix-vector product streams faster
-(`layers.fused`, `_head_copy`). bf16 weights on a CPU without native bf16 decode with fp32
-activations, KV cache and attention, the weights staying bf16 in memory (`_activation_dtype`).
+AVX2), which streams the weights as stored. bf16 weights on a CPU without native bf16 decode
+with fp32 activations, KV cache and attention, the weights staying bf16 in memory
+(`_activation_dtype`).
 """
 
 from __future__ import annotations
@@ -213,35 +212,7 @@ class LlamaLM(nn.Module):
         rope = self.rope(positions, x.dtype)
         for layer, cache in zip(self.layers, caches):
             x = layer(x, rope, mask, causal, cache, pos)
-        features = self.norm(x[:, -1])  # (B, D)
-        if features.shape[0] == 1 and (head_t := self._head_copy()) is not None:
-            return features @ head_t  # (1, V)
-        return self.forward_head(features)  # (B, V)
-
-    def _head_copy(self) -> torch.Tensor | None:
-        """A (D, V) contiguous copy of the fp32 output projection for one sequence on CPU, else None.
-
-        The vocabulary projection is the largest single read of a decoding step (a quarter of
-        SmolLM2's weights), and MKL's matrix-vector product streams this copy about twice as
-        fast as the (V, D) weight (7.4 vs 14 ms for 49152 × 576, one AVX2 thread). The copy
-        costs the projection's size in memory once; it is rebuilt whenever the weight changes
-        (new tensor, or its version counter moves after an in-place update).
-        """
-        head = self.lm_head
-        weight = self.embed.weight if head is None else getattr(head, "weight", None)
-        if (
-            weight is None
-            or weight.dtype != torch.float32
-            or weight.device.type != "cpu"
-            or (head is not None and (type(head) is not nn.Linear or head.bias is not None))
-            or torch.is_autocast_enabled("cpu")
-        ):
-            return None
-        key = (weight.data_ptr(), weight._version, tuple(weight.shape))
-        cached = self.__dict__.get("_head_transposed")
-        if cached is None or cached[0] != key:
-            cached = self.__dict__["_head_transposed"] = (key, weight.detach().t().contiguous())
-        return cached[1]
+        return self.forward_head(self.norm(x[:, -1]))  # (B, V)
 
     def generate(
         self,
