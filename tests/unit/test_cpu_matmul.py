@@ -44,7 +44,10 @@ def test_leading_dims_are_kept():
 
 @needs_kernel
 def test_steps_aside_where_pytorch_must_run():
+    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
+
+    from dapeng.layers.fused import linear_weight
 
     x, weight = torch.randn(4, 64), torch.randn(10, 64)
     assert cpu_matmul.matmul(x, weight) is not None
@@ -60,6 +63,13 @@ def test_steps_aside_where_pytorch_must_run():
     assert counter.get_total_flops() == 0
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert cpu_matmul.matmul(x, weight.detach()) is None
+    frozen = weight.detach()
+    with torch.no_grad():
+        traced = torch.jit.trace(lambda t: linear_weight(t, frozen), (x,))  # the tracer must record the product
+        other = torch.randn(4, 64)
+        torch.testing.assert_close(traced(other), F.linear(other, frozen))
+        with FakeTensorMode():
+            assert cpu_matmul.matmul(torch.randn(4, 64), torch.randn(10, 64)) is None
 
 
 def test_switch_and_failed_build_fall_back_with_one_warning(tmp_path, monkeypatch, cpu_kernel):

@@ -6,8 +6,8 @@ streamed once, several distant rows at a time, widened to fp32 in registers and 
 into every row of x, with fp32 accumulation. On one AVX2 core and SmolLM2's shapes it is
 1.5-2x PyTorch's bf16 matrix-vector product, 2-4x its bf16 products of 4-64 rows, and
 1.3-1.6x MKL for 1-24 fp32 rows (`benchmarks/generate.py` measures the whole decoding loop).
-Where it doesn't apply or pay — other devices or dtypes, gradients, autocast, dispatch modes,
-more rows — it returns None and the caller runs PyTorch.
+Where it doesn't apply or pay — other devices or dtypes, gradients, autocast, tracing and
+dispatch modes, more rows — it returns None and the caller runs PyTorch.
 
 The kernel is built with the machine's C compiler (`$CC`, else gcc or cc) into
 `$DAPENG_HOME/cache/kernels/`, once per source version, and loaded with ctypes. Without a
@@ -66,6 +66,7 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         or torch.is_autocast_enabled("cpu")
         or torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
         or torch._C._len_torch_dispatch_stack() > 0  # FLOP counters, fake tensors: they must see an aten op
         or (lib := _library()) is None
     ):
