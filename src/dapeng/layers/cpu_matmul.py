@@ -52,6 +52,8 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         weight: (N, K) bf16 or fp32, contiguous, on CPU.
         bias: optional (N,), added after the product.
     """
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():  # they must record an aten op
+        return None
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
     if (
@@ -65,9 +67,7 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         or not weight.is_contiguous()
         or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         or torch.is_autocast_enabled("cpu")
-        or torch.compiler.is_compiling()
-        or torch.jit.is_tracing()
-        or torch._C._len_torch_dispatch_stack() > 0  # FLOP counters, fake tensors: they must see an aten op
+        or torch._C._len_torch_dispatch_stack() > 0  # FLOP counters, fake tensors: likewise
         or (lib := _library()) is None
     ):
         return None
