@@ -87,3 +87,15 @@ def test_switch_and_failed_build_fall_back_with_one_warning(tmp_path, monkeypatc
         assert cpu_matmul.matmul(torch.randn(4, 64), torch.randn(10, 64)) is None
     kernels = tmp_path / "home" / "cache" / "kernels"
     assert not kernels.exists() or not any(kernels.iterdir())  # nothing half-written left behind
+
+
+@needs_kernel
+def test_build_is_cached_per_source_and_replaces_earlier_builds(tmp_path, monkeypatch):
+    monkeypatch.setenv("DAPENG_HOME", str(tmp_path))
+    kernels = tmp_path / "cache" / "kernels"
+    kernels.mkdir(parents=True)
+    (kernels / "cpu_matmul-0123456789abcdef.so").write_bytes(b"an earlier build")
+    built = cpu_matmul._build()
+    assert built.parent == kernels and list(kernels.iterdir()) == [built]
+    stamp = built.stat().st_mtime_ns
+    assert cpu_matmul._build() == built and built.stat().st_mtime_ns == stamp  # not compiled again
