@@ -95,26 +95,24 @@ static inline float hsum(__m256 v) {
     static const dot_fn_##T single_##T[9] = {0, dot_##T##_1_1, dot_##T##_1_2, dot_##T##_1_3,       \
         dot_##T##_1_4, dot_##T##_1_5, dot_##T##_1_6, dot_##T##_1_7, dot_##T##_1_8};               \
                                                                                                  \
-    /* weight rows [a, b) against rows [m0, m0 + rows) of x, rows <= 8 */                        \
-    static void span_##T(const T* w, const float* x, float* y, int m0, int rows, int N, int K, int a, int b) { \
-        const float* xm = x + (long)m0 * K;                                                      \
-        float* ym = y + (long)m0 * N;                                                            \
+    /* weight rows [a, b) against all `rows` (<= 8) rows of x */                                \
+    static void span_##T(const T* w, const float* x, float* y, int rows, int N, int K, int a, int b) { \
         int S = segments_##T[rows];                                                              \
         long seg = (b - a) / S;                                                                  \
-        for (long n = a; n < a + seg; n++) wide_##T[rows](w + n * K, seg, xm, ym + n, N, K);    \
-        for (long n = a + S * seg; n < b; n++) single_##T[rows](w + n * K, 0, xm, ym + n, N, K); \
+        for (long n = a; n < a + seg; n++) wide_##T[rows](w + n * K, seg, x, y + n, N, K);      \
+        for (long n = a + S * seg; n < b; n++) single_##T[rows](w + n * K, 0, x, y + n, N, K);  \
     }                                                                                            \
                                                                                                  \
+    /* Threads take equal spans of weight rows. More than 8 rows of x go 8 at a time over      \
+     * blocks of 16 weight rows, read from memory once and from cache by the other groups. */  \
     void matmul_##T(const T* w, const float* x, float* y, int M, int N, int K, int threads) {   \
         _Pragma("omp parallel num_threads(threads) if(threads > 1)")                             \
         {                                                                                        \
             int t = omp_get_thread_num(), nt = omp_get_num_threads();                            \
             int a = (int)((long)N * t / nt), b = (int)((long)N * (t + 1) / nt);                  \
             if (M <= 8) {                                                                        \
-                span_##T(w, x, y, 0, M, N, K, a, b);                                             \
+                span_##T(w, x, y, M, N, K, a, b);                                                \
             } else {                                                                             \
-                /* blocks of 16 weight rows, read from memory once and from cache by the    */   \
-                /* other groups of 8 rows of x                                               */   \
                 for (int n0 = a; n0 < b; n0 += 16)                                               \
                     for (int m0 = 0; m0 < M; m0 += 8) {                                          \
                         int rows = M - m0 < 8 ? M - m0 : 8;                                      \

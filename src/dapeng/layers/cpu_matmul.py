@@ -126,7 +126,4 @@ def _build() -> Path:
             if done.returncode != 0:
                 first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip())
                 raise OSError(f"{compiler} failed: {first[:200]}")
-        for stale in target.parent.glob("cpu_matmul-*.so"):  # builds of earlier sources
-            if stale != target:
-                stale.unlink(missing_ok=True)
     return target
