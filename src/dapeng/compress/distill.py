@@ -239,8 +239,7 @@ def cached_logits(teacher: Any, records: Sequence[dict[str, Any]], batch_size: i
     from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
 
-    from dapeng.data.fetch import atomic_path
-    from dapeng.hub.store import dapeng_home
+    from dapeng._files import atomic_path, dapeng_home
 
     digest = hashlib.sha256()
     for name in ("model.safetensors", "dapeng.json"):

@@ -24,18 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dapeng.data.fetch import (
-    Debian,
-    Installed,
-    Npm,
-    PyPI,
-    Source,
-    Url,
-    atomic_path,
-    dapeng_home,
-    extract_member,
-    sha256_file,
-)
+from dapeng._files import atomic_path, dapeng_home
+from dapeng.data.fetch import Debian, Installed, Npm, PyPI, Source, Url, extract_member, sha256_file
 from dapeng.errors import DataError, NotFoundError
 
 

@@ -12,12 +12,10 @@ import bz2
 import gzip
 import hashlib
 import importlib.util
-import os
 import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 import urllib.request
 import zipfile
 from collections.abc import Iterator
@@ -30,31 +28,12 @@ from dapeng.errors import DataError
 _CHUNK = 1 << 20
 
 
-def dapeng_home() -> Path:
-    """The cache root: `$DAPENG_HOME`, else `~/.cache/dapeng`."""
-    return Path(os.environ.get("DAPENG_HOME") or Path.home() / ".cache" / "dapeng").expanduser()
-
-
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(_CHUNK), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-@contextmanager
-def atomic_path(dest: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `dest`; rename it onto `dest` only if the block succeeds."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, dest)
-    finally:
-        tmp_path.unlink(missing_ok=True)
 
 
 def _run(cmd: list[str], cwd: Path) -> None:

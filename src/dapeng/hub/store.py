@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dapeng._files import dapeng_home
 from dapeng.errors import CheckpointError, DapengError, NotFoundError
 
 __all__ = ["Entry", "Store", "dapeng_home", "parse_name", "resolve"]
@@ -30,11 +31,6 @@ __all__ = ["Entry", "Store", "dapeng_home", "parse_name", "resolve"]
 # A name is one path component made of safe characters, so it can never leave the store.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _REQUIRED_FILES = ("dapeng.json", "model.safetensors")
-
-
-def dapeng_home() -> Path:
-    """`$DAPENG_HOME`, default `~/.cache/dapeng`."""
-    return Path(os.environ.get("DAPENG_HOME") or "~/.cache/dapeng").expanduser()
 
 
 class HubError(DapengError):

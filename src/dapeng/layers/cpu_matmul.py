@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from dapeng._files import atomic_path, dapeng_home
+
 __all__ = ["available", "matmul"]
 
 # more rows than this and PyTorch's own GEMMs are as fast (measured on SmolLM2's shapes)
@@ -110,8 +112,6 @@ def _library() -> ctypes.CDLL | None:
 
 def _build() -> Path:
     """The compiled kernel for this source and these flags, compiled now unless a previous run did."""
-    from dapeng.data.fetch import atomic_path, dapeng_home
-
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
         raise OSError("no C compiler found")

@@ -113,7 +113,7 @@ class ClassificationMetric:
 
     def write_report(self, directory: str | Path, prefix: str = "") -> list[Path]:
         """Write `{prefix}classification_report.json` and `{prefix}confusion_matrix.png` into `directory`."""
-        from dapeng.data.fetch import atomic_path
+        from dapeng._files import atomic_path
 
         directory = Path(directory)
         report = {
