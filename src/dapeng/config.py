@@ -34,7 +34,7 @@ class DataConfig(_Strict):
     image_column: str = "image"
     eval_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     test_fraction: float = Field(0.1, gt=0.0, lt=1.0)
-    limit: int | None = Field(None, gt=0, description="use only the first N training records (smoke runs)")
+    limit: int | None = Field(None, gt=0, description="use at most N records of each split, a seeded sample stratified by label (smoke runs)")
     seed: int = 0
 
 

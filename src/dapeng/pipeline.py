@@ -41,13 +41,15 @@ class InputError(DapengError):
         self.loc = loc
 
 
-def load(name_or_path: str | Path, precision: str = "auto") -> Pipeline:
+def load(name_or_path: str | Path, precision: str | None = None) -> Pipeline:
     """Load a Pipeline from an Artifact folder, a run directory (its `model/`) or a hub name.
 
     Args:
         name_or_path: a folder holding `dapeng.json`, a run directory, or a name in the
             local hub (`my-model`, `my-model@2`, `minilm-l6`).
-        precision: "auto" (bf16 where the hardware runs it natively, else fp32), "fp32" or "bf16".
+        precision: "fp32", "bf16" (weights cast to bfloat16 too) or "auto" (bf16 autocast where
+            the hardware runs it natively, else fp32); default: the precision the model was
+            trained in (recorded in its Artifact), else "auto".
 
     Raises:
         CheckpointError: a folder that is neither an Artifact nor a run directory.
@@ -89,7 +91,8 @@ class Pipeline:
         name: what to call the model (the server's model name).
         meta: the Artifact's `dapeng.json`.
         path: the Artifact folder it came from.
-        precision: "auto", "fp32" or "bf16" for the forward pass.
+        precision: "auto", "fp32" or "bf16" for the forward pass; default: the one `meta`
+            records the model was trained in, else "auto".
         device: where to run; default CUDA when present, else the CPU.
     """
 
@@ -101,9 +104,10 @@ class Pipeline:
         name: str = "model",
         meta: dict[str, Any] | None = None,
         path: Path | None = None,
-        precision: str = "auto",
+        precision: str | None = None,
         device: str | torch.device = "auto",
     ) -> None:
+        from dapeng.hub.artifact import trained_precision
         from dapeng.train.precision import resolve_device, resolve_precision
 
         self.device = resolve_device(device) if isinstance(device, str) else device
@@ -114,7 +118,8 @@ class Pipeline:
         self.path = path
         # Quantized weights run their own int8 kernels with fp32 activations: no autocast over them.
         quantized = bool(self.meta.get("quantization"))
-        self.precision = "fp32" if quantized else resolve_precision(precision, self.device)
+        self.precision = "fp32" if quantized else resolve_precision(precision or trained_precision(self.meta),
+                                                                    self.device)
         self.input_field = _input_field(task)
         self._forward_params = _accepted_params(model)
 

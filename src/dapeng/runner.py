@@ -232,6 +232,7 @@ def train(
         metrics={"eval": metrics["eval"], "test": metrics["test"]},
         card=_card_facts(config, trainable / max(total, 1)),
         parent=config.model.init,
+        precision=trainer.precision,
     )
     plot_curves(read_jsonl(out / METRICS_LOG), out / "curves.png", title=f"{config.model.name} on {_data_name(config)}")
     del torch  # imported above only to fail early when torch is missing
@@ -248,13 +249,26 @@ def load_run_config(run: str | Path) -> RunConfig:
     return load_config(path)
 
 
-def evaluate(run: str | Path, split: str = "test", precision: str = "auto", batch_size: int | None = None) -> dict[str, float]:
-    """Evaluate a run's model (`RUN/model`) on one split of its data: `eval`, `test` or `train`."""
+def evaluate(
+    run: str | Path, split: str = "test", precision: str | None = None, batch_size: int | None = None
+) -> dict[str, Any]:
+    """Evaluate a run's model (`RUN/model`) on one split of its data: `eval`, `test` or `train`.
+
+    Args:
+        run: the run directory.
+        split: `eval`, `test` or `train`.
+        precision: `fp32`, `bf16` or `auto`; default: the precision the run was trained in, so
+            the figures match the run's own report on any machine.
+        batch_size: default: the run's eval batch size.
+
+    Returns:
+        `{"precision": the precision used, "metrics": {name: value}}`.
+    """
     if split not in ("train", "eval", "test"):
         raise ConfigError(f"split {split!r} is not one of train, eval, test")
     run = Path(run)
     cfg = load_run_config(run)
-    from dapeng.hub.artifact import load_artifact
+    from dapeng.hub.artifact import load_artifact, trained_precision
     from dapeng.train.trainer import Trainer
 
     artifact = load_artifact(run / "model", precision="fp32")
@@ -262,9 +276,9 @@ def evaluate(run: str | Path, split: str = "test", precision: str = "auto", batc
     if not records:
         raise ConfigError(f"the run's data has no {split!r} split", "try --split eval")
     items = artifact.task.encode(records)
-    trainer = Trainer(artifact.model, artifact.task, precision=precision, device=cfg.train.device,
-                      batch_size=batch_size or cfg.train.eval_batch_size or cfg.train.batch_size)
-    return _strip(trainer.evaluate(items, prefix=split))
+    trainer = Trainer(artifact.model, artifact.task, precision=precision or trained_precision(artifact.meta),
+                      device=cfg.train.device, batch_size=batch_size or cfg.train.eval_batch_size or cfg.train.batch_size)
+    return {"precision": trainer.precision, "metrics": _strip(trainer.evaluate(items, prefix=split))}
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -268,7 +268,7 @@ def test_dynamo_traces_in_one_graph(name):
 def test_lm_bf16_generation_without_native_bf16_keeps_fp32_activations(monkeypatch):
     import dapeng.models.lm as lm
 
-    monkeypatch.setattr(lm, "_native_bf16", lambda: False)
+    monkeypatch.setattr(lm, "native_bf16", lambda device="cpu": False)
     model = _build("lm", tie_embeddings=False).eval()
     nn.init.normal_(model.lm_head.weight, std=1.0)
     ids = torch.randint(3, V, (8, T), generator=torch.Generator().manual_seed(2))

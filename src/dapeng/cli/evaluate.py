@@ -21,7 +21,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument("run", type=Path, help="run directory written by `dapeng train`")
     p.add_argument("--split", choices=("test", "eval", "train"), default="test", help="which split (default: test)")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="forward-pass precision")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
+                   help="forward-pass precision (default: the one the run was trained in)")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     return p
 
@@ -29,9 +30,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     from dapeng.runner import evaluate
 
-    metrics = evaluate(args.run, split=args.split, precision=args.precision)
+    report = evaluate(args.run, split=args.split, precision=args.precision)
+    metrics = report["metrics"]
     if args.json:
-        print(json.dumps({"run": str(args.run), "split": args.split, "metrics": metrics}))
+        print(json.dumps({"run": str(args.run), "split": args.split, "precision": report["precision"],
+                          "metrics": metrics}))
     else:
-        print(f"{args.run} on {args.split}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        print(f"{args.run} on {args.split} ({report['precision']}): "
+              + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return 0

@@ -32,7 +32,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--stop", action="append", default=[], help="a string that ends the output (repeatable)")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
+                   help="default: the precision the model was trained in, else auto")
     p.add_argument("--json", action="store_true", help="print {\"text\": ...} at the end instead of streaming")
     return p
 

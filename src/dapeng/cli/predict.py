@@ -35,7 +35,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--file", type=Path, help="read inputs from a .jsonl or text file (one per line)")
     p.add_argument("--out", type=Path, help="write JSON lines here instead of printing")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="forward-pass precision")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
+                   help="forward-pass precision (default: the one the model was trained in, else auto)")
     p.add_argument("--json", action="store_true", help="print one JSON object per input")
     return p
 

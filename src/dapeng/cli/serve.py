@@ -43,7 +43,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--api-key", default=None, help="require this key (Bearer or X-API-Key); default $DAPENG_API_KEY")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per worker (default: half the cores, shared among workers)")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="forward-pass precision")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
+                   help="forward-pass precision (default: each model's training precision, else auto)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.add_argument("--access-log", action="store_true", help="log every request (costs throughput)")
     return p

@@ -77,11 +77,16 @@ def glove_neighbours(
         return out
     k_eff = min(k, len(ids) - 1)
     unit = torch.nn.functional.normalize(torch.from_numpy(vectors[ids]), dim=1)  # (V_found, 50)
+    with torch.autocast("cpu", enabled=False):  # fp32 similarities, also when called inside a bf16 step
+        _nearest(unit, ids, out, k_eff, min_similarity)
+    return out
+
+
+def _nearest(unit: torch.Tensor, ids: np.ndarray, out: np.ndarray, k: int, min_similarity: float) -> None:
     for start in range(0, len(ids), 4096):
         sims = unit[start : start + 4096] @ unit.T  # (chunk, V_found)
         rows = torch.arange(sims.shape[0])
         sims[rows, rows + start] = -1.0  # a word is not its own synonym
-        top_sims, top = sims.topk(k_eff, dim=1)
+        top_sims, top = sims.topk(k, dim=1)
         picked = np.where(top_sims.numpy() >= min_similarity, ids[top.numpy()], -1)
-        out[ids[start : start + 4096], :k_eff] = picked
-    return out
+        out[ids[start : start + 4096], :k] = picked

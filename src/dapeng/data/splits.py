@@ -36,7 +36,8 @@ def load_splits(cfg: DataConfig) -> Splits:
     A catalog `dataset` comes with its canonical split (files named in `eval`/`test`
     replace that part). User files: `train` is required; without `eval` (and `test`)
     files, a seeded stratified split of `train` by `eval_fraction` (and `test_fraction`)
-    provides them. `limit` caps every split at that many records (smoke runs).
+    provides them. `limit` caps every split at that many records, a seeded sample stratified by label
+    (smoke runs).
     """
     if cfg.dataset and cfg.train:
         raise ConfigError(
@@ -61,5 +62,13 @@ def load_splits(cfg: DataConfig) -> Splits:
             "data needs a dataset or a train file", "set data.dataset (see `dapeng data list`) or data.train"
         )
     if cfg.limit:
-        train, eval_, test = train[: cfg.limit], eval_[: cfg.limit], test[: cfg.limit]
+        train, eval_, test = (_sample(part, cfg.limit, cfg.seed) for part in (train, eval_, test))
     return Splits(train, eval_, test)
+
+
+def _sample(records: list[Record], limit: int, seed: int) -> list[Record]:
+    """At most `limit` records, a seeded sample stratified by label: a data set stored in class
+    order (Fashion-MNIST's files, a CSV sorted by label) still gives a smoke run every class."""
+    if len(records) <= limit:
+        return records
+    return _split(records, [limit], seed)[1]

@@ -5,7 +5,7 @@ model/
   model.safetensors   weights
   dapeng.json         {"format": 1, "dapeng": VERSION, "task": ..., "model": {"name": ..., "kwargs": {...}},
                        "labels": [...], "preprocess": {...}, "quantization": null|{...}, "parent": null|...,
-                       "metrics": {...}}
+                       "metrics": {...}, "precision": "fp32"|"bf16"|null}
   tokenizer.json      text models only
   card.md             model card: data, license, metrics, intended use, limits
 ```
@@ -33,7 +33,7 @@ META = "dapeng.json"
 TOKENIZER = "tokenizer.json"
 CARD = "card.md"
 
-__all__ = ["Artifact", "load_artifact", "read_meta", "render_card", "save_artifact"]
+__all__ = ["Artifact", "load_artifact", "read_meta", "render_card", "save_artifact", "trained_precision"]
 
 
 @dataclass
@@ -63,6 +63,7 @@ def save_artifact(
     card: str | dict[str, Any] | None = None,
     parent: Any = None,
     quantization: dict[str, Any] | None = None,
+    precision: str | None = None,
 ) -> Path:
     """Write `model` and everything needed to rebuild it as an Artifact folder at `path`.
 
@@ -79,6 +80,8 @@ def save_artifact(
             `limits`, `summary` to render one.
         parent: where it came from (an init model, a source package), recorded as is.
         quantization: the quantization spec of a quantized model.
+        precision: the precision the model was trained and evaluated in (`fp32`, `bf16`):
+            loading it later defaults to the same, so its predictions match its reported metrics.
 
     Returns:
         The Artifact folder.
@@ -101,6 +104,7 @@ def save_artifact(
         "quantization": _jsonable(quantization),
         "parent": _jsonable(parent),
         "metrics": _jsonable(metrics or {}),
+        "precision": precision,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -269,13 +273,19 @@ def load_artifact(path: str | Path, precision: str = "fp32") -> Artifact:
         ) from None
     _load_weights(model, weights, path)
     if precision == "auto":
-        from dapeng.train.precision import bf16_supported
+        from dapeng._hardware import native_bf16
 
-        precision = "bf16" if bf16_supported(torch.device("cpu")) else "fp32"
+        precision = "bf16" if native_bf16("cpu") else "fp32"
     if precision == "bf16":
         model = model.to(torch.bfloat16)
     model.eval()
     return Artifact(model=model, task=task, meta=meta, path=path)
+
+
+def trained_precision(meta: dict[str, Any]) -> str:
+    """The precision an Artifact was trained in (`dapeng.json`), or `auto` when it doesn't say."""
+    recorded = meta.get("precision")
+    return recorded if recorded in ("fp32", "bf16") else "auto"
 
 
 def _prepare_quantized(model: Any, spec: dict[str, Any], path: Path) -> Any:

@@ -218,7 +218,7 @@ class MultiHeadAttention(nn.Module):
             or x.numel() // x.shape[-1] < MIN_ROWS
             or not all(type(layer) is nn.Linear and layer.weight.dtype == torch.float32 for layer in layers)
             or (self.q.bias is None) != (self.k.bias is None) or (self.q.bias is None) != (self.v.bias is None)
-            or torch.is_autocast_enabled("cpu")
+            or torch.is_autocast_enabled(x.device.type)  # autocast would run the product in bf16
             or torch.compiler.is_compiling()
         ):
             return None

@@ -26,6 +26,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from dapeng._hardware import native_bf16
 from dapeng.errors import ModelError
 from dapeng.layers.attention import KVCache, MultiHeadAttention, causal_mask
 from dapeng.layers.feedforward import SwiGLU
@@ -187,7 +188,7 @@ class LlamaLM(nn.Module):
         if (
             weight.dtype == torch.bfloat16
             and weight.device.type == "cpu"
-            and not _native_bf16()
+            and not native_bf16()
             and self._plain_layers()
         ):
             return torch.float32
@@ -297,10 +298,6 @@ class LlamaLM(nn.Module):
             mask = None if keys is None else keys[:, None, None, : pos + 1]
             logits = self._step(token[:, None], next_pos, caches, pos, mask, False)
             next_pos = next_pos + 1
-
-
-def _native_bf16() -> bool:
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _positions(keep: torch.Tensor) -> torch.Tensor:

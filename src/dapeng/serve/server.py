@@ -21,7 +21,7 @@ __all__ = ["SPEC_ENV", "app_from_env", "load_app", "serve"]
 SPEC_ENV = "DAPENG_SERVE_SPEC"
 
 
-def load_app(models: Mapping[str, str], config: ServeConfig, precision: str = "auto") -> FastAPI:
+def load_app(models: Mapping[str, str], config: ServeConfig, precision: str | None = None) -> FastAPI:
     """Load every model (name → run dir, Artifact folder or hub name) and build the app."""
     from dapeng.pipeline import load
     from dapeng.serve.app import create_app
@@ -45,7 +45,7 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     workers: int = 1,
-    precision: str = "auto",
+    precision: str | None = None,
     log_level: str = "info",
     access_log: bool = False,
 ) -> None:

@@ -163,7 +163,8 @@ class SentenceEmbedding:
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             input_ids, mask = _pad([ids[i] for i in chunk], self.pad_id)
-            pooled = self.pool(model, input_ids.to(device), mask.to(device)).cpu().numpy()  # (b, D)
+            # .float(): under bf16 autocast the pooled vectors are bf16, which numpy has no type for
+            pooled = self.pool(model, input_ids.to(device), mask.to(device)).float().cpu().numpy()  # (b, D)
             for row, i in zip(pooled, chunk):
                 vectors[i] = row
         return np.stack(vectors).astype(np.float32, copy=False)

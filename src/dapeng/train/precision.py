@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from dapeng._hardware import native_bf16
 from dapeng.errors import ConfigError
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -35,16 +36,8 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def bf16_supported(device: torch.device) -> bool:
-    """Whether bf16 autocast runs natively (fast) on `device`.
-
-    On CPUs oneDNN reports it for AVX-512 (BW/VL/DQ), AMX and Arm bf16; on AVX2-only CPUs
-    bf16 falls back to slow reference kernels, much slower than fp32, so `auto` must not pick it.
-    """
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return False
+    """Whether bf16 autocast runs natively (fast) on `device` (`dapeng._hardware.native_bf16`)."""
+    return native_bf16(device)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -1,0 +1,164 @@
+"""Every example config on a machine with native bf16, on any machine.
+
+`DAPENG_NATIVE_BF16=1` makes dapeng treat this CPU as one with native bf16 (AVX-512-BF16, AMX;
+every GPU): `precision: auto` then means bf16 autocast, as it does for most users, and the
+LLM decodes with bf16 activations. On an AVX2-only CPU the same code runs on slow reference
+kernels, so each example trains two steps on a slice of its real data; then the run goes
+through `dapeng eval`, `predict`, `explain` and a real HTTP server, each left at its default
+precision, which must be the run's own.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+import dapeng
+from dapeng.cli.main import main
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+CONFIGS = sorted(EXAMPLES.glob("*.yaml"))
+TEXT = "a gripping, funny and moving film"
+SMOKE = ["--set", "data.limit=48", "--set", "train.max_steps=2", "--set", "train.batch_size=8",
+         "--set", "train.eval_batch_size=16", "--set", "train.epochs=1"]
+
+pytestmark = [pytest.mark.data, pytest.mark.slow, pytest.mark.usefixtures("one_thread"),
+              pytest.mark.xdist_group("examples-bf16")]
+
+
+@pytest.fixture(autouse=True)
+def native_bf16(monkeypatch):
+    monkeypatch.setenv("DAPENG_NATIVE_BF16", "1")
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    """A two-step MiniLM run: the teacher the distillation example names."""
+    run = tmp_path_factory.mktemp("teacher") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DAPENG_NATIVE_BF16", "1")
+        assert main(["train", str(EXAMPLES / "rotten-tomatoes-minilm.yaml"), "--out", str(run), *SMOKE]) == 0
+    return run
+
+
+def test_every_example_is_covered():
+    assert len(CONFIGS) >= 8 and all(c.suffix == ".yaml" for c in CONFIGS)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_example_in_bf16_by_default(config, tmp_path, capsys, request):
+    spec = yaml.safe_load(config.read_text())
+    extra = []
+    if spec.get("distill"):
+        extra = ["--set", f"distill.teacher={request.getfixturevalue('teacher')}", "--set", "distill.transfer.copies=1"]
+    run = tmp_path / "run"
+    assert main(["train", str(config), "--out", str(run), "--json", *SMOKE, *extra]) == 0
+    trained = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert trained["metrics"]["train"]["precision"] == "bf16"  # auto on a native-bf16 machine
+    assert json.loads((run / "model" / "dapeng.json").read_text())["precision"] == "bf16"
+
+    assert main(["eval", str(run), "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["precision"] == "bf16"
+    assert evaluated["metrics"] == pytest.approx(trained["metrics"]["test"], rel=1e-3, abs=1e-4)
+
+    image = spec["task"] == "image-classification"
+    sample = str(_fashion_image(tmp_path)) if image else TEXT
+    assert main(["predict", str(run), sample, "--json"]) == 0
+    predicted = json.loads(capsys.readouterr().out.strip().splitlines()[0])["prediction"]
+    pipe = dapeng.load(run)
+    assert pipe.precision == "bf16" and predicted["label"] in pipe.labels
+    assert sum(predicted["probabilities"].values()) == pytest.approx(1.0, abs=1e-2)
+
+    assert main(["explain", str(run), sample, "--method", "gradcam" if image else "ig", "--json"]) == 0
+    explanation = json.loads(capsys.readouterr().out)
+    assert np.isfinite(np.asarray(explanation["scores"], dtype=float)).all()
+    [bf16_weights] = dapeng.load(run, precision="bf16").explain(sample, method="saliency")
+    assert np.isfinite(np.asarray(bf16_weights.scores, dtype=float)).all()
+
+    with _served(pipe) as url:
+        import httpx
+
+        payload = {"instances": [_image_list(sample) if image else TEXT]}
+        reply = httpx.post(f"{url}/v1/models/ex:predict", json=payload, timeout=60)
+        assert reply.status_code == 200, reply.text
+        served = reply.json()["predictions"][0]
+        info = httpx.get(f"{url}/v1/models/ex", timeout=10).json()
+    assert served["label"] == predicted["label"] and info["precision"] == "bf16"
+    for label, p in predicted["probabilities"].items():
+        assert served["probabilities"][label] == pytest.approx(p, abs=1e-2)
+
+
+def test_generate_in_bf16(tmp_path, capsys):
+    text = tmp_path / "poem.txt"
+    text.write_text("the cat sat on the mat\nthe dog sat on the log\n" * 8)
+    config = tmp_path / "lm.yaml"
+    config.write_text(
+        "task: causal-lm\n"
+        "task_options: {block_size: 16, vocab_size: 300}\n"
+        f"data: {{train: {text}, eval: {text}, format: text}}\n"
+        "model: {name: lm, kwargs: {hidden: 32, layers: 2, heads: 4, kv_heads: 2, intermediate: 64}}\n"
+        "train: {epochs: 1, max_steps: 4, batch_size: 4}\n"
+    )
+    run = tmp_path / "run"
+    assert main(["train", str(config), "--out", str(run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["metrics"]["train"]["precision"] == "bf16"
+    assert main(["generate", str(run), "--prompt", "the cat", "--max-new-tokens", "6", "--json"]) == 0
+    assert isinstance(json.loads(capsys.readouterr().out)["text"], str)
+    assert main(["generate", "smollm2-135m", "--prompt", "The capital of France is", "--max-new-tokens", "3",
+                 "--precision", "bf16", "--json"]) == 0
+    assert "Paris" in json.loads(capsys.readouterr().out)["text"]
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _fashion_image(folder: Path) -> Path:
+    """One real Fashion-MNIST test image as a PNG file."""
+    from PIL import Image
+
+    from dapeng.config import DataConfig
+    from dapeng.data import load_splits
+
+    record = load_splits(DataConfig(dataset="fashion-mnist", limit=1)).test[0]
+    path = folder / "item.png"
+    Image.fromarray(np.asarray(record["image"], dtype=np.uint8)).save(path)
+    return path
+
+
+def _image_list(path: str) -> list:
+    from PIL import Image
+
+    return np.asarray(Image.open(path)).tolist()
+
+
+@contextmanager
+def _served(pipeline) -> Iterator[str]:
+    """The real server (FastAPI + uvicorn) over `pipeline` on a 127.0.0.1 socket, in a thread."""
+    import uvicorn
+
+    from dapeng.serve import ServeConfig, create_app
+
+    pipeline.name = "ex"
+    app = create_app({"ex": pipeline}, ServeConfig(max_batch_size=8, torch_threads=1))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
