@@ -29,8 +29,31 @@ VERBS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose options may come before, between or after the positionals.
+
+    Plain argparse hands a `nargs="*"` positional an empty list as soon as an option follows
+    the first positional, so `dapeng predict RUN --json "text"` failed on "text"; intermixed
+    parsing reads the options first and then all positionals. argparse can't intermix a
+    parser that has sub-commands, so those parse as usual and pass the rest to the
+    sub-command's parser (also a `_Parser`: `add_subparsers` makes its own class).
+    """
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def]
+        if self._subparsers is not None or self._intermixing:
+            return super().parse_known_args(args, namespace)
+        # parse_known_intermixed_args calls parse_known_args twice itself: those calls parse plainly.
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dapeng",
         description="Build, train, fine-tune, explain, compress and serve deep neural networks.",
         epilog="Run `dapeng VERB --help` for an example of each verb.",
