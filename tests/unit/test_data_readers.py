@@ -1,5 +1,6 @@
 """Readers for users' own data and `load_splits`: records out, one-line errors naming the place."""
 
+import gzip
 import json
 import struct
 
@@ -10,6 +11,7 @@ from PIL import Image
 from dapeng.config import DataConfig
 from dapeng.data.readers import (
     infer_format,
+    iter_rows,
     read_conll,
     read_csv,
     read_idx,
@@ -180,3 +182,27 @@ def test_load_splits_needs_exactly_one_source(tmp_path):
         load_splits(DataConfig())
     with pytest.raises(ConfigError, match="both set"):
         load_splits(DataConfig(dataset="digits", train=_labelled_csv(tmp_path)))
+
+
+def test_iter_rows_reads_on_after_a_bad_row(tmp_path):
+    path = tmp_path / "rows.csv.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(b'review,n\nok,1\n"' + b"x" * 140_000 + b'",2\nafter,3\nbad,\xff\n"open quote,4\nswallowed,5\n')
+    rows = list(iter_rows(path, columns={"review": "--text-column"}))
+    assert [(r.line, r.values) for r in rows if r.error is None] == [(2, {"review": "ok", "n": "1"}),
+                                                                      (4, {"review": "after", "n": "3"})]
+    assert [(r.line, r.error) for r in rows if r.error is not None] == [
+        (3, "malformed CSV: field larger than field limit (131072)"),
+        (5, "not UTF-8 text"),
+        (6, "row has 1 fields, the header has 2 (quote fields that contain the delimiter)"),
+    ]
+
+
+def test_iter_rows_whole_file_problems_are_errors(tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_text("text,label\nhi,a\n")
+    with pytest.raises(DataError, match=r"no column 'review'; columns found: 'text', 'label' — set --text-column"):
+        list(iter_rows(path, columns={"review": "--text-column"}))
+    path.write_text("text\n\n")
+    with pytest.raises(DataError, match="no data rows"):
+        list(iter_rows(path))

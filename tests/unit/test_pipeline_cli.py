@@ -59,8 +59,8 @@ def test_predict_file_to_file_keeps_records_and_order(run_dir, tmp_path):
 def test_predict_errors_are_one_line(run_dir, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"text": \n')
-    assert main(["predict", str(run_dir), "--file", str(bad)]) == 2
-    assert "bad.jsonl:2: not valid JSON" in capsys.readouterr().err
+    assert main(["predict", str(run_dir), "--file", str(bad), "--on-error", "fail"]) == 2
+    assert "bad.jsonl:2: invalid JSON" in capsys.readouterr().err
     assert main(["predict", str(run_dir)]) == 2
     assert main(["predict", str(tmp_path), "x"]) == 2
     assert main(["predict", str(run_dir), "x", "--batch-size", "0"]) == 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Sequence
 
 from dapeng import __version__
 
@@ -29,8 +30,33 @@ VERBS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose options may come before, between or after the positionals.
+
+    Plain argparse hands a `nargs="*"` positional an empty list as soon as an option follows
+    the first positional, so `dapeng predict RUN --json "text"` failed on "text"; intermixed
+    parsing reads the options first and then all positionals. argparse can't intermix a
+    parser that has sub-commands, so those parse as usual and pass the rest to the
+    sub-command's parser (a `_Parser` too: `add_subparsers` builds them of the parser's class).
+    """
+
+    _intermixing = False
+
+    def parse_known_args(
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        if self._subparsers is not None or self._intermixing:
+            return super().parse_known_args(args, namespace)
+        # parse_known_intermixed_args calls parse_known_args twice itself: those calls parse plainly.
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dapeng",
         description="Build, train, fine-tune, explain, compress and serve deep neural networks.",
         epilog="Run `dapeng VERB --help` for an example of each verb.",

@@ -1,25 +1,39 @@
-"""`dapeng predict RUN INPUT…` or `--file in.jsonl --out out.jsonl`: predictions from a trained model."""
+"""`dapeng predict RUN INPUT…` or `--file rows.csv --out out.jsonl`: predictions from a trained model."""
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
-import os
 import sys
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from dapeng.errors import DataError
+from dapeng.errors import DapengError, DataError
 
 EXAMPLE = """example:
-  dapeng predict runs/rt "a gripping, funny film"          # label and score
-  dapeng predict runs/fm shoe.png --json                   # images by path
-  dapeng predict runs/rt --file reviews.jsonl --out predictions.jsonl
+  dapeng predict runs/rt "a gripping, funny film"                  # label and score
+  dapeng predict runs/rt --json "a gripping, funny film"           # options go anywhere
+  dapeng predict runs/fm shoe.png --json                           # images by path
+  dapeng predict runs/rt --file reviews.csv --out predictions.jsonl
+  dapeng predict runs/rt --file reviews.tsv --text-column review --on-error fail
 
---file takes JSON lines (a string, or a record such as {"text": ...}) or plain text
-(one input per line); each output line is the record plus its "prediction"."""
+--file reads CSV/TSV (with a header row), JSON lines (records, or bare strings) or plain
+text (one input per line: .txt and any other suffix), gzipped or not, with the readers
+training uses. The input column is the run's data.text_column (data.image_column for image
+models, whose paths are relative to the file); for an Artifact or hub name without a run
+directory, the task's input field ("text" or "image").
+
+Each output is one JSON line {"line": N, <the row's columns>, "prediction": ...}, where N
+is the file line the row starts on: a CSV's header is line 1, so its first row is line 2.
+A bad row (a missing or empty column, bytes that are not UTF-8, malformed CSV or JSON,
+over --max-chars, an unreadable image) is reported on stderr as FILE:LINE: reason.
+--on-error skip (the default: one broken line shouldn't cost the predictions of a whole
+file) predicts the other rows and exits 0; --on-error fail stops at the first bad row with
+exit 2, and --out is then not written."""
+
+_FILE_FORMATS = ("csv", "jsonl", "text")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -32,8 +46,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument("model", help="run directory, Artifact folder or hub name")
     p.add_argument("inputs", nargs="*", help="texts, or image paths for image models")
-    p.add_argument("--file", type=Path, help="read inputs from a .jsonl or text file (one per line)")
-    p.add_argument("--out", type=Path, help="write JSON lines here instead of printing")
+    p.add_argument("--file", type=Path, help="read inputs from a CSV/TSV, JSONL or text file (one row per input)")
+    p.add_argument("--format", choices=_FILE_FORMATS, help="the --file format (default: by its suffix; else text)")
+    p.add_argument("--text-column", help="column of the input text (default: the run's data.text_column)")
+    p.add_argument("--image-column", help="column of image paths (default: the run's data.image_column)")
+    p.add_argument("--on-error", choices=("skip", "fail"), default="skip",
+                   help="a bad --file row is reported and skipped (default), or stops the run (exit 2)")
+    p.add_argument("--max-chars", type=int, default=100_000, help="longest input text; longer rows are bad rows")
+    p.add_argument("--out", type=Path, help="write JSON lines here (atomically) instead of printing")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
                    help="forward-pass precision (default: the one the model was trained in, else auto)")
@@ -41,54 +61,201 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
-def read_inputs(path: Path) -> Iterator[Any]:
-    """Inputs from `path`: JSON lines for .jsonl/.json, else one text per line (blank lines skipped)."""
-    if not path.is_file():
-        raise DataError(f"input file {str(path)!r} not found")
-    as_json = path.suffix in (".jsonl", ".json", ".ndjson")
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            line = line.rstrip("\n")
-            if not line.strip():
-                continue
-            if not as_json:
-                yield line
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{number}: not valid JSON ({err.msg})", "one JSON value per line") from None
+class _Item(NamedTuple):
+    """One input: the file line it starts on (None on the command line), what its output shows, its record."""
+
+    line: int | None
+    values: dict[str, Any]
+    shown: Any
+    record: dict[str, Any]
 
 
 def run(args: argparse.Namespace) -> int:
     import dapeng
-    from dapeng.pipeline import to_json
 
     if args.batch_size < 1:
         raise DataError(f"--batch-size must be at least 1, not {args.batch_size}")
-    inputs = list(args.inputs)
-    if args.file is not None:
-        inputs += list(read_inputs(args.file))
-    if not inputs:
+    if args.max_chars < 1:
+        raise DataError(f"--max-chars must be at least 1, not {args.max_chars}")
+    if not args.inputs and args.file is None:
         raise DataError("nothing to predict", "give inputs on the command line or --file FILE")
+    if args.file is not None:
+        _check_file(args.file)
     pipe = dapeng.load(args.model, precision=args.precision)
-    outputs = to_json(pipe.predict(inputs, batch_size=args.batch_size))
-    rows = [_row(x, y, pipe.input_field) for x, y in zip(inputs, outputs)]
+    bad = _BadRows(args.file, args.on_error)
+    items = itertools.chain(_command_line_items(pipe, args.inputs), _file_items(pipe, args, bad.report))
     if args.out is not None:
-        _write_lines(args.out, rows)
-        print(f"wrote {len(rows)} predictions to {args.out}", file=sys.stderr)
-    elif args.json:
-        for row in rows:
-            print(json.dumps(row))
+        from dapeng._files import atomic_path
+
+        with atomic_path(args.out) as tmp, tmp.open("w", encoding="utf-8") as out:
+            count = _predict(pipe, items, args.batch_size, lambda item, p: out.write(json.dumps(_row(item, p)) + "\n"))
+            _check_some(count, bad)
+        print(f"wrote {_plural(count, 'prediction')} to {args.out}{bad.summary()}", file=sys.stderr)
+        return 0
+    if args.json:
+        count = _predict(pipe, items, args.batch_size, lambda item, p: print(json.dumps(_row(item, p))))
     else:
-        for x, y in zip(inputs, outputs):
-            print(f"{_summary(y)}\t{_short(x)}")
+        count = _predict(pipe, items, args.batch_size, lambda item, p: print(_text_line(args.file, item, p)))
+    _check_some(count, bad)
+    if bad.count:
+        print(f"dapeng predict: {_plural(count, 'prediction')}{bad.summary()}", file=sys.stderr)
     return 0
 
 
-def _row(raw: Any, prediction: Any, field: str) -> dict[str, Any]:
-    record = dict(raw) if isinstance(raw, dict) else {field: raw}
-    return {**record, "prediction": prediction}
+def _check_file(path: Path) -> None:
+    """Fail before the model loads: a missing input file is the user's first mistake to hear about."""
+    if path.is_dir():
+        raise DataError(f"--file {path} is a folder", "pass a CSV/TSV, JSONL or text file")
+    if not path.is_file():
+        raise DataError(f"input file {str(path)!r} not found", "check the path")
+
+
+def _file_format(path: Path, chosen: str | None) -> str:
+    from dapeng.data.readers import infer_format
+
+    if chosen is not None:
+        return chosen
+    try:
+        fmt = infer_format(path)
+    except DataError:
+        return "text"  # any other suffix: one input per line, as before there were readers
+    if fmt not in _FILE_FORMATS:
+        raise DataError(f"{path}: predict reads CSV/TSV, JSONL or text files, not {fmt}",
+                        f"pass --format ({', '.join(_FILE_FORMATS)})")
+    return fmt
+
+
+class _BadRows:
+    """Bad --file rows: each reported on stderr, then skipped or fatal."""
+
+    def __init__(self, path: Path | None, on_error: str) -> None:
+        self.path = path
+        self.on_error = on_error
+        self.count = 0
+
+    def report(self, line: int, reason: str) -> None:
+        if self.on_error == "fail":
+            raise DataError(f"{self.path}:{line}: {reason}",
+                            "fix the row, or pass --on-error skip to predict the other rows")
+        self.count += 1
+        print(f"dapeng predict: {self.path}:{line}: {reason} (skipped)", file=sys.stderr)
+
+    def summary(self) -> str:
+        return f" ({_plural(self.count, 'bad row')} of {self.path} skipped)" if self.count else ""
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _check_some(count: int, bad: _BadRows) -> None:
+    if count == 0 and bad.count:
+        raise DataError(f"no row of {bad.path} could be read ({_plural(bad.count, 'bad row')}, reported above)",
+                        "--text-column or --image-column names the input column")
+
+
+def _command_line_items(pipe: Any, inputs: list[str]) -> Iterator[_Item]:
+    field = pipe.input_field
+    for record, raw in zip(pipe.to_records(inputs), inputs):
+        yield _Item(None, {field: raw}, raw, record)
+
+
+def _file_items(pipe: Any, args: argparse.Namespace, report: Callable[[int, str], None]) -> Iterator[_Item]:
+    """The --file rows the model can take; each bad one goes to `report` instead."""
+    if args.file is None:
+        return
+    from dapeng.data.readers import iter_rows
+
+    image = pipe.input_field == "image"
+    defaults = _run_columns(args.model)
+    if image:
+        column, option = args.image_column or defaults.get("image", pipe.input_field), "--image-column"
+    else:
+        column, option = args.text_column or defaults.get("text", pipe.input_field), "--text-column"
+    for row in iter_rows(args.file, _file_format(args.file, args.format), {column: option}):
+        if row.error is not None:
+            report(row.line, row.error)
+            continue
+        value = row.values[column]
+        try:
+            record = _image_record(pipe, value, column, args.file) if image else _text_record(
+                pipe, value, column, args.max_chars)
+        except DapengError as err:
+            report(row.line, err.message)
+            continue
+        yield _Item(row.line, row.values, value, record)
+
+
+def _text_record(pipe: Any, value: Any, column: str, max_chars: int) -> dict[str, Any]:
+    if not isinstance(value, str):
+        raise DataError(f"{column!r} must be a string, not {type(value).__name__}")
+    if len(value) > max_chars:
+        raise DataError(f"{column!r} has {len(value)} characters, over --max-chars {max_chars}")
+    return pipe.to_records([value])[0]
+
+
+def _image_record(pipe: Any, value: Any, column: str, source: Path) -> dict[str, Any]:
+    from dapeng.data.readers import load_image
+
+    if not isinstance(value, str):
+        raise DataError(f"{column!r} must be an image path, not {type(value).__name__}")
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        path = source.parent / path  # paths in a data file are relative to the file, as in training data
+    if not path.is_file():
+        raise DataError(f"no image file {path}")
+    return pipe.to_records([load_image(path)])[0]
+
+
+def _run_columns(source: str) -> dict[str, str]:
+    """The input columns of the run `source` belongs to: {"text": ..., "image": ...}; {} without a run.
+
+    Only the config's data section is read (not `runner.load_run_config`): predicting must
+    not need the training files to still be where they were.
+    """
+    import yaml
+    from pydantic import ValidationError
+
+    from dapeng.config import DataConfig
+    from dapeng.errors import ConfigError
+    from dapeng.runner import CONFIG
+
+    path = Path(source)
+    runs = [path, path.parent] if (path / "dapeng.json").is_file() else [path]
+    for run in runs:
+        config = run / CONFIG
+        if config.is_file():
+            try:
+                raw = yaml.safe_load(config.read_text())
+                data = DataConfig.model_validate((raw or {}).get("data") or {})
+            except (yaml.YAMLError, ValidationError, AttributeError):
+                raise ConfigError(f"{config}: not a valid run config",
+                                  "pass --text-column/--image-column, or the Artifact folder") from None
+            return {"text": data.text_column, "image": data.image_column}
+    return {}
+
+
+def _predict(pipe: Any, items: Iterator[_Item], batch_size: int, emit: Callable[[_Item, Any], Any]) -> int:
+    """Predict in windows of rows, so a large file never sits in memory whole; returns the count."""
+    from dapeng.pipeline import to_json
+
+    count = 0
+    while window := list(itertools.islice(items, 32 * batch_size)):
+        outputs = to_json(pipe.predict_records([item.record for item in window], batch_size=batch_size))
+        for item, prediction in zip(window, outputs):
+            emit(item, prediction)
+        count += len(window)
+    return count
+
+
+def _row(item: _Item, prediction: Any) -> dict[str, Any]:
+    line = {"line": item.line} if item.line is not None else {}
+    return {**line, **{k: v for k, v in item.values.items() if k != "line"}, "prediction": prediction}
+
+
+def _text_line(source: Path | None, item: _Item, prediction: Any) -> str:
+    where = f"{source}:{item.line}\t" if item.line is not None else ""
+    return f"{where}{_summary(prediction)}\t{_short(item.shown)}"
 
 
 def _summary(prediction: Any) -> str:
@@ -102,16 +269,3 @@ def _short(raw: Any, width: int = 70) -> str:
     text = raw if isinstance(raw, str) else json.dumps(raw)
     return text if len(text) <= width else text[: width - 1] + "…"
 
-
-def _write_lines(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write JSON lines atomically: a temp file beside `path`, renamed into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            for row in rows:
-                out.write(json.dumps(row) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -12,9 +12,9 @@ import csv
 import gzip
 import json
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -359,10 +359,162 @@ def iter_labels(records: list[Record]) -> Iterator[Any]:
         yield label if isinstance(label, str | int) else None
 
 
+# ---------------------------------------------------------------- row by row, bad rows reported
+
+
+class Row(NamedTuple):
+    """One row of a file as `iter_rows` reads it: its columns, or why it can't be read.
+
+    Attributes:
+        line: the file line the row starts on (1-based; a CSV header is line 1).
+        values: column name -> value as the file holds it; None for a bad row.
+        error: why the row can't be read (None for a good row).
+    """
+
+    line: int
+    values: dict[str, Any] | None
+    error: str | None = None
+
+
+def _open_lenient(path: Path):
+    # Undecodable bytes become lone surrogates instead of an exception, so one bad row
+    # is reported on its own line and the rest of the file is still read.
+    opener = gzip.open if path.suffix == ".gz" else open
+    return opener(path, "rt", encoding="utf-8-sig", errors="surrogateescape", newline="")
+
+
+def _undecodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")  # the surrogates `_open_lenient` left for bad bytes don't encode
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _check_values(line: int, values: dict[str, Any], columns: Mapping[str, str]) -> Row:
+    for column, option in columns.items():
+        if column not in values:
+            found = ", ".join(map(repr, values)) or "none"
+            return Row(line, None, f"no key {column!r} (set {option} to one of: {found})")
+        value = values[column]
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return Row(line, None, f"empty {column!r}")
+    return Row(line, values)
+
+
+def iter_rows(path: Path | str, format: str | None = None, columns: Mapping[str, str] | None = None) -> Iterator[Row]:
+    """Stream a CSV/TSV, JSONL or text file row by row, reporting bad rows instead of stopping.
+
+    A bad row (undecodable bytes, malformed CSV or JSON, a wrong number of fields, a
+    needed column missing or empty) comes out as a `Row` with its `error`; the rows after
+    it are still read. Blank lines are skipped.
+
+    Args:
+        path: the file (.csv, .tsv, .jsonl, .txt, optionally .gz).
+        format: "csv", "jsonl" or "text"; defaults to `infer_format(path)`.
+        columns: the columns every row needs, each mapped to the option that names it
+            (`{"review": "data.text_column"}`). A line of a text file, and a line of a JSONL
+            file that holds a bare JSON string, is the value of the first of them.
+
+    Raises:
+        DataError: a problem with the whole file: missing or empty, another format, a CSV
+            header without a needed column, or no rows at all.
+    """
+    path = Path(path)
+    _check_file(path)
+    fmt = format or infer_format(path)
+    columns = dict(columns or {"text": "data.text_column"})
+    readers = {"csv": _csv_rows, "jsonl": _jsonl_rows, "text": _text_rows}
+    if fmt not in readers:
+        raise DataError(f"{path}: can't read format {fmt!r} row by row", f"use one of: {', '.join(readers)}")
+    empty = True
+    for row in readers[fmt](path, columns):
+        empty = False
+        yield row
+    if empty:
+        raise DataError(f"{path}: no data rows", "add one record per line")
+
+
+def _csv_rows(path: Path, columns: dict[str, str]) -> Iterator[Row]:
+    delimiter = "\t" if path.name.lower().removesuffix(".gz").endswith(".tsv") else ","
+    with _open_lenient(path) as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        try:
+            header = next(reader, None)
+        except csv.Error as err:
+            raise DataError(f"{path}:1: malformed CSV header: {err}") from None
+        if header is None or not any(h.strip() for h in header):
+            raise DataError(f"{path}: file is empty", "the first line must name the columns")
+        if _undecodable("".join(header)):
+            raise DataError(f"{path}:1: the header is not UTF-8 text", "save the file as UTF-8")
+        header = [h.strip() for h in header]
+        for column, option in columns.items():
+            if column not in header:
+                raise DataError(
+                    f"{path}: no column {column!r}; columns found: {', '.join(map(repr, header))}",
+                    f"set {option} to one of them",
+                )
+        while True:
+            start = reader.line_num + 1
+            try:
+                fields = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as err:
+                yield Row(start, None, f"malformed CSV: {err}")
+                continue
+            if not fields or (len(fields) == 1 and not fields[0].strip()):
+                continue  # blank line
+            if _undecodable("".join(fields)):
+                yield Row(start, None, "not UTF-8 text")
+            elif len(fields) != len(header):
+                yield Row(start, None, f"row has {len(fields)} fields, the header has {len(header)} "
+                                       "(quote fields that contain the delimiter)")
+            else:
+                yield _check_values(start, dict(zip(header, fields)), columns)
+
+
+def _jsonl_rows(path: Path, columns: dict[str, str]) -> Iterator[Row]:
+    first = next(iter(columns))
+    with _open_lenient(path) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if _undecodable(line):
+                yield Row(line_no, None, "not UTF-8 text")
+                continue
+            try:
+                obj = json.loads(line.rstrip("\r\n"))  # an error's column, not "line 2 column 1"
+            except json.JSONDecodeError as err:
+                yield Row(line_no, None, f"invalid JSON at column {err.colno}: {err.msg}")
+                continue
+            if isinstance(obj, str):
+                obj = {first: obj}
+            if not isinstance(obj, dict):
+                yield Row(line_no, None, f"expected a JSON object, got {type(obj).__name__}")
+                continue
+            yield _check_values(line_no, obj, columns)
+
+
+def _text_rows(path: Path, columns: dict[str, str]) -> Iterator[Row]:
+    first = next(iter(columns))
+    with _open_lenient(path) as f:
+        for line_no, line in enumerate(f, 1):
+            text = line.rstrip("\r\n")
+            if not text.strip():
+                continue
+            if _undecodable(text):
+                yield Row(line_no, None, "not UTF-8 text")
+                continue
+            yield _check_values(line_no, {first: text}, columns)
+
+
 __all__ = [
     "FORMATS",
+    "Row",
     "idx_labels_path",
     "infer_format",
+    "iter_rows",
     "load_image",
     "read_conll",
     "read_csv",
