@@ -193,6 +193,8 @@ def write_gguf(path, tensors, block_count=LLAMA["layers"]):
             name = "token_embd.weight"
         elif role == "norm":
             name = "output_norm.weight"
+        elif role == "lm_head":
+            name = "output.weight"
         else:
             _, i, r = role.split(".")
             name = f"blk.{i}.{names[r]}.weight"
@@ -238,6 +240,26 @@ def test_gguf_lm_matches_rotate_half_reference(tmp_path):
     torch.testing.assert_close(got, llama_reference(tensors, ids), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("own_head", [False, True], ids=["tied", "own-output-weight"])
+def test_gguf_lm_matches_transformers_gguf_loader(tmp_path, own_head):
+    """A file with its own `output.weight` keeps that head (untied); one without ties it to the embedding."""
+    transformers = pytest.importorskip("transformers")
+    from dapeng.hub.mapping import build_lm
+
+    tensors = llama_tensors()
+    if own_head:
+        tensors["lm_head"] = np.random.default_rng(5).normal(0, 0.2, tensors["embed"].shape).astype(np.float32)
+    ckpt = read_gguf(write_gguf(tmp_path / "tiny.gguf", tensors))
+    model, kwargs = build_lm(ckpt.config, ckpt.tensors, pad_id=2)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="tiny.gguf").eval()
+    assert kwargs["tie_embeddings"] is (not own_head) and ref.config.tie_word_embeddings is (not own_head)
+    ids = torch.randint(3, 300, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, expected = model(ids), ref(ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got, llama_reference(tensors, ids), atol=1e-4, rtol=1e-4)
+
+
 def llama_reference(t, ids):
     c = LLAMA
     t = {k: torch.from_numpy(v) for k, v in t.items()}
@@ -267,7 +289,7 @@ def llama_reference(t, ids):
         x = x + a @ t[p + "o"].T
         h = rms(x, t[p + "mlp_norm"])
         x = x + (torch.nn.functional.silu(h @ t[p + "gate"].T) * (h @ t[p + "up"].T)) @ t[p + "down"].T
-    return rms(x, t["norm"]) @ t["embed"].T
+    return rms(x, t["norm"]) @ t.get("lm_head", t["embed"]).T
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty", "missing"])
