@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dapeng.config import RunConfig, TrainConfig, dump_config, load_config
-from dapeng.errors import CheckpointError, ConfigError, ModelError
+from dapeng.errors import CheckpointError, ConfigError
 
 __all__ = ["build_task_and_model", "check_names", "evaluate", "load_run_config", "train", "trainer_kwargs"]
 
@@ -76,7 +76,7 @@ def build_task_and_model(cfg: RunConfig, train_records: Sequence[Any]) -> tuple[
 
     With `model.init`, the model comes from a hub name or an Artifact (`dapeng.hub.init.load_init`).
     """
-    from dapeng.models import MODELS
+    from dapeng.models import create_model
     from dapeng.tasks import TASKS
 
     try:
@@ -93,11 +93,7 @@ def build_task_and_model(cfg: RunConfig, train_records: Sequence[Any]) -> tuple[
         model, kwargs = loaded if isinstance(loaded, tuple) else (loaded, dict(cfg.model.kwargs))
         return task, model, kwargs
     kwargs = {**task.model_kwargs(), **cfg.model.kwargs}
-    try:
-        model = MODELS.create(cfg.model.name, **kwargs)
-    except TypeError as err:
-        raise ModelError(f"config key model.kwargs: model {cfg.model.name!r} rejects them: {err}",
-                         "see `dapeng models` for its arguments") from None
+    model = create_model(cfg.model.name, kwargs, given=cfg.model.kwargs, key="config key model.kwargs.")
     if hasattr(task, "init_model"):  # data-dependent initialisation, e.g. GloVe word vectors
         task.init_model(model)
     return task, model, kwargs

@@ -8,7 +8,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from dapeng.config import ModelConfig
-from dapeng.errors import ConfigError, DataError
+from dapeng.errors import ConfigError, DataError, ModelError
 from dapeng.hub.artifact import save_artifact
 from dapeng.hub.init import (
     GradualUnfreezing,
@@ -71,6 +71,8 @@ def test_load_init_refuses_shape_changes_and_wrong_model(pretrained):
         load_init(ModelConfig(name="transformer", init=str(path), kwargs={"hidden": 32}), task)
     with pytest.raises(ConfigError, match="model.name"):
         load_init(ModelConfig(name="lstm", init=str(path)), task)
+    with pytest.raises(ModelError, match=r"model\.kwargs\.pooling: 'foo' .*choose cls, mean, max or none"):
+        load_init(ModelConfig(name="transformer", init=str(path), kwargs={"pooling": "foo"}), task)
 
 
 def test_freeze_gradual_unfreezing_and_layerwise_lr():

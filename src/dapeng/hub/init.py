@@ -87,7 +87,7 @@ def load_init(model_cfg: Any, task: Any) -> tuple[nn.Module, dict[str, Any]]:
         NotFoundError / CheckpointError: `model.init` can't be found or read.
     """
     from dapeng.hub.artifact import load_artifact
-    from dapeng.models import MODELS
+    from dapeng.models import create_model
 
     path = resolve_init(model_cfg.init)
     pretrained = load_artifact(path, precision="fp32")
@@ -113,10 +113,7 @@ def load_init(model_cfg: Any, task: Any) -> tuple[nn.Module, dict[str, Any]]:
     same_task = getattr(task, "name", None) == pretrained.meta["task"]
     if wanted is not None:
         kwargs["num_labels"] = wanted
-    try:
-        model = MODELS.create(spec["name"], **kwargs)
-    except TypeError as err:
-        raise ConfigError(f"config key model.kwargs: {err}") from None
+    model = create_model(spec["name"], kwargs, given=model_cfg.kwargs, key="config key model.kwargs.")
     _copy_backbone(pretrained.model, model, keep_head=same_task and wanted in (None, spec["kwargs"].get("num_labels")))
     return model, kwargs
 
