@@ -171,11 +171,6 @@ def train(
     out = Path(out)
     ckpt_dir = out / "checkpoints"
     _check_run_dir(config, out, ckpt_dir / LAST, resume)
-    out.mkdir(parents=True, exist_ok=True)
-    if not resume:  # a fresh start in a folder whose earlier run died before its first checkpoint
-        shutil.rmtree(out / "tb", ignore_errors=True)
-    atomic_write(out / CONFIG, lambda f: f.write(dump_config(config).encode()))
-
     check_names(config)
     seed_everything(config.train.seed)
     splits = load_splits(config)
@@ -195,6 +190,12 @@ def train(
                                                           splits.eval or (), str(resolve_device(config.train.device)),
                                                           eval_items)
 
+    # Only now that data, task and model are built does the run directory change: a failed start
+    # leaves a fresh --out absent and a used one as it was.
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:  # a fresh start in a folder whose earlier run died before its first checkpoint
+        shutil.rmtree(out / "tb", ignore_errors=True)
+    atomic_write(out / CONFIG, lambda f: f.write(dump_config(config).encode()))
     trackers: list[Any] = [JsonlLogger(out / METRICS_LOG), TensorBoardLogger(out / "tb")]
     if progress and not quiet():
         trackers.append(ProgressBar(desc=f"train {config.model.name}"))

@@ -143,3 +143,25 @@ def test_bad_model_kwarg_value_is_one_line_naming_the_key(tmp_path, capsys, mode
     assert err.startswith("dapeng train: error: config key model.kwargs") and "\n" not in err
     for fragment in fragments:
         assert fragment in err, err
+
+
+def tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("failure", ["unreadable data", "bad model kwarg"])
+def test_a_failed_start_leaves_the_run_directory_as_it_was(tmp_path, capsys, failure):
+    cfg = text_run_config(tmp_path, pooling="foo") if failure == "bad model kwarg" else text_run_config(tmp_path)
+    if failure == "unreadable data":  # the file exists (the config checks that), its rows don't parse
+        (tmp_path / "train.csv").write_text("text,label\ngood film,pos,extra,columns\n")
+    fresh = tmp_path / "fresh"
+    assert main(["train", str(cfg), "--out", str(fresh)]) == 2
+    assert not fresh.exists()
+    used = tmp_path / "used"  # a folder with the user's files, and an earlier run's TensorBoard events
+    (used / "tb").mkdir(parents=True)
+    (used / "tb" / "events.out").write_bytes(b"earlier")
+    (used / "notes.txt").write_text("mine")
+    before = tree(used)
+    assert main(["train", str(cfg), "--out", str(used)]) == 2
+    assert tree(used) == before
+    capsys.readouterr()
