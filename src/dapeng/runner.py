@@ -151,7 +151,8 @@ def train(
         out: the run directory.
         resume: continue the killed or finished run in `out` from its last checkpoint.
         callbacks: extra Trainer callbacks.
-        progress: show a progress bar (still quiet when stderr is no TTY or DAPENG_QUIET=1).
+        progress: show progress on stderr: a bar on a terminal, a line per epoch/evaluation elsewhere
+            (`dapeng.track.progress_tracker`); none under DAPENG_QUIET=1.
 
     Returns:
         `{"run": ..., "model": ..., "metrics": {"train", "eval", "test"}, "steps": ...}`.
@@ -163,7 +164,7 @@ def train(
     import torch
 
     from dapeng.hub.artifact import save_artifact
-    from dapeng.track import JsonlLogger, ProgressBar, TensorBoardLogger, plot_curves, quiet, read_jsonl
+    from dapeng.track import JsonlLogger, TensorBoardLogger, plot_curves, progress_tracker, read_jsonl
     from dapeng.train.checkpoint import atomic_write
     from dapeng.train.precision import seed_everything
     from dapeng.train.trainer import LAST, Trainer
@@ -197,8 +198,9 @@ def train(
         shutil.rmtree(out / "tb", ignore_errors=True)
     atomic_write(out / CONFIG, lambda f: f.write(dump_config(config).encode()))
     trackers: list[Any] = [JsonlLogger(out / METRICS_LOG), TensorBoardLogger(out / "tb")]
-    if progress and not quiet():
-        trackers.append(ProgressBar(desc=f"train {config.model.name}"))
+    shown = progress_tracker(f"train {config.model.name}") if progress else None
+    if shown is not None:
+        trackers.append(shown)
     trainer = Trainer(model, task, checkpoint_dir=ckpt_dir, callbacks=[*finetune_callbacks, *trackers, *callbacks],
                       param_groups=param_groups, **trainer_kwargs(config.train))
     summary = trainer.fit(train_items, eval_items or None, resume=resume)
