@@ -79,14 +79,20 @@ def build_task_and_model(cfg: RunConfig, train_records: Sequence[Any]) -> tuple[
     from dapeng.models import create_model
     from dapeng.tasks import TASKS
 
+    options = dict(cfg.task_options)
+    if cfg.model.init:
+        if importlib.util.find_spec("dapeng.hub.init") is None:
+            raise ConfigError("config key model.init: fine-tuning from a hub model needs the hub", "unset model.init")
+        from dapeng.hub.init import pretrained_task_options
+
+        # before setup: a causal LM must not learn a throw-away tokenizer nor lose its chat template
+        options = {**pretrained_task_options(cfg.model.init, cfg.task), **options}
     try:
-        task = TASKS.create(cfg.task, **cfg.task_options)
+        task = TASKS.create(cfg.task, **options)
     except TypeError as err:
         raise ConfigError(f"config key task_options: {err}", f"see the options of task {cfg.task!r}") from None
     task.setup(train_records)
     if cfg.model.init:
-        if importlib.util.find_spec("dapeng.hub.init") is None:
-            raise ConfigError("config key model.init: fine-tuning from a hub model needs the hub", "unset model.init")
         from dapeng.hub.init import load_init
 
         loaded = load_init(cfg.model, task)
