@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dapeng.config import RunConfig, TrainConfig, dump_config, load_config
-from dapeng.errors import CheckpointError, ConfigError, ModelError
+from dapeng.errors import CheckpointError, ConfigError
 
 __all__ = ["build_task_and_model", "check_names", "evaluate", "load_run_config", "train", "trainer_kwargs"]
 
@@ -76,28 +76,30 @@ def build_task_and_model(cfg: RunConfig, train_records: Sequence[Any]) -> tuple[
 
     With `model.init`, the model comes from a hub name or an Artifact (`dapeng.hub.init.load_init`).
     """
-    from dapeng.models import MODELS
+    from dapeng.models import create_model
     from dapeng.tasks import TASKS
 
+    options = dict(cfg.task_options)
+    if cfg.model.init:
+        if importlib.util.find_spec("dapeng.hub.init") is None:
+            raise ConfigError("config key model.init: fine-tuning from a hub model needs the hub", "unset model.init")
+        from dapeng.hub.init import pretrained_task_options
+
+        # before setup: a causal LM must not learn a throw-away tokenizer nor lose its chat template
+        options = {**pretrained_task_options(cfg.model.init, cfg.task), **options}
     try:
-        task = TASKS.create(cfg.task, **cfg.task_options)
+        task = TASKS.create(cfg.task, **options)
     except TypeError as err:
         raise ConfigError(f"config key task_options: {err}", f"see the options of task {cfg.task!r}") from None
     task.setup(train_records)
     if cfg.model.init:
-        if importlib.util.find_spec("dapeng.hub.init") is None:
-            raise ConfigError("config key model.init: fine-tuning from a hub model needs the hub", "unset model.init")
         from dapeng.hub.init import load_init
 
         loaded = load_init(cfg.model, task)
         model, kwargs = loaded if isinstance(loaded, tuple) else (loaded, dict(cfg.model.kwargs))
         return task, model, kwargs
     kwargs = {**task.model_kwargs(), **cfg.model.kwargs}
-    try:
-        model = MODELS.create(cfg.model.name, **kwargs)
-    except TypeError as err:
-        raise ModelError(f"config key model.kwargs: model {cfg.model.name!r} rejects them: {err}",
-                         "see `dapeng models` for its arguments") from None
+    model = create_model(cfg.model.name, kwargs, given=cfg.model.kwargs, key="config key model.kwargs.")
     if hasattr(task, "init_model"):  # data-dependent initialisation, e.g. GloVe word vectors
         task.init_model(model)
     return task, model, kwargs
@@ -155,7 +157,8 @@ def train(
         out: the run directory.
         resume: continue the killed or finished run in `out` from its last checkpoint.
         callbacks: extra Trainer callbacks.
-        progress: show a progress bar (still quiet when stderr is no TTY or DAPENG_QUIET=1).
+        progress: show progress on stderr: a bar on a terminal, a line per epoch/evaluation elsewhere
+            (`dapeng.track.progress_tracker`); none under DAPENG_QUIET=1.
 
     Returns:
         `{"run": ..., "model": ..., "metrics": {"train", "eval", "test"}, "steps": ...}`.
@@ -167,7 +170,7 @@ def train(
     import torch
 
     from dapeng.hub.artifact import save_artifact
-    from dapeng.track import JsonlLogger, ProgressBar, TensorBoardLogger, plot_curves, quiet, read_jsonl
+    from dapeng.track import JsonlLogger, TensorBoardLogger, plot_curves, progress_tracker, read_jsonl
     from dapeng.train.checkpoint import atomic_write
     from dapeng.train.precision import seed_everything
     from dapeng.train.trainer import LAST, Trainer
@@ -175,11 +178,6 @@ def train(
     out = Path(out)
     ckpt_dir = out / "checkpoints"
     _check_run_dir(config, out, ckpt_dir / LAST, resume)
-    out.mkdir(parents=True, exist_ok=True)
-    if not resume:  # a fresh start in a folder whose earlier run died before its first checkpoint
-        shutil.rmtree(out / "tb", ignore_errors=True)
-    atomic_write(out / CONFIG, lambda f: f.write(dump_config(config).encode()))
-
     check_names(config)
     seed_everything(config.train.seed)
     splits = load_splits(config)
@@ -199,9 +197,16 @@ def train(
                                                           splits.eval or (), str(resolve_device(config.train.device)),
                                                           eval_items)
 
+    # Only now that data, task and model are built does the run directory change: a failed start
+    # leaves a fresh --out absent and a used one as it was.
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:  # a fresh start in a folder whose earlier run died before its first checkpoint
+        shutil.rmtree(out / "tb", ignore_errors=True)
+    atomic_write(out / CONFIG, lambda f: f.write(dump_config(config).encode()))
     trackers: list[Any] = [JsonlLogger(out / METRICS_LOG), TensorBoardLogger(out / "tb")]
-    if progress and not quiet():
-        trackers.append(ProgressBar(desc=f"train {config.model.name}"))
+    shown = progress_tracker(f"train {config.model.name}") if progress else None
+    if shown is not None:
+        trackers.append(shown)
     trainer = Trainer(model, task, checkpoint_dir=ckpt_dir, callbacks=[*finetune_callbacks, *trackers, *callbacks],
                       param_groups=param_groups, **trainer_kwargs(config.train))
     summary = trainer.fit(train_items, eval_items or None, resume=resume)

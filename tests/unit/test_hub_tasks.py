@@ -8,7 +8,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from dapeng.config import ModelConfig
-from dapeng.errors import ConfigError, DataError
+from dapeng.errors import ConfigError, DataError, ModelError
 from dapeng.hub.artifact import save_artifact
 from dapeng.hub.init import (
     GradualUnfreezing,
@@ -71,6 +71,8 @@ def test_load_init_refuses_shape_changes_and_wrong_model(pretrained):
         load_init(ModelConfig(name="transformer", init=str(path), kwargs={"hidden": 32}), task)
     with pytest.raises(ConfigError, match="model.name"):
         load_init(ModelConfig(name="lstm", init=str(path)), task)
+    with pytest.raises(ModelError, match=r"model\.kwargs\.pooling: 'foo' .*choose cls, mean, max or none"):
+        load_init(ModelConfig(name="transformer", init=str(path), kwargs={"pooling": "foo"}), task)
 
 
 def test_freeze_gradual_unfreezing_and_layerwise_lr():
@@ -253,3 +255,57 @@ def test_conflicting_finetune_keys_are_one_config_error(pretrained, tmp_path):
         train(_finetune_config(tmp_path, path, lora={"rank": 2}, freeze=1), tmp_path / "a", progress=False)
     with pytest.raises(ConfigError, match="model.lora.targets"):
         train(_finetune_config(tmp_path, path, lora={"targets": ["nope"]}), tmp_path / "b", progress=False)
+
+
+@pytest.fixture
+def pretrained_lm(tmp_path):
+    """A tiny `lm` saved as a GGUF conversion is: its own BPE, chat template, stop ids [0, 2]."""
+    torch.manual_seed(0)
+    tokenizer = byte_bpe()
+    task = CausalLM(tokenizer=tokenizer, chat_template=TEMPLATE, bos_id=1, eos_id=2, pad_id=2, stop_ids=[0, 2],
+                    max_length=64)
+    kwargs = {"vocab_size": 300, "pad_id": 2, "hidden": 32, "layers": 1, "heads": 4, "kv_heads": 2,
+              "intermediate": 64, "max_positions": 64}
+    model = MODELS.create("lm", **kwargs)
+    path = save_artifact(tmp_path / "lm", model=model, model_name="lm", model_kwargs=kwargs, task_name="causal-lm",
+                         task_state=task.state())
+    return path, tokenizer
+
+
+def test_finetuning_an_lm_keeps_its_tokenizer_chat_template_and_stop_ids(pretrained_lm, tmp_path, monkeypatch):
+    import tokenizers.trainers
+
+    import dapeng
+    from dapeng.config import RunConfig
+    from dapeng.runner import build_task_and_model, train
+
+    path, tokenizer = pretrained_lm
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a throw-away tokenizer was trained")
+
+    monkeypatch.setattr(tokenizers.trainers, "BpeTrainer", no_training)
+    (tmp_path / "text.txt").write_text("the cat sat on the mat\n" * 20)
+    cfg = RunConfig.model_validate({
+        "task": "causal-lm", "task_options": {"block_size": 16}, "data": {"train": str(tmp_path / "text.txt")},
+        "model": {"name": "lm", "init": str(path)},
+        "train": {"epochs": 1, "max_steps": 2, "batch_size": 4, "precision": "fp32"},
+    })
+    task, _, _ = build_task_and_model(cfg, [{"text": "some other text"}] * 4)
+    assert task.tokenizer_json == tokenizer  # no throw-away BPE learned from the records
+    assert (task.chat_template, task.stop_ids, task.eos_id, task.bos_id) == (TEMPLATE, [0, 2], 2, 1)
+    train(cfg, tmp_path / "run", progress=False)
+    tuned = dapeng.load(tmp_path / "run", precision="fp32").task
+    assert (tuned.chat_template, tuned.stop_ids, tuned.eos_id) == (TEMPLATE, [0, 2], 2)
+
+
+def test_finetuning_sentence_embeddings_from_a_config_takes_the_pretrained_tokenizer(pretrained):
+    from dapeng.config import RunConfig
+    from dapeng.runner import build_task_and_model
+
+    path, _ = pretrained
+    cfg = RunConfig.model_validate({"task": "sentence-embedding", "data": {"dataset": "digits"},
+                                    "model": {"name": "transformer", "init": str(path)}})
+    task, model, _ = build_task_and_model(cfg, [{"text": "good film", "positive": "great film"}])
+    assert task.tokenizer.token_to_id("good") == 4 and task.max_length == 16
+    assert task.embed(model, ["good film"]).shape == (1, 16)

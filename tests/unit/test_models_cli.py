@@ -35,6 +35,9 @@ def test_models_show_text_model_table(capsys):
 def test_models_show_rejects_an_unknown_argument(capsys):
     assert main(["models", "show", "lstm", "--set", "hiden=3"]) == 2
     assert "no argument 'hiden'" in capsys.readouterr().err
+    assert main(["models", "show", "transformer", "--set", "heads=0"]) == 2  # was a ZeroDivisionError traceback
+    err = capsys.readouterr().err.strip()
+    assert "--set heads: 0 doesn't build model 'transformer'" in err and "\n" not in err
 
 
 @pytest.mark.parametrize("suffix", ["svg", "png"])

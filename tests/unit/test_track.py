@@ -84,3 +84,51 @@ def test_trackers_work_from_a_hand_written_loop(tmp_path, logger):
     if isinstance(tracker, TensorBoardLogger):
         tracker.close()
     assert any((tmp_path / "out").parent.iterdir())
+
+
+TRAIN_IN_A_PIPE = """
+import sys
+sys.path[:0] = [{src!r}, {tests!r}]
+import torch
+torch.set_num_threads(1)
+from _trainer_toy import register, toy_splits
+register()
+import dapeng.runner
+dapeng.runner.load_splits = toy_splits
+from dapeng.cli.main import main
+sys.exit(main(["train", {config!r}, "--out", {out!r}]))
+"""
+
+
+@pytest.mark.parametrize("quiet_env", [None, "1"], ids=["pipe", "DAPENG_QUIET=1"])
+def test_training_into_a_pipe_prints_a_line_per_epoch(tmp_path, quiet_env):
+    """stderr is a pipe (CI, nohup): one plain line per epoch/evaluation, none under DAPENG_QUIET=1."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    config = tmp_path / "toy.yaml"
+    config.write_text(yaml.safe_dump({
+        "task": "toy-classification", "data": {}, "model": {"name": "toy-mlp", "kwargs": {"hidden": 8}},
+        "train": {"epochs": 3, "batch_size": 16, "precision": "fp32", "log_every": 2, "monitor": "eval/accuracy"},
+    }))
+    here = Path(__file__).resolve()
+    code = TRAIN_IN_A_PIPE.format(src=str(here.parents[2] / "src"), tests=str(here.parent), config=str(config),
+                                  out=str(tmp_path / "run"))
+    env = {k: v for k, v in os.environ.items() if k != "DAPENG_QUIET"} | {"OMP_NUM_THREADS": "1"}
+    if quiet_env:
+        env["DAPENG_QUIET"] = quiet_env
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stderr.splitlines()
+    if quiet_env:
+        assert lines == []
+        return
+    assert len(lines) == 3, lines  # 112 records / 16 = 7 steps an epoch, evaluated after each
+    for epoch, line in enumerate(lines, start=1):
+        assert line.startswith(f"train toy-mlp: epoch {epoch}/3 step {7 * epoch}/21 loss "), line
+        assert "eval/accuracy " in line and line.endswith(" samples/s")
+        assert "\r" not in line and "\x1b" not in line  # plain text, not a bar's redraws

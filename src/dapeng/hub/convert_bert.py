@@ -1,8 +1,9 @@
 """Hugging Face BERT folders (config.json, model.safetensors, tokenizer.json) → the dapeng `transformer`.
 
 A sentence-transformers folder (MiniLM) also says how sentences are pooled
-(`1_Pooling/config.json`) and whether embeddings are L2-normalised (`modules.json`);
-both go into the `sentence-embedding` task state so `embed` reproduces the original.
+(`1_Pooling/config.json`), whether embeddings are L2-normalised (`modules.json`) and where
+long texts are cut (`sentence_bert_config.json`); all go into the `sentence-embedding` task
+state so `embed` reproduces the original.
 """
 
 from __future__ import annotations
@@ -63,6 +64,21 @@ def _pooling(folder: Path) -> tuple[str, bool]:
     return modes[0], normalize
 
 
+def _max_length(folder: Path, max_positions: int) -> int:
+    """The longest input in tokens, as sentence-transformers decides it.
+
+    `sentence_bert_config.json`'s `max_seq_length` first (all-MiniLM-L6-v2: 256), else the
+    tokenizer's `model_max_length` (`tokenizer_config.json`), else the position table's size;
+    never more than the position table holds.
+    """
+    for name, key in (("sentence_bert_config.json", "max_seq_length"), ("tokenizer_config.json", "model_max_length")):
+        value = _json(folder / name).get(key) if (folder / name).is_file() else None
+        # transformers writes a huge sentinel (int(1e30)) for "no limit"
+        if isinstance(value, int | float) and 0 < value < 1e9:
+            return int(min(value, max_positions))
+    return max_positions
+
+
 def _tokenizer_json(folder: Path) -> str:
     from tokenizers import Tokenizer
 
@@ -96,12 +112,10 @@ def read_bert_folder(folder: Path, num_labels: int = 2) -> tuple[Any, dict[str, 
     tensors = read_safetensors(folder / "model.safetensors")
     model, kwargs = build_encoder(config, tensors, str(folder / "model.safetensors"),
                                   num_labels=num_labels, pooling=pooling)
-    st_cfg = folder / "sentence_bert_config.json"
-    max_length = _json(st_cfg).get("max_seq_length", kwargs["max_positions"]) if st_cfg.is_file() else 512
     state = {
         "tokenizer": tokenizer,
         "normalize": normalize,
-        "max_length": int(min(max_length, kwargs["max_positions"])),
+        "max_length": _max_length(folder, kwargs["max_positions"]),
         "pad_id": kwargs["pad_id"],
     }
     return model, kwargs, state

@@ -198,6 +198,8 @@ def read_gguf(path: Path) -> GGUFCheckpoint:
         raise CheckpointError(f"{path}: incomplete metadata ({err})", "re-download the file") from None
     if model_type != "gpt2":
         raise ModelError(f"{path}: tokenizer type {model_type!r} is not supported", "only byte-level BPE (gpt2)")
+    # llama.cpp writes `output.weight` only for an untied head; without it the head is the embedding
+    config["tied"] = all(t.name != "output.weight" for t in reader.tensors)
     tensors = _tensors(reader, config, path)
     _check_shapes(tensors, config, path)
     tokenizer = build_tokenizer(tokens, merges, types, _field(reader, "tokenizer.ggml.pre"))

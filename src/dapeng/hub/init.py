@@ -1,5 +1,7 @@
 """Fine-tuning from pretrained weights: `model.init: minilm-l6` in a run config.
 
+`pretrained_task_options(init, task_name)` gives a causal-lm or sentence-embedding task the
+pretrained model's own tokenizer, chat template and special ids before `setup`;
 `load_init(model_cfg, task)` loads the hub model (or Artifact folder) named by
 `model.init`, hands its tokenizer to the task, and returns the model with a fresh head
 sized for the task (`reset_head`) whenever the task or its label count differs from the
@@ -31,6 +33,7 @@ __all__ = [
     "layer_groups",
     "layerwise_lr_groups",
     "load_init",
+    "pretrained_task_options",
     "resolve_init",
 ]
 
@@ -52,6 +55,28 @@ def resolve_init(init: str) -> Path:
     from dapeng.hub.store import resolve
 
     return resolve(init)
+
+
+def pretrained_task_options(init: str, task_name: str) -> dict[str, Any]:
+    """The task options a run inherits from the pretrained model named by `model.init`.
+
+    Only for a task of the pretrained model's own kind that takes its tokenizer from it
+    (`use_tokenizer`: causal-lm, sentence-embedding): its tokenizer, chat template, special
+    token ids, context length, pooling recipe — so `setup` learns no throw-away tokenizer and
+    the fine-tuned model keeps them. The run's own `task_options` override these.
+    """
+    import inspect
+
+    from dapeng.hub.artifact import read_meta, task_state_of
+    from dapeng.tasks import TASKS
+
+    factory = TASKS.get(task_name)
+    path = resolve_init(init)
+    meta = read_meta(path)
+    if meta.get("task") != task_name or not hasattr(factory, "use_tokenizer"):
+        return {}
+    params = inspect.signature(factory).parameters
+    return {k: v for k, v in task_state_of(path, meta).items() if k in params and v is not None}
 
 
 def _adopt_tokenizer(task: Any, tokenizer_json: str) -> None:
@@ -87,7 +112,7 @@ def load_init(model_cfg: Any, task: Any) -> tuple[nn.Module, dict[str, Any]]:
         NotFoundError / CheckpointError: `model.init` can't be found or read.
     """
     from dapeng.hub.artifact import load_artifact
-    from dapeng.models import MODELS
+    from dapeng.models import create_model
 
     path = resolve_init(model_cfg.init)
     pretrained = load_artifact(path, precision="fp32")
@@ -113,10 +138,7 @@ def load_init(model_cfg: Any, task: Any) -> tuple[nn.Module, dict[str, Any]]:
     same_task = getattr(task, "name", None) == pretrained.meta["task"]
     if wanted is not None:
         kwargs["num_labels"] = wanted
-    try:
-        model = MODELS.create(spec["name"], **kwargs)
-    except TypeError as err:
-        raise ConfigError(f"config key model.kwargs: {err}") from None
+    model = create_model(spec["name"], kwargs, given=model_cfg.kwargs, key="config key model.kwargs.")
     _copy_backbone(pretrained.model, model, keep_head=same_task and wanted in (None, spec["kwargs"].get("num_labels")))
     return model, kwargs
 

@@ -161,7 +161,7 @@ def lm_kwargs(config: Mapping[str, Any], pad_id: int) -> dict[str, Any]:
         "max_positions": config["max_len"],
         "rope_theta": config["rope_base"],
         "rms_norm_eps": config["norm_eps"],
-        "tie_embeddings": config.get("tied", True),
+        "tie_embeddings": config["tied"],
     }
 
 

@@ -211,17 +211,21 @@ class Store:
     def resolve(self, name: str) -> Path:
         """The Artifact folder of `name` / `name@V`, fetching a built-in model on first use.
 
+        A built-in whose newest stored version an older converter made is converted again
+        as the next version (`name@V` still gives the old one).
+
         Raises:
             HubError: bad name.
             NotFoundError: neither stored nor built in.
         """
-        entry = self.get(name)
-        if entry is not None:
-            return entry.path
-        base, version = parse_name(name)
-        from dapeng.hub.builtin import BUILTINS, install_builtin
+        from dapeng.hub.builtin import BUILTINS, install_builtin, outdated
 
-        if base in BUILTINS and not self.versions(base):
+        entry = self.get(name)
+        base, version = parse_name(name)
+        stale = entry is not None and version is None and base in BUILTINS and outdated(base, entry.meta())
+        if entry is not None and not stale:
+            return entry.path
+        if base in BUILTINS and (stale or not self.versions(base)):
             installed = install_builtin(base, self)
             if version in (None, installed.version):
                 return installed.path

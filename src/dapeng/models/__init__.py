@@ -25,6 +25,11 @@ Attention weights: `dapeng.layers.attention.capture_attention(model)`.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from dapeng.errors import ModelError
 from dapeng.registry import Registry
 
 MODELS: Registry = Registry("model")
@@ -45,4 +50,47 @@ BUILTIN_MODELS: dict[str, str] = {
 for _name, _target in BUILTIN_MODELS.items():
     MODELS.register(_name, _target)
 
-__all__ = ["BUILTIN_MODELS", "MODELS"]
+# What a constructor raises for an argument value it can't build with (layers raise ValueError,
+# torch a RuntimeError for a negative size, integer arithmetic a ZeroDivisionError for zero heads).
+_BAD_VALUE = (ValueError, AssertionError, KeyError, IndexError, ZeroDivisionError, RuntimeError)
+
+
+def create_model(name: str, kwargs: Mapping[str, Any], given: Iterable[str] = (), key: str = "model.kwargs.") -> Any:
+    """`MODELS.create(name, **kwargs)`, with a bad argument as one ModelError line naming its key.
+
+    Args:
+        name: a `MODELS` name.
+        kwargs: the constructor arguments.
+        given: the keys the user set (the others come from the task); the error names the
+            one at fault among them.
+        key: what goes before an argument's name in the message: `config key model.kwargs.`
+            (a config), `--set ` (the command line).
+
+    Raises:
+        NotFoundError: an unknown model name.
+        ModelError: an unknown argument, or a value the model can't be built with.
+    """
+    factory = MODELS.get(name)
+    where = key.rstrip(". ")
+    hint = f"see `dapeng models show {name}` for its arguments"
+    try:
+        return factory(**kwargs)
+    except TypeError as err:
+        raise ModelError(f"{where}: model {name!r} rejects them: {err}", hint) from None
+    except _BAD_VALUE as err:
+        reason = str(err).strip("'\"") or type(err).__name__
+        if isinstance(err, ZeroDivisionError):
+            reason = f"a zero where a size is needed ({reason})"
+        given = [k for k in given if k in kwargs]
+        # the key the message names, else the only key the user set, else the only size ≤ 0 among them
+        sizes = [k for k in given if type(kwargs[k]) is int and kwargs[k] <= 0]
+        named = [k for k in given if re.search(rf"\b{re.escape(k)}\b", reason)] or (given if len(given) == 1 else [])
+        named = named or (sizes if len(sizes) == 1 else [])
+        if named:
+            raise ModelError(f"{key}{named[0]}: {kwargs[named[0]]!r} doesn't build model {name!r}: {reason}",
+                             hint) from None
+        shown = ", ".join(f"{k}={kwargs[k]!r}" for k in (given or kwargs))
+        raise ModelError(f"{where}: model {name!r} can't be built with {shown}: {reason}", hint) from None
+
+
+__all__ = ["BUILTIN_MODELS", "MODELS", "create_model"]

@@ -22,9 +22,10 @@ DEFAULT_VOCAB = 8000  # used when a text model's vocab_size isn't given (it only
 
 def build(name: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
     """`MODELS.create(name, **kwargs)` with one-line errors for bad arguments."""
-    from dapeng.models import MODELS
+    from dapeng.models import MODELS, create_model
 
     factory = MODELS.get(name)
+    given = list(kwargs or {})
     kwargs = dict(kwargs or {})
     params = _constructor_params(factory)
     if "vocab_size" in params and "vocab_size" not in kwargs:
@@ -32,10 +33,7 @@ def build(name: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
     unknown = sorted(set(kwargs) - set(params)) if params else []
     if unknown:
         raise ModelError(f"model {name!r} has no argument {unknown[0]!r}", f"its arguments: {', '.join(params)}")
-    try:
-        return factory(**kwargs)
-    except (TypeError, ValueError) as err:
-        raise ModelError(f"can't build {name!r} with {kwargs}: {err}", "check the values") from None
+    return create_model(name, kwargs, given=given, key="--set ")
 
 
 def _constructor_params(factory: Any) -> list[str]:

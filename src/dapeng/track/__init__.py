@@ -1,4 +1,4 @@
-"""Tracking: TensorBoard events, a JSONL metrics log, a progress bar and a training-curve plot.
+"""Tracking: TensorBoard events, a JSONL metrics log, progress (a bar, or plain lines off a terminal), curves.
 
 Each tracker is a Trainer callback by duck typing (it has `on_<event>(trainer, **info)`
 methods) and never imports the Trainer, so a hand-written loop can drive it too: call
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dapeng.track.curves import plot_curves
 from dapeng.track.jsonl import JsonlLogger, read_jsonl
-from dapeng.track.progress import ProgressBar, quiet
+from dapeng.track.progress import LogLines, ProgressBar, progress_tracker, quiet
 from dapeng.track.tensorboard import TensorBoardLogger
 
-__all__ = ["JsonlLogger", "ProgressBar", "TensorBoardLogger", "plot_curves", "quiet", "read_jsonl"]
+__all__ = ["JsonlLogger", "LogLines", "ProgressBar", "TensorBoardLogger", "plot_curves", "progress_tracker", "quiet",
+           "read_jsonl"]

@@ -145,7 +145,7 @@ class Trainer:
         optimizer: `sgd`, `adam` or `adamw`; `lr`, `weight_decay`, `momentum`, `nesterov`, `betas`, `eps` go to it.
         schedule: `constant`, `step`, `cosine` or `linear`, with `warmup_steps`, `step_size`, `gamma`, `min_lr_ratio`.
         l1: strength of the L1 penalty on weights (not biases or norms).
-        grad_accum: micro-batches per optimizer step.
+        grad_accum: micro-batches per optimizer step (an epoch's shorter last group is averaged over its own size).
         grad_clip: clip the gradients' global L2 norm to this value.
         ema: keep an exponential moving average of the weights with this decay (e.g. 0.999);
             evaluations, the best checkpoint and the weights left in the model after `fit` are
@@ -413,7 +413,12 @@ class Trainer:
                 loss, _ = self.task.loss(self.train_model, batch)
             if self.l1:
                 loss = loss + l1_penalty(self._l1_params, self.l1)
-            (loss / accum if accum > 1 else loss).backward()
+            if accum > 1:
+                # the epoch's last group may hold fewer than `accum` micro-batches: average over those it has
+                group_start = state.batch - state.batch % accum
+                (loss / min(accum, n_batches - group_start)).backward()
+            else:
+                loss.backward()
             losses.append(loss.detach())
             size = batch_size_of(batch)
             state.batch += 1
