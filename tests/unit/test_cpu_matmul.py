@@ -1,5 +1,6 @@
 """The decoding kernel (`layers/cpu_matmul.c`): every path against float64 references, where it steps aside, its build."""
 
+import ctypes
 import re
 import subprocess
 import warnings
@@ -41,6 +42,33 @@ def _runs(path: str | None) -> None:
 @pytest.mark.parametrize("threads", [1, 2])
 def test_products_equal_float64_reference(path, x_dtype, dtype, rtol, threads):
     _runs(path)
+    _check_products(path, x_dtype, dtype, rtol, threads)
+
+
+@pytest.fixture(scope="module")
+def emulated_avx512(tmp_path_factory):
+    """The kernel built with each AVX-512 intrinsic computed in plain C (tests/unit/avx512_emulation.h)."""
+    built = tmp_path_factory.mktemp("emulated") / "cpu_matmul.so"
+    shim = Path(__file__).with_name("avx512_emulation.h")
+    # the headers first, so that the shim's renaming applies to the kernel's source only
+    includes = [arg for header in ("immintrin.h", "omp.h", "stdint.h", str(shim)) for arg in ("-include", header)]
+    flags = [*cpu_matmul._FLAGS, "-Wno-psabi", *includes]  # psabi: 64-byte vectors passed without AVX-512
+    subprocess.run([cpu_matmul._compiler(), *flags, str(cpu_matmul._SOURCE), "-o", str(built)], check=True, timeout=120)
+    return cpu_matmul._bound(ctypes.CDLL(str(built)), cpu_matmul.PATHS)
+
+
+@needs_kernel
+@pytest.mark.parametrize(("path", "x_dtype", "dtype", "rtol"), [p for p in PRODUCTS if p[0] != "avx2"])
+def test_avx512_paths_on_emulated_intrinsics(path, x_dtype, dtype, rtol, emulated_avx512, monkeypatch):
+    """The AVX-512 paths' loops, lanes and tails, on any x86-64 with AVX2 (the instructions: the test below).
+
+    Their library runs every path, as on a CPU with avx512bf16: bf16 x (path None) takes the bf16-dot one.
+    """
+    monkeypatch.setattr(cpu_matmul, "_library", lambda: emulated_avx512)
+    _check_products(path, x_dtype, dtype, rtol, threads=2)
+
+
+def _check_products(path: str | None, x_dtype: torch.dtype, dtype: torch.dtype, rtol: float, threads: int) -> None:
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -62,7 +90,11 @@ def test_products_equal_float64_reference(path, x_dtype, dtype, rtol, threads):
 
 @pytest.mark.parametrize(
     ("paths", "best_fp32_x", "bf16_x"),
-    [(("avx2",), "avx2", "avx2"), (("avx2", "avx512f"), "avx512f", "avx512f"), (cpu_matmul.PATHS, "avx512f", "avx512bf16")],
+    [
+        (("avx2",), "avx2", "avx2"),
+        (("avx2", "avx512f"), "avx512f", "avx512f"),
+        (cpu_matmul.PATHS, "avx512f", "avx512bf16"),
+    ],
 )
 def test_each_cpu_kind_gets_its_best_path_that_keeps_x(paths, best_fp32_x, bf16_x):
     choose = cpu_matmul._choose
@@ -80,6 +112,7 @@ def test_each_cpu_kind_gets_its_best_path_that_keeps_x(paths, best_fp32_x, bf16_
 
 def test_paths_are_those_the_cpu_reports(cpu_kernel):
     cpuinfo = Path("/proc/cpuinfo")
+    cpu_kernel("1")
     _runs(None)
     if not cpuinfo.exists():
         pytest.skip("no /proc/cpuinfo to read the CPU's flags from")

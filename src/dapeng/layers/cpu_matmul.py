@@ -181,8 +181,11 @@ def _library() -> _Library | None:
     if best < 0:
         return None
     paths = PATHS[: best + 1]
-    if switch != "1":
-        paths = paths[: PATHS.index(switch) + 1]
+    return _bound(cdll, paths if switch == "1" else paths[: PATHS.index(switch) + 1])
+
+
+def _bound(cdll: ctypes.CDLL, paths: tuple[str, ...]) -> _Library:
+    """The library with the signatures of its `matmul_<path>_<weight>` functions for `paths` set."""
     for p in paths:
         for w in _WEIGHTS[p]:
             fn = getattr(cdll, f"matmul_{p}_{w}")
