@@ -53,9 +53,9 @@ __all__ = ["PATHS", "available", "kernel_path", "kernel_paths", "matmul"]
 
 # the kernel paths, each running on CPUs that run the ones before it (`cpu_path()` in the source)
 PATHS = ("avx2", "avx512f", "avx512bf16")
-# (x dtype, weight dtype) the kernel takes → the most rows it takes: more and PyTorch's own GEMMs
-# are as fast (fp32 x: measured on SmolLM2's shapes, AVX2). bf16 x comes from CPUs with native
-# bf16, whose oneDNN GEMMs are left the prefill; 16 covers decoding batches.
+# (x dtype, weight dtype) the kernel takes → the most rows it takes. fp32 x: more and PyTorch's own
+# GEMMs are as fast (measured on SmolLM2's shapes, AVX2). bf16 x: 16 covers decoding batches and
+# leaves prefill to PyTorch (oneDNN's bf16 GEMMs on CPUs with native bf16; crossover unmeasured).
 MAX_ROWS = {
     (torch.float32, torch.bfloat16): 64,
     (torch.float32, torch.float32): 24,
@@ -65,7 +65,7 @@ _SOURCE = Path(__file__).with_name("cpu_matmul.c")
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 _ARGTYPES = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4
 _WEIGHT_NAMES = {torch.bfloat16: "bf16", torch.float32: "f32"}
-# the weights each path multiplies: `matmul_<path>_<weight>` in the source; the f32 ones take fp32 x
+# each path's weight types, as in the source's `matmul_<path>_<weight>`; paths with f32 are the fp32-x ones
 _WEIGHTS = {"avx2": ("bf16", "f32"), "avx512f": ("bf16", "f32"), "avx512bf16": ("bf16",)}
 
 
