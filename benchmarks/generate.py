@@ -13,10 +13,16 @@ load from other processes hits both alike, and the fastest of `--repeats` runs c
 With one torch thread (the default) the clock is this process's CPU time, so time another
 process holds the core counts for neither side.
 
-`results.decode_fraction_of_bandwidth` compares dapeng's fp32 batch-1 decode (prompt 32) with
-the memory bandwidth measured in the same run (one thread summing a 512 MB tensor): every
-decode step reads all weights once, so weight bytes × steps/s ÷ bandwidth is the fraction
-reached (`..._by_dtype` adds bf16, whose weights are half the bytes).
+Every decode step of one sequence reads all weights once, so weight bytes × steps/s ÷ memory
+bandwidth is the fraction of the bandwidth that batch-1 decoding (prompt 32) reaches. Two
+bandwidths are measured in the same run, by summing a 512 MB tensor (best of 5):
+`results.read_bandwidth_gb_s` with one thread (one sequential stream, the clock above) and
+`results.multi_stream_read_bandwidth_gb_s` with one thread per core (`bandwidth_streams`
+contiguous streams at once, wall time). `results.decode_fraction_of_bandwidth_by_dtype` is each
+dtype's fraction of the multi-stream bandwidth (bf16 weights are half the bytes);
+`results.decode_fraction_of_bandwidth` stays fp32's fraction of the one-thread bandwidth.
+`env.cpu_kernel_path` names the path of dapeng's CPU kernel that ran (avx2, avx512f or
+avx512bf16; null without the kernel).
 
     python benchmarks/generate.py                  # all 8 configurations per dtype (slow with bf16 on CPUs without it)
     python benchmarks/generate.py --quick          # batch 1, prompt 32, 8 new tokens
@@ -140,14 +146,23 @@ def measure(ours: torch.nn.Module, ref: torch.nn.Module, pad_id: int, batch: int
     return out
 
 
-def read_bandwidth_gb_s(now: Callable[[], float]) -> float:
-    """Single-thread memory read bandwidth: best of 5 sums over a 512 MB tensor."""
+def read_bandwidth_gb_s(now: Callable[[], float], streams: int = 1) -> float:
+    """Memory read bandwidth: best of 5 sums over a 512 MB tensor by `streams` torch threads.
+
+    Each thread sums its own contiguous part, so `streams` sequential streams run at once
+    (several streams keep more memory requests in flight than one core's single stream can).
+    """
     x = torch.ones(128 * 1024 * 1024, dtype=torch.float32)
-    times = []
-    for _ in range(5):
-        start = now()
-        x.sum()
-        times.append(now() - start)
+    before = torch.get_num_threads()
+    torch.set_num_threads(streams)
+    try:
+        times = []
+        for _ in range(5):
+            start = now()
+            x.sum()
+            times.append(now() - start)
+    finally:
+        torch.set_num_threads(before)
     return x.numel() * 4 / min(times) / 1e9
 
 
@@ -188,24 +203,32 @@ def main() -> None:
                 log(f"{key}: {json.dumps(r)}")
     ours32.float()
     bandwidth = read_bandwidth_gb_s(now)
+    streams = len(os.sched_getaffinity(0))
+    multi_bandwidth = read_bandwidth_gb_s(time.perf_counter, streams)  # CPU time would add up the threads'
     params = sum(p.numel() for p in ours32.parameters())
     results["read_bandwidth_gb_s"] = bandwidth
+    results["multi_stream_read_bandwidth_gb_s"] = multi_bandwidth
+    results["bandwidth_streams"] = streams
     results["weight_bytes"] = {"fp32": params * 4, "bf16": params * 2}
     # every decode step of one sequence reads all weights once: bytes/s ÷ bandwidth
-    fractions = {
-        dtype: results["configs"][f"{dtype}_b1_p32"]["dapeng_decode_tok_s"] * params * (4 if dtype == "fp32" else 2)
-        / (bandwidth * 1e9)
+    weight_bytes_per_s = {
+        dtype: results["configs"][f"{dtype}_b1_p32"]["dapeng_decode_tok_s"] * results["weight_bytes"][dtype]
         for dtype in args.dtypes
         if f"{dtype}_b1_p32" in results["configs"]
     }
-    results["decode_fraction_of_bandwidth"] = fractions.get("fp32", next(iter(fractions.values()), None))
-    results["decode_fraction_of_bandwidth_by_dtype"] = fractions
+    results["decode_fraction_of_bandwidth"] = (
+        weight_bytes_per_s["fp32"] / (bandwidth * 1e9) if "fp32" in weight_bytes_per_s else None
+    )
+    results["decode_fraction_of_bandwidth_by_dtype"] = {
+        dtype: rate / (multi_bandwidth * 1e9) for dtype, rate in weight_bytes_per_s.items()
+    }
     env = {
         "threads": torch.get_num_threads(),
         "timer": "process CPU time" if args.threads == 1 else "wall time",
         "precision": args.dtypes,
         "native_bf16": native_bf16,
         "cpu_kernel": cpu_matmul.available(),  # dapeng.layers.cpu_matmul; DAPENG_CPU_KERNELS=0 turns it off
+        "cpu_kernel_path": cpu_matmul.kernel_path(),
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -218,6 +241,8 @@ def main() -> None:
             "prefill: best run, decode: median step. dapeng bf16 on a CPU without native bf16: weights stay "
             "bf16, activations/KV cache/attention fp32; products of a few rows read the bf16 weights in "
             "dapeng's CPU kernel (cpu_kernel: true; fp32 accumulation), larger ones upcast the weights. "
+            "With native bf16 dapeng computes in bf16 and the kernel's avx512bf16 path multiplies bf16 "
+            "activations by the bf16 weights (vdpbf16ps, fp32 accumulation). "
             "transformers runs bf16 throughout. Long bf16 configs measured with one run instead of several."
         ),
     }

@@ -1,19 +1,34 @@
-"""Decoding-sized linear products on x86-64 CPUs, by a small AVX2 kernel compiled on first use.
+"""Decoding-sized linear products on x86-64 CPUs, by a small kernel compiled on first use.
 
-`matmul(x, weight, bias)` is `F.linear` for fp32 activations of a few rows (a decoding step:
-one per sequence) over a bf16 or fp32 weight, computed by `cpu_matmul.c`: each weight row is
-streamed once, several distant rows at a time, widened to fp32 in registers and multiplied
-into every row of x, with fp32 accumulation. On one AVX2 core and SmolLM2's shapes it is
-1.5-2x PyTorch's bf16 matrix-vector product, 2-4x its bf16 products of 4-64 rows, and
-1.3-1.6x MKL for 1-24 fp32 rows (`benchmarks/generate.py` measures the whole decoding loop).
-Where it doesn't apply or pay — other devices or dtypes, gradients, autocast, tracing and
-dispatch modes, more rows — it returns None and the caller runs PyTorch.
+`matmul(x, weight, bias)` is `F.linear` for activations of a few rows (a decoding step: one
+per sequence) over a bf16 or fp32 weight, computed by `cpu_matmul.c`: each weight row is
+streamed once, several distant rows at a time, and multiplied into every row of x, with fp32
+accumulation. On one AVX2 core and SmolLM2's shapes it is 1.5-2x PyTorch's bf16
+matrix-vector product, 2-4x its bf16 products of 4-64 rows, and 1.3-1.6x MKL for 1-24 fp32
+rows (`benchmarks/generate.py` measures the whole decoding loop). Where it doesn't apply or
+pay — other devices or dtypes, gradients, autocast, tracing and dispatch modes, more rows —
+it returns None and the caller runs PyTorch.
+
+The kernel has one path per instruction set, all from the same source, and a product takes
+the best one the CPU runs (`kernel_paths()`, from cpuid; `kernel_path()` names the best):
+
+* ``avx2`` and ``avx512f`` (8 and 16 lanes): fp32 x; bf16 weights widened to fp32 in
+  registers, so every product is the exact fp32 product with the stored weight.
+* ``avx512bf16``: bf16 x times bf16 weights by `vdpbf16ps`, fp32 accumulation. It takes bf16
+  activations (what models compute in on CPUs with native bf16), whose products it forms
+  exactly; fp32 x with bf16 weights stays on the fp32-x path unless `path="avx512bf16"`
+  asks for it, and then x is first rounded to bf16 (8 significant bits: relative errors up
+  to 2^-9 per product). The instruction treats denormal inputs as zero.
+
+bf16 activations (bf16 weights only, up to 16 rows) run on the bf16-dot path where the CPU
+has it, else widened to fp32 (exactly) on the fp32-x path; the result is rounded to bf16.
 
 The kernel is built with the machine's C compiler (`$CC`, else gcc or cc) into
 `$DAPENG_HOME/cache/kernels/`, once per source version, and loaded with ctypes. Without a
 compiler, on other CPUs, or with `DAPENG_CPU_KERNELS=0`, everything runs on PyTorch's kernels
-(one warning says why when the build fails). The switch and the build are settled at the
-first product of a process.
+(one warning says why when the build fails); `DAPENG_CPU_KERNELS=avx2` (or another path)
+keeps to the paths up to that one, to compare them on one machine. The switch and the build
+are settled at the first product of a process.
 """
 
 from __future__ import annotations
@@ -27,18 +42,36 @@ import shutil
 import subprocess
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from dapeng._files import atomic_path, dapeng_home
+from dapeng.errors import DapengError
 
-__all__ = ["available", "matmul"]
+__all__ = ["PATHS", "available", "kernel_path", "kernel_paths", "matmul"]
 
-# more rows than this and PyTorch's own GEMMs are as fast (measured on SmolLM2's shapes)
-MAX_ROWS = {torch.bfloat16: 64, torch.float32: 24}
+# the kernel paths, each running on CPUs that run the ones before it (`cpu_path()` in the source)
+PATHS = ("avx2", "avx512f", "avx512bf16")
+# (x dtype, weight dtype) the kernel takes → the most rows it takes. fp32 x: more and PyTorch's own
+# GEMMs are as fast (measured on SmolLM2's shapes, AVX2). bf16 x: 16 covers decoding batches and
+# leaves prefill to PyTorch (oneDNN's bf16 GEMMs on CPUs with native bf16; crossover unmeasured).
+MAX_ROWS = {
+    (torch.float32, torch.bfloat16): 64,
+    (torch.float32, torch.float32): 24,
+    (torch.bfloat16, torch.bfloat16): 16,
+}
 _SOURCE = Path(__file__).with_name("cpu_matmul.c")
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 _ARGTYPES = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4
+_WEIGHT_NAMES = {torch.bfloat16: "bf16", torch.float32: "f32"}
+# each path's weight types, as in the source's `matmul_<path>_<weight>`; paths with f32 are the fp32-x ones
+_WEIGHTS = {"avx2": ("bf16", "f32"), "avx512f": ("bf16", "f32"), "avx512bf16": ("bf16",)}
+
+
+class _Library(NamedTuple):
+    cdll: ctypes.CDLL
+    paths: tuple[str, ...]  # those this CPU runs, within DAPENG_CPU_KERNELS
 
 
 def available() -> bool:
@@ -46,21 +79,38 @@ def available() -> bool:
     return _library() is not None
 
 
-def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """`F.linear(x, weight, bias)` by the kernel, in fp32; None where it doesn't apply (see the module doc).
+def kernel_paths() -> tuple[str, ...]:
+    """The paths (of `PATHS`) this CPU runs and `DAPENG_CPU_KERNELS` allows; () without the kernel."""
+    lib = _library()
+    return () if lib is None else lib.paths
+
+
+def kernel_path() -> str | None:
+    """The best of `kernel_paths()`: "avx2", "avx512f" or "avx512bf16"; None without the kernel."""
+    return (kernel_paths() or (None,))[-1]
+
+
+def matmul(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, path: str | None = None
+) -> torch.Tensor | None:
+    """`F.linear(x, weight, bias)` by the kernel, in x's dtype; None where it doesn't apply (see the module doc).
 
     Args:
-        x: (…, K) fp32 activations on CPU.
+        x: (…, K) activations on CPU: fp32, or bf16 over bf16 weights.
         weight: (N, K) bf16 or fp32, contiguous, on CPU.
-        bias: optional (N,), added after the product.
+        bias: optional (N,), added to the fp32 product.
+        path: one of `kernel_paths()` to run instead of the best for these dtypes (tests,
+            comparisons); "avx512bf16" rounds fp32 x to bf16.
+
+    Raises:
+        DapengError: `path` is not one of `kernel_paths()`.
     """
     if torch.jit.is_tracing() or torch.compiler.is_compiling():  # they must record an aten op
         return None
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
     if (
-        not 1 <= rows <= MAX_ROWS.get(weight.dtype, 0)
-        or x.dtype != torch.float32
+        not 1 <= rows <= MAX_ROWS.get((x.dtype, weight.dtype), 0)
         or x.layout != torch.strided
         or x.device.type != "cpu"
         or weight.device.type != "cpu"
@@ -71,23 +121,45 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         or torch.is_autocast_enabled("cpu")
         or torch._C._len_torch_dispatch_stack() > 0  # FLOP counters, fake tensors: likewise
         or (lib := _library()) is None
+        or (chosen := _choose(path, x.dtype, weight.dtype, lib.paths)) is None
     ):
         return None
-    if not x.is_contiguous():
-        x = x.contiguous()
+    dtype = x.dtype
+    # vdpbf16ps multiplies bf16 by bf16 (fp32 x rounded), the others fp32 by fp32 (bf16 x widened exactly)
+    x = x.to(torch.bfloat16 if chosen == "avx512bf16" else torch.float32).contiguous()
     n = weight.shape[0]
     y = torch.empty(*x.shape[:-1], n)
-    run = lib.matmul_bf16 if weight.dtype == torch.bfloat16 else lib.matmul_f32
+    run = getattr(lib.cdll, f"matmul_{chosen}_{_WEIGHT_NAMES[weight.dtype]}")
     run(weight.data_ptr(), x.data_ptr(), y.data_ptr(), rows, n, k, torch.get_num_threads())
     if bias is not None:
         y += bias
-    return y
+    return y.to(dtype)
+
+
+def _choose(path: str | None, x: torch.dtype, weight: torch.dtype, paths: tuple[str, ...]) -> str | None:
+    """`path` (None where it doesn't take these dtypes), else the best one that doesn't round x (module doc)."""
+    if path is not None and path not in paths:
+        raise DapengError(
+            f"kernel path {path!r} is not one this CPU runs here ({', '.join(paths)})",
+            "pick one of cpu_matmul.kernel_paths()",
+        )
+    dot = weight == torch.bfloat16 and "avx512bf16" in paths
+    if path is None:
+        fp32_x = [p for p in paths if "f32" in _WEIGHTS[p]]
+        path = "avx512bf16" if dot and x == torch.bfloat16 else fp32_x[-1]
+    return None if path == "avx512bf16" and not dot else path
 
 
 @functools.cache
-def _library() -> ctypes.CDLL | None:
-    """The built kernel, or None; decided once per process (`_library.cache_clear()` to ask again)."""
-    if os.environ.get("DAPENG_CPU_KERNELS", "1") == "0":
+def _library() -> _Library | None:
+    """The built kernel and its paths, or None; decided once per process (`_library.cache_clear()` asks again)."""
+    switch = os.environ.get("DAPENG_CPU_KERNELS", "1")
+    if switch not in ("0", "1", *PATHS):
+        raise DapengError(
+            f"DAPENG_CPU_KERNELS={switch!r} is not a setting",
+            f"use 0 (off), 1 (the best path the CPU runs) or one of {', '.join(PATHS)}",
+        )
+    if switch == "0":
         return None
     if platform.machine().lower() not in ("x86_64", "amd64") or torch.backends.cpu.get_cpu_capability() not in (
         "AVX2",
@@ -95,7 +167,7 @@ def _library() -> ctypes.CDLL | None:
     ):
         return None
     try:
-        lib = ctypes.CDLL(str(_build()))
+        cdll = ctypes.CDLL(str(_build()))
     except (OSError, subprocess.SubprocessError) as e:
         warnings.warn(
             f"dapeng: could not build its CPU decoding kernel ({e}); decoding runs on PyTorch's "
@@ -104,17 +176,27 @@ def _library() -> ctypes.CDLL | None:
             stacklevel=3,
         )
         return None
-    for fn in (lib.matmul_bf16, lib.matmul_f32):
-        fn.argtypes = _ARGTYPES
-        fn.restype = None
-    return lib
+    cdll.cpu_path.restype = ctypes.c_int
+    best = cdll.cpu_path()
+    if best < 0:
+        return None
+    paths = PATHS[: best + 1]
+    return _bound(cdll, paths if switch == "1" else paths[: PATHS.index(switch) + 1])
+
+
+def _bound(cdll: ctypes.CDLL, paths: tuple[str, ...]) -> _Library:
+    """The library with the signatures of its `matmul_<path>_<weight>` functions for `paths` set."""
+    for p in paths:
+        for w in _WEIGHTS[p]:
+            fn = getattr(cdll, f"matmul_{p}_{w}")
+            fn.argtypes = _ARGTYPES
+            fn.restype = None
+    return _Library(cdll, paths)
 
 
 def _build() -> Path:
     """The compiled kernel for this source and these flags, compiled now unless a previous run did."""
-    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if compiler is None:
-        raise OSError("no C compiler found")
+    compiler = _compiler()
     source = _SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join((compiler, *_FLAGS)).encode()).hexdigest()[:16]
     target = dapeng_home() / "cache" / "kernels" / f"cpu_matmul-{key}.so"
@@ -127,3 +209,11 @@ def _build() -> Path:
                 first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip())
                 raise OSError(f"{compiler} failed: {first[:200]}")
     return target
+
+
+def _compiler() -> str:
+    """The C compiler the kernel is built with: `$CC`, else gcc, else cc."""
+    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        raise OSError("no C compiler found")
+    return compiler

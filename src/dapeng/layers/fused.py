@@ -10,10 +10,11 @@
 * `linear`: one layer, where activations may be fp32 while the weights are bf16
   ("weight-only bf16", what `LlamaLM.generate` uses on CPUs without native bf16). Products
   of a few rows (decoding) go to `cpu_matmul`'s kernel, which reads bf16 or fp32 weights and
-  accumulates in fp32. Without it, a bf16 GEMM runs reference kernels at ~9 GFLOP/s whatever
-  the shape, while fp32 reaches 30–70: a product of 8 rows or more upcasts the (small) weight
-  and multiplies in fp32 (bit-identical weights, fp32 accumulation); a matrix-vector product,
-  bound by memory bandwidth, reads the weights as they are, in bf16.
+  accumulates in fp32; it takes bf16 activations over bf16 weights as well (decoding on CPUs
+  with native bf16: `vdpbf16ps`). Without it, a bf16 GEMM runs reference kernels at ~9
+  GFLOP/s whatever the shape, while fp32 reaches 30–70: a product of 8 rows or more upcasts
+  the (small) weight and multiplies in fp32 (bit-identical weights, fp32 accumulation); a
+  matrix-vector product, bound by memory bandwidth, reads the weights as they are, in bf16.
 """
 
 from __future__ import annotations
