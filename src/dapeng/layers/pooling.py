@@ -10,8 +10,8 @@ POOLINGS = ("cls", "mean", "max", "last", "none")
 def pool_sequence(x: torch.Tensor, mask: torch.Tensor | None, mode: str) -> torch.Tensor:
     """Pool (B, T, D) token vectors to (B, D); padding (mask False) never contributes.
 
-    A mean is summed in fp32 and rounded to x's dtype once: summed in bf16, every partial
-    sum is rounded, and how the reduction splits T, hence the result, depends on how much
+    A masked mean is summed in fp32 and rounded to x's dtype once: summed in bf16, partial
+    sums are rounded, and how the reduction splits T, hence the result, depends on how much
     padding follows, i.e. on the batch.
 
     Args:
@@ -25,7 +25,7 @@ def pool_sequence(x: torch.Tensor, mask: torch.Tensor | None, mode: str) -> torc
         return x[:, 0]
     if mask is None:
         if mode == "mean":
-            return x.float().mean(dim=1).to(x.dtype)
+            return x.mean(dim=1)
         if mode == "max":
             return x.amax(dim=1)
         return x[:, -1]
