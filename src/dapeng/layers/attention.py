@@ -44,6 +44,37 @@ def _per_row(mask: torch.Tensor | None) -> bool:
     return mask is None or (mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1)
 
 
+# CPU SDPA multiplies bf16 probabilities by values in a GEMM that runs the keys in blocks of this many
+KEY_BLOCK = 16
+
+
+def _pad_keys(
+    k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Pad bf16/fp16 keys and values on the CPU with masked zeros to a multiple of `KEY_BLOCK`.
+
+    A query's output sums its weighted values over the S keys in fp32 and rounds once to
+    bf16; how that sum is blocked depends on S, the batch's longest text, so a text's
+    outputs rounded differently alone than batched (1 ulp here and there, which the layers
+    above amplify). With S a multiple of 16 a text's real keys fall into the same blocks,
+    the rest being masked zeros, and its outputs are the same bits for every S (measured
+    from 16 to 512 keys). fp32 rounds ~1e-7 apart and is left alone; masks are bool.
+    """
+    s = k.shape[2]
+    extra = -s % KEY_BLOCK
+    if (
+        extra == 0
+        or k.device.type != "cpu"
+        or k.dtype not in (torch.bfloat16, torch.float16)
+        or (mask is not None and mask.dtype != torch.bool)
+    ):
+        return k, v, mask
+    if mask is None:
+        mask = torch.ones(1, 1, 1, s, dtype=torch.bool, device=k.device)
+    mask = F.pad(mask.expand(*mask.shape[:-1], s), (0, extra), value=False)  # (…, S + extra)
+    return F.pad(k, (0, 0, 0, extra)), F.pad(v, (0, 0, 0, extra)), mask
+
+
 class KVCache:
     """A preallocated (static) key/value cache for one attention layer.
 
@@ -186,6 +217,8 @@ class MultiHeadAttention(nn.Module):
             y = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, dropout_p=dropout)
             y = y.view(b, self.num_heads, 1, self.head_dim)  # (B, H, 1, Dh)
         elif self.record is None:
+            if not causal and cache is None:
+                k, v, mask = _pad_keys(k, v, mask)
             y = F.scaled_dot_product_attention(
                 q,
                 k,

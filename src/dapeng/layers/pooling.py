@@ -10,6 +10,10 @@ POOLINGS = ("cls", "mean", "max", "last", "none")
 def pool_sequence(x: torch.Tensor, mask: torch.Tensor | None, mode: str) -> torch.Tensor:
     """Pool (B, T, D) token vectors to (B, D); padding (mask False) never contributes.
 
+    A masked mean is summed in fp32 and rounded to x's dtype once: summed in bf16, partial
+    sums are rounded, and how the reduction splits T, hence the result, depends on how much
+    padding follows, i.e. on the batch.
+
     Args:
         x: token vectors.
         mask: (B, T) bool, True for real tokens; None when nothing is padded.
@@ -26,8 +30,8 @@ def pool_sequence(x: torch.Tensor, mask: torch.Tensor | None, mode: str) -> torc
             return x.amax(dim=1)
         return x[:, -1]
     if mode == "mean":
-        weights = mask.to(x.dtype).unsqueeze(-1)  # (B, T, 1)
-        return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+        weights = mask.float().unsqueeze(-1)  # (B, T, 1)
+        return ((x.float() * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)).to(x.dtype)
     if mode == "max":
         return x.masked_fill(~mask.unsqueeze(-1), torch.finfo(x.dtype).min).amax(dim=1)
     if mode == "last":

@@ -2,6 +2,7 @@
 
 Sequences are packed by their true lengths, so padding never enters a hidden state:
 a sequence's outputs and final state are the same however much padding its batch has.
+The recurrence runs in its weights' dtype, outside CPU autocast (see `RecurrentEncoder.forward`).
 """
 
 from __future__ import annotations
@@ -61,6 +62,14 @@ class RecurrentEncoder(nn.Module):
             of the last layer: forward direction at each sequence's last real token,
             backward direction at its first.
         """
+        # CPU autocast sends only an LSTM, and only over equal-length rows (one text alone, an
+        # unpadded batch), to oneDNN's bf16 kernel, which AVX2-only CPUs lack (it raises);
+        # mixed lengths, GRU and RNN run in the weights' dtype. Running every case that way
+        # gives a text the same kernel, and the same result, alone and batched, on every CPU.
+        with torch.autocast("cpu", enabled=False):
+            return self._encode(x.to(self.rnn.weight_ih_l0.dtype), mask)
+
+    def _encode(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         b, t, _ = x.shape
         # Autocast would run an unpacked RNN in bf16 and a packed one in fp32, and oneDNN has no
         # bf16 RNN on CPUs without native bf16: every RNN runs in its weights' dtype, so padding

@@ -106,6 +106,10 @@ class TextClassificationTask(ClassificationTask):
     def _finish_tokenizer(self) -> None:
         from dapeng.data.tokenizers import PAD, UNK, special_id
 
+        # A tokenizer.json may come with padding switched on (to the batch's longest text, or a
+        # fixed length): its pads would be ids of real tokens to `collate`'s attention mask, and
+        # a text's prediction would change with what else is in its batch. Padding is collate's.
+        self.tokenizer.no_padding()
         self.pad_id = special_id(self.tokenizer, PAD, fallback=0)
         self.unk_id = special_id(self.tokenizer, UNK, fallback=self.pad_id)
 
