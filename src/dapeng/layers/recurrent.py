@@ -66,24 +66,19 @@ class RecurrentEncoder(nn.Module):
         # unpadded batch), to oneDNN's bf16 kernel, which AVX2-only CPUs lack (it raises);
         # mixed lengths, GRU and RNN run in the weights' dtype. Running every case that way
         # gives a text the same kernel, and the same result, alone and batched, on every CPU.
-        with torch.autocast("cpu", enabled=False):
+        with torch.autocast(x.device.type, enabled=False):
             return self._encode(x.to(self.rnn.weight_ih_l0.dtype), mask)
 
     def _encode(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         b, t, _ = x.shape
-        # Autocast would run an unpacked RNN in bf16 and a packed one in fp32, and oneDNN has no
-        # bf16 RNN on CPUs without native bf16: every RNN runs in its weights' dtype, so padding
-        # never changes the numbers and every CPU can run it.
-        x = x.to(self.rnn.weight_ih_l0.dtype)
-        with torch.autocast(x.device.type, enabled=False):
-            if mask is None:
-                outputs, state = self.rnn(x)
-            else:
-                # a zero-length row cannot be packed: give it one (padding) step
-                lengths = mask.long().sum(dim=1).clamp_min(1).cpu()
-                packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
-                packed_out, state = self.rnn(packed)
-                outputs, _ = pad_packed_sequence(packed_out, batch_first=True, total_length=t)
+        if mask is None:
+            outputs, state = self.rnn(x)
+        else:
+            # a zero-length row cannot be packed: give it one (padding) step
+            lengths = mask.long().sum(dim=1).clamp_min(1).cpu()
+            packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+            packed_out, state = self.rnn(packed)
+            outputs, _ = pad_packed_sequence(packed_out, batch_first=True, total_length=t)
         h_n = state[0] if self.kind == "lstm" else state  # (layers·dirs, B, H)
         last = h_n.view(self.layers, self.directions, b, -1)[-1]  # (dirs, B, H)
         return outputs, last.transpose(0, 1).reshape(b, -1)  # (B, T, dirs·H), (B, dirs·H)
