@@ -517,7 +517,7 @@ class Decoding:
         self._sampler = sampler
         self._text = _Detokenizer(tokenizer, stop_ids, stop)
         self._tokenizer = tokenizer
-        self._logprobs = logprobs
+        self.logprobs = logprobs
         self._entries: list[TokenLogprob] = []
 
     @property
@@ -534,7 +534,7 @@ class Decoding:
         token = self._sampler(logits)
         self.tokens.append(token)
         self._sampler.count(token, logits.shape[-1], logits.device)
-        if self._logprobs is not None and token not in self._text.stop_ids:
+        if self.logprobs is not None and token not in self._text.stop_ids:
             self._entries.append(self._logprob(logits, token))
         piece = self._text.push(token)
         if self.finish_reason is None and len(self.tokens) >= self.budget:
@@ -549,8 +549,8 @@ class Decoding:
     def _logprob(self, logits: torch.Tensor, token: int) -> TokenLogprob:
         logp = torch.log_softmax(logits.float(), dim=-1)
         top: list[tuple[str, float]] = []
-        if self._logprobs:
-            values, ids = logp.topk(self._logprobs)
+        if self.logprobs:
+            values, ids = logp.topk(self.logprobs)
             top = [(self._token_text(int(i)), float(v)) for v, i in zip(values, ids)]
         return TokenLogprob(self._token_text(token), float(logp[token]), top)
 
