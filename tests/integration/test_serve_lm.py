@@ -3,52 +3,28 @@
 from __future__ import annotations
 
 import json
-import threading
-import time
 import urllib.request
 from collections.abc import Iterator
 
 import pytest
-import torch
+from _tiny_lm import serve_in_thread, tiny_lm_artifact
 
 import dapeng
 
 pytestmark = pytest.mark.xdist_group("serve")
 
-CHAT = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
-
-
 @pytest.fixture(scope="module")
 def lm_pipeline(tmp_path_factory):
-    from dapeng.hub.artifact import save_artifact
-    from dapeng.models import MODELS
-    from dapeng.tasks import TASKS
-
-    task = TASKS.create("causal-lm", vocab_size=300, block_size=16, chat_template=CHAT, max_length=64)
-    task.setup([{"text": "the cat sat on the mat. the dog sat on the log. " * 4}])
-    torch.manual_seed(0)
-    kwargs = {"vocab_size": task.tokenizer.get_vocab_size(), "hidden": 16, "layers": 1, "heads": 2, "kv_heads": 1,
-              "intermediate": 32, "max_positions": 64}
-    path = save_artifact(tmp_path_factory.mktemp("lm") / "model", model=MODELS.create("lm", **kwargs),
-                         model_name="lm", model_kwargs=kwargs, task_name="causal-lm", task_state=task.state())
-    return dapeng.load(path, precision="fp32")
+    return dapeng.load(tiny_lm_artifact(tmp_path_factory.mktemp("lm") / "model"), precision="fp32")
 
 
 @pytest.fixture(scope="module")
 def base(lm_pipeline) -> Iterator[str]:
-    import uvicorn
-
     from dapeng.serve import ServeConfig, create_app
 
     app = create_app({"tiny-lm": lm_pipeline}, ServeConfig(torch_threads=1, max_new_tokens=16))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    server.should_exit = True
-    thread.join(timeout=30)
+    with serve_in_thread(app) as url:
+        yield url
 
 
 def post(url: str, body: dict) -> tuple[int, bytes]:
@@ -98,4 +74,4 @@ def test_finish_reason_is_length_when_the_token_budget_runs_out(base, lm_pipelin
 
 def test_prompt_too_long_for_the_context_is_a_422(base):
     status, raw = post(f"{base}/v1/completions", {"model": "tiny-lm", "prompt": "the cat sat " * 40, "max_tokens": 4})
-    assert status == 422 and "prompt" in json.loads(raw)["detail"][0]["loc"]
+    assert status == 422 and json.loads(raw)["error"]["param"] == "prompt"

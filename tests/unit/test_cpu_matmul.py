@@ -159,7 +159,7 @@ def test_bf16_decoding_on_cpus_with_native_bf16_runs_its_products_in_the_kernel(
     import dapeng.models.lm as lm
     from dapeng.models import MODELS
 
-    monkeypatch.setattr(lm, "_native_bf16", lambda: True)  # such CPUs decode with bf16 activations
+    monkeypatch.setattr(lm, "native_bf16", lambda device="cpu": True)  # such CPUs decode with bf16 activations
     torch.manual_seed(0)
     tiny = {"vocab_size": 40, "hidden": 16, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 32}
     model = MODELS.create("lm", **tiny, max_positions=64).to(BF16).eval()

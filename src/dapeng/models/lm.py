@@ -17,6 +17,9 @@ Products of a few rows go to `layers.cpu_matmul`'s kernel where it is built (x86
 AVX2), which streams the weights as stored. bf16 weights on a CPU without native bf16 decode
 with fp32 activations, KV cache and attention, the weights staying bf16 in memory
 (`_activation_dtype`).
+
+`DecodeBatch` serves continuous batching: sequences join (prefill) and leave between steps of
+one running batch, each at its own position in its own row of the KV cache.
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ from dapeng.layers.feedforward import SwiGLU
 from dapeng.layers.fused import linear, linear_weight
 from dapeng.layers.norms import RMSNorm
 from dapeng.layers.positions import RotaryEmbedding
+
+# Below this temperature logits / temperature overflow (1e-40 gives inf, then NaN
+# probabilities): sampling is then the argmax it converges to (vLLM's threshold too).
+MIN_TEMPERATURE = 1e-5
 
 
 class DecoderBlock(nn.Module):
@@ -175,6 +182,10 @@ class LlamaLM(nn.Module):
             for _ in self.layers
         ]
 
+    def decode_batch(self) -> DecodeBatch:
+        """An empty `DecodeBatch`: sequences that join and leave a running batch between steps."""
+        return DecodeBatch(self)
+
     def _activation_dtype(self) -> torch.dtype:
         """The dtype generation computes in: the weights', except bf16 weights on a CPU without native bf16.
 
@@ -286,7 +297,7 @@ class LlamaLM(nn.Module):
         stops = torch.tensor(list(stop_ids), device=device) if stop_ids else None
         finished = torch.zeros(b, dtype=torch.bool, device=device)
         for i in range(max_new_tokens):
-            token = _select(logits, temperature, top_k, top_p, generator)  # (B,)
+            token = select_token(logits, temperature, top_k, top_p, generator)  # (B,)
             if stops is not None:
                 token = token.masked_fill(finished, self.pad_id)
                 finished |= torch.isin(token, stops)
@@ -300,6 +311,155 @@ class LlamaLM(nn.Module):
             next_pos = next_pos + 1
 
 
+class _RowCache:
+    """One layer's keys/values for the rows of a `DecodeBatch`: (rows, Hkv, length, Dh), grown on demand.
+
+    `MultiHeadAttention` calls `update(k, v, pos)` as it would on a `KVCache`; where the
+    entries go comes from the batch's `_Where` (shared by every layer) instead of `pos`.
+    """
+
+    def __init__(self, where: _Where, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.where = where
+        self.k = torch.zeros(0, kv_heads, 0, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+
+    def reserve(self, rows: int, length: int) -> None:
+        """Make room for `rows` rows of `length` positions, keeping what is stored."""
+        have_rows, _, have_len, _ = self.k.shape
+        if rows <= have_rows and length <= have_len:
+            return
+        shape = (max(rows, have_rows), self.k.shape[1], max(length, have_len), self.k.shape[3])
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros(shape)
+            new[:have_rows, :, :have_len] = old
+            setattr(self, name, new)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        where = self.where
+        if where.prefill is not None:  # new rows (B, Hkv, T, Dh) from position 0: they attend to themselves
+            first = where.prefill
+            self.k[first : first + k.shape[0], :, : k.shape[2]] = k
+            self.v[first : first + k.shape[0], :, : k.shape[2]] = v
+            return k, v
+        n = k.shape[0]  # one new entry per running row, each at its own position
+        self.k[where.rows[:n], :, where.positions] = k[:, :, 0]
+        self.v[where.rows[:n], :, where.positions] = v[:, :, 0]
+        return self.k[:n, :, : where.end], self.v[:n, :, : where.end]
+
+
+class _Where:
+    """Where the current forward pass of a `DecodeBatch` writes: new rows from `prefill`, or one entry per row."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.prefill: int | None = None
+        self.positions = torch.zeros(0, dtype=torch.long, device=device)  # (n,)
+        self.rows = torch.zeros(0, dtype=torch.long, device=device)
+        self.end = 0
+
+
+class DecodeBatch:
+    """A running batch of sequences that share decoding steps; each joins and leaves on its own.
+
+    Row i of the KV cache holds sequence i at its own length, so a sequence can join (its
+    prompt is prefilled into a free row) or leave (the last row moves into its place)
+    between any two steps. One step feeds every row its last token and returns the next
+    logits of all rows; queries see only their own row's entries (a per-row key mask).
+
+        batch = model.decode_batch()
+        logits = batch.add([[1, 2, 3], [4, 5]])   # (2, V): prompts prefilled into rows 0 and 1
+        logits = batch.step([7, 9])               # (2, V): one token more for each row
+        batch.remove(0)                           # row 1 moves into row 0
+
+    Args:
+        model: the language model.
+        growth: positions added per row when the cache runs out (it also doubles).
+    """
+
+    def __init__(self, model: LlamaLM, growth: int = 64) -> None:
+        self.model = model
+        self.growth = growth
+        weight = model.embed.weight
+        self.device = weight.device
+        self.where = _Where(self.device)
+        dtype = model._activation_dtype()
+        self.caches = [_RowCache(self.where, model.kv_heads, model.head_dim, dtype, self.device) for _ in model.layers]
+        self.lengths: list[int] = []  # entries stored per row
+
+    @property
+    def size(self) -> int:
+        """Sequences in the batch (rows 0 … size-1)."""
+        return len(self.lengths)
+
+    def _reserve(self, rows: int, length: int) -> None:
+        self.model._check_length(length)
+        have_rows, _, have_len, _ = self.caches[0].k.shape
+        if rows <= have_rows and length <= have_len:
+            return
+        rows = max(rows, 2 * have_rows)
+        length = min(max(length, 2 * have_len, self.growth), self.model.max_positions) if length > have_len else have_len
+        for cache in self.caches:
+            cache.reserve(rows, length)
+        self.where.rows = torch.arange(rows, device=self.device)
+
+    @torch.inference_mode()
+    def add(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Prefill `prompts` into new rows at the end; return their next-token logits (len(prompts), V).
+
+        The prompts run as one right-padded batch: causal attention keeps each real token
+        from seeing the padding after it, and a row's padded entries are overwritten by
+        its next tokens before any query may see them.
+        """
+        lengths = [len(p) for p in prompts]
+        if not lengths or min(lengths) < 1:
+            raise ModelError("every prompt needs at least one token")
+        first, width = self.size, max(lengths)
+        self._reserve(first + len(prompts), width + 1)
+        ids = torch.full((len(prompts), width), self.model.pad_id, dtype=torch.long, device=self.device)
+        for i, prompt in enumerate(prompts):
+            ids[i, : len(prompt)] = torch.tensor(list(prompt), dtype=torch.long)
+        x = self.model.embed(ids).to(self.caches[0].k.dtype)  # (B, T, D)
+        rope = self.model.rope(torch.arange(width, device=self.device), x.dtype)
+        self.where.prefill = first
+        try:
+            for layer, cache in zip(self.model.layers, self.caches):
+                x = layer(x, rope, None, True, cache, 0)  # type: ignore[arg-type]
+        finally:
+            self.where.prefill = None
+        last = x[torch.arange(len(prompts), device=self.device), torch.tensor(lengths, device=self.device) - 1]
+        self.lengths.extend(lengths)
+        return self.model.forward_head(self.model.norm(last))  # (B, V)
+
+    @torch.inference_mode()
+    def step(self, tokens: Sequence[int]) -> torch.Tensor:
+        """Append one token to every row (`tokens[i]` to row i); return the next logits (size, V)."""
+        n = self.size
+        if len(tokens) != n:
+            raise ModelError(f"a step of {n} rows got {len(tokens)} tokens")
+        end = max(self.lengths) + 1
+        self._reserve(n, end)
+        positions = torch.tensor(self.lengths, dtype=torch.long, device=self.device)  # (n,)
+        self.where.positions, self.where.end = positions, end
+        keys = torch.arange(end, device=self.device)[None, :] <= positions[:, None]  # (n, S): own entries only
+        ids = torch.tensor(list(tokens), dtype=torch.long, device=self.device)[:, None]  # (n, 1)
+        logits = self.model._step(ids, positions[:, None], self.caches, 0, keys[:, None, None, :], False)  # type: ignore[arg-type]
+        self.lengths = [length + 1 for length in self.lengths]
+        return logits
+
+    @torch.inference_mode()
+    def remove(self, row: int) -> None:
+        """Drop row `row`; the last row moves into its place (callers mirror that move)."""
+        last = self.size - 1
+        if not 0 <= row <= last:
+            raise ModelError(f"no row {row} in a batch of {self.size}")
+        if row != last:
+            for cache in self.caches:
+                cache.k[row] = cache.k[last]
+                cache.v[row] = cache.v[last]
+            self.lengths[row] = self.lengths[last]
+        self.lengths.pop()
+
+
 def _positions(keep: torch.Tensor) -> torch.Tensor:
     """Positions that count real tokens only, so left-padded rows start at 0: (B, T) long."""
     return (keep.long().cumsum(dim=1) - 1).clamp_min(0)
@@ -311,7 +471,7 @@ def _prefix_mask(keep: torch.Tensor, t: int) -> torch.Tensor:
     return allowed | torch.eye(t, dtype=torch.bool, device=keep.device)
 
 
-def _select(
+def select_token(
     logits: torch.Tensor,
     temperature: float,
     top_k: int | None,
@@ -319,7 +479,7 @@ def _select(
     generator: torch.Generator | None,
 ) -> torch.Tensor:
     """Pick the next token (B,) from (B, V) logits: argmax, or temperature / top-k / top-p sampling."""
-    if temperature <= 0:
+    if temperature < MIN_TEMPERATURE:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:

@@ -1,4 +1,4 @@
-"""The HTTP server: KServe / TF-Serving V1 endpoints, OpenAI completions, health and metrics.
+"""The HTTP server: KServe V1 and V2 endpoints, OpenAI completions and embeddings, health and metrics.
 
     app = create_app({"rt": dapeng.load("runs/rt")}, ServeConfig(max_batch_size=32))
 
@@ -6,6 +6,9 @@ Every model gets a `DynamicBatcher` and one worker thread; the event loop only p
 validates and answers. Bad input is a 4xx that says what is wrong (422 naming the field,
 404 for an unknown model, 413 for a body too large); a full queue is a 503 with
 `Retry-After`; a request over its time limit is a 504. A 500 means a bug, never bad input.
+The OpenAI routes answer errors in OpenAI's shape (`{"error": {"message", "type", "param",
+"code"}}`), so its clients show the message; generation on them is continuously batched
+(`scheduler.GenerationScheduler`) for models that support it.
 
 (No `from __future__ import annotations` here: FastAPI reads the request-body classes,
 which `build_request_models` makes at run time, from the handlers' live annotations.)
@@ -40,14 +43,17 @@ from dapeng.errors import DapengError
 from dapeng.serve.batcher import BatcherStopped, DynamicBatcher, QueueFull
 from dapeng.serve.config import ServeConfig
 from dapeng.serve.metrics import Metrics
+from dapeng.serve.scheduler import Event, GenerationScheduler, Sequence, can_schedule
 from dapeng.serve.schemas import (
     Batching,
     ChatCompletion,
     Completion,
+    EmbeddingList,
     ErrorBody,
     ExplainResponse,
     ModelInfo,
     ModelList,
+    OpenAIErrorBody,
     PredictResponse,
     Status,
     build_request_models,
@@ -60,7 +66,8 @@ log = logging.getLogger("dapeng.serve")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,99}$")
 _MODEL_PATH = re.compile(r"^/v1/models/([^/:]+)(:\w+)?$")
 _PREDICT_PATH = re.compile(r"^/v1/models/([^/:]+):predict$")
-_UNGUARDED = ("/health", "/ready", "/metrics")
+_UNGUARDED = ("/health", "/ready", "/metrics", "/v2/health/live", "/v2/health/ready")
+_OPENAI_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings")
 # How long a thread may hold the GIL while another waits for it (Python's default: 5 ms).
 # The model's worker thread takes the GIL back between torch ops; while the event loop is
 # busy answering a burst of requests, each of those waits could last the whole interval.
@@ -82,10 +89,13 @@ _TOO_LARGE = _error(413, "request body larger than the server accepts")
 class _ApiError(Exception):
     """An HTTP error with the usual `{"detail": ...}` body and optional headers."""
 
-    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, status: int, detail: str, headers: dict[str, str] | None = None, param: str | None = None
+    ) -> None:
         self.status = status
         self.detail = detail
         self.headers = headers
+        self.param = param
 
 
 def _invalid(loc: Iterable[Any], message: str, where: str = "body") -> RequestValidationError:
@@ -96,19 +106,28 @@ def _invalid(loc: Iterable[Any], message: str, where: str = "body") -> RequestVa
 
 @dataclass
 class ModelSlot:
-    """One served model: its pipeline, its worker thread and its batcher."""
+    """One served model: its pipeline, its worker thread, its batcher and (LMs) its generation scheduler."""
 
     name: str
     pipeline: Any
     executor: ThreadPoolExecutor
     batcher: DynamicBatcher
+    scheduler: GenerationScheduler | None = None
+    created: int = 0
 
     @property
     def generates(self) -> bool:
         return bool(getattr(self.pipeline, "can_generate", False))
 
+    @property
+    def embeds(self) -> bool:
+        return bool(getattr(self.pipeline, "can_embed", False))
+
     def records(self, instances: list[Any], config: ServeConfig) -> list[Any]:
         """Validated records for `instances` (422 naming the bad one)."""
+        if self.scheduler is not None:
+            raise _invalid(("name",), f"model {self.name!r} generates text: use /v1/completions or "
+                           "/v1/chat/completions", where="path")
         to_records = getattr(self.pipeline, "to_records", None)
         try:
             if callable(to_records):
@@ -125,12 +144,15 @@ class ModelSlot:
     def info(self) -> ModelInfo:
         labels = getattr(self.pipeline, "labels", None)
         return ModelInfo(
+            id=self.name,
+            created=self.created,
             name=self.name,
             ready=True,
             task=str(getattr(self.pipeline, "task_name", "") or ""),
             labels=[str(x) for x in labels] if labels is not None else None,
             precision=getattr(self.pipeline, "precision", None),
             generates=self.generates,
+            embeds=self.embeds,
             batching=Batching(
                 max_batch_size=self.batcher.max_batch_size, max_wait_ms=self.batcher.max_wait * 1000
             ),
@@ -163,6 +185,9 @@ class ServeState:
 
         def predict(records: list[Any]) -> list[Any]:
             # JSON conversion runs here, in the worker, to keep it off the event loop.
+            if getattr(pipeline, "can_embed", False):  # an embedding model predicts its vectors
+                field = getattr(pipeline, "input_field", "text")
+                return to_json(pipeline.embed([r[field] if isinstance(r, dict) else r for r in records]))
             return to_json(pipeline.predict(records, batch_size=max(batch_size, len(records))))
 
         batcher = DynamicBatcher(
@@ -173,13 +198,23 @@ class ServeState:
             max_queue=self.config.max_queue,
             on_batch=lambda size, seconds: self.metrics.observe_batch(name, size, seconds),
         )
-        self.metrics.track_queue(name, lambda: batcher.queue_depth, lambda: batcher.in_flight)
-        return ModelSlot(name, pipeline, executor, batcher)
+        scheduler = None
+        if can_schedule(pipeline):
+            scheduler = GenerationScheduler(
+                pipeline, executor, max_batch_size=batch_size, max_queue=self.config.max_queue,
+                on_step=lambda size, seconds: self.metrics.observe_decode_step(name, size, seconds),
+                on_token=lambda seconds, first: self.metrics.observe_token(name, seconds, first),
+            )
+            self.metrics.track_queue(name, lambda: scheduler.queue_depth, lambda: scheduler.in_flight)
+        else:
+            self.metrics.track_queue(name, lambda: batcher.queue_depth, lambda: batcher.in_flight)
+        return ModelSlot(name, pipeline, executor, batcher, scheduler, int(time.time()))
 
     def slot(self, name: str) -> ModelSlot:
         slot = self.slots.get(name)
         if slot is None:
-            raise _ApiError(404, f"unknown model {name!r}; served: {', '.join(sorted(self.slots)) or 'none'}")
+            raise _ApiError(404, f"unknown model {name!r}; served: {', '.join(sorted(self.slots)) or 'none'}",
+                            param="model")
         return slot
 
     async def start(self) -> None:
@@ -194,6 +229,9 @@ class ServeState:
     async def stop(self) -> None:
         """Finish accepted work, then release the worker threads."""
         self.draining = True
+        for slot in self.slots.values():
+            if slot.scheduler is not None:
+                slot.scheduler.close()
         await asyncio.gather(*(slot.batcher.stop() for slot in self.slots.values()))
         for slot in self.slots.values():
             slot.executor.shutdown(wait=True)
@@ -321,11 +359,32 @@ def _keys_in(headers: list[tuple[bytes, bytes]]) -> list[str | None]:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(_ApiError)
     async def api_error(request: Request, exc: _ApiError) -> JSONResponse:
+        if request.url.path in _OPENAI_PATHS:
+            return JSONResponse(_openai_error(exc.status, exc.detail, exc.param), status_code=exc.status,
+                                headers=exc.headers)
+        if request.url.path.startswith("/v2/"):
+            return JSONResponse({"error": exc.detail}, status_code=exc.status, headers=exc.headers)
         return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
+        errors = exc.errors()
+        if request.url.path in _OPENAI_PATHS or request.url.path.startswith("/v2/"):
+            first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+            loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "path")]
+            param = ".".join(loc) or None
+            message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+            if request.url.path.startswith("/v2/"):
+                return JSONResponse({"error": message}, status_code=422)
+            return JSONResponse(_openai_error(422, message, param), status_code=422)
+        return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
+
+
+def _openai_error(status: int, message: str, param: str | None) -> dict[str, Any]:
+    """OpenAI's error body: its clients raise an error carrying `message`."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    code = {404: "model_not_found", 401: "invalid_api_key", 503: "overloaded", 504: "timeout"}.get(status)
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 class _GatedApp(FastAPI):
@@ -459,7 +518,7 @@ def _labels(path: str, state: ServeState) -> tuple[str, str]:
     if match:
         model = match.group(1) if match.group(1) in state.slots else "unknown"
         return f"/v1/models/{{name}}{match.group(2) or ''}", model
-    if path in ("/v1/models", "/v1/completions", "/v1/chat/completions", *_UNGUARDED):
+    if path in ("/v1/models", *_OPENAI_PATHS, *_UNGUARDED):
         return path, ""
     return "other", ""
 
@@ -488,7 +547,8 @@ def _add_model_routes(router: APIRouter, state: ServeState, bodies: Any) -> None
     @router.get("/v1/models", response_model=ModelList, tags=["models"])
     async def list_models() -> ModelList:
         """The served models."""
-        return ModelList(models=[slot.info() for slot in state.slots.values()])
+        infos = [slot.info() for slot in state.slots.values()]
+        return ModelList(data=infos, models=infos)
 
     @router.get("/v1/models/{name}", response_model=ModelInfo, responses=_NOT_FOUND, tags=["models"])
     async def model_info(name: str) -> ModelInfo:
@@ -546,44 +606,193 @@ async def _in_worker(state: ServeState, slot: ModelSlot, fn: Callable[[], Any], 
         raise _invalid(loc, str(err)) from None
 
 
-def _generation_kwargs(body: Any, pipeline: Any) -> dict[str, Any]:
-    """Sampling options for `pipeline.generate`, in its own names, only those it accepts."""
+def _options(body: Any, config: ServeConfig) -> dict[str, Any]:
+    """A request's sampling options, in `CausalLM.decoding`'s names."""
+    if getattr(body, "top_logprobs", None) is not None and not body.logprobs:
+        raise _invalid(("top_logprobs",), "top_logprobs needs logprobs: true")
+    if isinstance(body.logprobs, bool):  # chat: logprobs on/off, top_logprobs alternatives
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    else:
+        logprobs = body.logprobs
+    return {
+        "max_new_tokens": body.max_completion_tokens or body.max_tokens or config.max_new_tokens,
+        "temperature": body.temperature,
+        "top_p": body.top_p if body.top_p < 1.0 else None,
+        "top_k": body.top_k,
+        "stop": [body.stop] if isinstance(body.stop, str) else list(body.stop or ()),
+        "seed": body.seed,
+        "presence_penalty": body.presence_penalty,
+        "frequency_penalty": body.frequency_penalty,
+        "logprobs": logprobs,
+    }
+
+
+def _fallback_kwargs(options: dict[str, Any], pipeline: Any) -> dict[str, Any]:
+    """The options a generator outside the scheduler accepts (`pipeline.generate`'s own names)."""
     import inspect
 
-    options = {
-        "max_new_tokens": body.max_tokens,
-        "temperature": body.temperature,
-        "top_p": body.top_p,
-        "top_k": body.top_k,
-        "stop": [body.stop] if isinstance(body.stop, str) else body.stop,
-        "seed": body.seed,
-    }
-    options = {k: v for k, v in options.items() if v is not None}
+    kwargs = {k: v for k, v in options.items() if v is not None and k not in ("logprobs",)}
     task_generate = getattr(getattr(pipeline, "task", None), "generate", None) or pipeline.generate
     try:
         params = inspect.signature(task_generate).parameters
     except (TypeError, ValueError):
-        return options
+        return kwargs
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return options
-    return {k: v for k, v in options.items() if k in params}
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k in params}
 
 
 def _chat_prompt(pipeline: Any, messages: list[Any]) -> Any:
     """What to give `generate` for a chat: the messages themselves when the model has a chat
     template (the causal-lm task renders them), else a plain transcript to continue."""
-    plain = [{"role": m.role, "content": m.content} for m in messages]
+    plain = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
     if getattr(getattr(pipeline, "task", None), "chat_template", None):
         return plain
     lines = [f"{m['role']}: {m['content']}" for m in plain]
     return "\n".join([*lines, "assistant:"])
 
 
+class _Generation:
+    """The choices of one OpenAI request: `n` per prompt, choice `p * n + i` for prompt p.
+
+    Models the scheduler supports decode in its shared batch; any other generator (an
+    object with `generate(prompt, stream=True)`) runs in the model's worker, one choice
+    after another.
+    """
+
+    def __init__(self, state: ServeState, slot: ModelSlot, prompts: list[Any], n: int, options: dict[str, Any],
+                 param: str) -> None:
+        if state.draining:
+            raise _busy(state.config, "shutting down")
+        self.state, self.slot, self.n, self.options = state, slot, n, options
+        self.events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        self.sequences: list[Sequence] = []
+        self.prompt_tokens = 0
+        self.pieces = [0] * (len(prompts) * n)
+        self._cancelled = threading.Event()
+        self._loop = asyncio.get_running_loop()
+        if slot.scheduler is not None:
+            self._submit(slot.scheduler, prompts, param)
+        else:
+            self.prompt_tokens = sum(len(str(p).split()) for p in prompts)
+            self._loop.run_in_executor(slot.executor, self._produce, prompts)
+
+    def _submit(self, scheduler: GenerationScheduler, prompts: list[Any], param: str) -> None:
+        task, seed = self.slot.pipeline.task, self.options["seed"]
+        device = getattr(self.slot.pipeline, "device", "cpu")
+        try:
+            decodings = [
+                task.decoding(prompt, **{**self.options, "seed": None if seed is None else seed + i},
+                              context=scheduler.context, device=device)
+                for prompt in prompts for i in range(self.n)
+            ]
+        except DapengError as err:
+            raise _invalid((param,), str(err)) from None
+        self.prompt_tokens = sum(len(d.prompt_ids) for d in decodings[:: self.n])
+        try:
+            for index, decoding in enumerate(decodings):
+                self.sequences.append(scheduler.submit(decoding, self.events, index))
+        except (QueueFull, BatcherStopped) as err:
+            self.cancel()
+            raise _busy(self.state.config, str(err)) from None
+
+    def _produce(self, prompts: list[Any]) -> None:
+        """Runs in the worker: each choice through `pipeline.generate(stream=True)`."""
+        loop_put = self._loop_put()
+        kwargs = _fallback_kwargs(self.options, self.slot.pipeline)
+        for index in range(len(prompts) * self.n):
+            try:
+                generation = self.slot.pipeline.generate(prompts[index // self.n], stream=True, **kwargs)
+                for piece in generation:
+                    if self._cancelled.is_set():
+                        return
+                    loop_put((index, Event(str(piece))))
+                loop_put((index, Event(finish_reason=getattr(generation, "finish_reason", None) or "stop")))
+            except Exception as err:
+                loop_put((index, Event(error=err)))
+
+    def _loop_put(self) -> Callable[[tuple[int, Event]], None]:
+        return lambda item: self._loop.call_soon_threadsafe(self.events.put_nowait, item)
+
+    @property
+    def choices(self) -> int:
+        return len(self.pieces)
+
+    async def stream(self) -> AsyncIterator[tuple[int, Event]]:
+        """Every choice's events as they come; a failed choice raises its error."""
+        open_choices = self.choices
+        try:
+            while open_choices:
+                index, event = await self.events.get()
+                if event.error is not None:
+                    raise event.error
+                self.pieces[index] += 1 if event.piece else 0
+                if event.finish_reason is not None:
+                    open_choices -= 1
+                yield index, event
+        finally:
+            self.cancel()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+        for sequence in self.sequences:
+            sequence.cancel()
+
+    def usage(self) -> dict[str, int]:
+        completion = sum(s.completion_tokens for s in self.sequences) if self.sequences else sum(self.pieces)
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
+                "total_tokens": self.prompt_tokens + completion}
+
+    async def collect(self) -> list[dict[str, Any]]:
+        """Each choice's text, finish reason and log-probabilities, within the time limit."""
+        texts: list[list[str]] = [[] for _ in range(self.choices)]
+        logprobs: list[list[Any]] = [[] for _ in range(self.choices)]
+        finish: list[str | None] = [None] * self.choices
+
+        async def gather() -> None:
+            async for index, event in self.stream():
+                texts[index].append(event.piece)
+                logprobs[index].extend(event.logprobs)
+                finish[index] = event.finish_reason or finish[index]
+
+        try:
+            await asyncio.wait_for(gather(), self.state.config.timeout_s)
+        except TimeoutError:
+            raise _ApiError(504, f"no answer within {self.state.config.timeout_s:g} s") from None
+        except DapengError as err:
+            raise _invalid(("prompt",), str(err)) from None
+        return [{"text": "".join(t), "finish_reason": f, "logprobs": lp}
+                for t, f, lp in zip(texts, finish, logprobs)]
+
+
+def _completion_logprobs(entries: list[Any]) -> dict[str, Any]:
+    """Log-probabilities in the legacy completions shape."""
+    offsets, at = [], 0
+    for entry in entries:
+        offsets.append(at)
+        at += len(entry.token)
+    return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [dict(e.top) for e in entries], "text_offset": offsets}
+
+
+def _chat_logprobs(entries: list[Any]) -> dict[str, Any]:
+    """Log-probabilities in the chat completions shape."""
+    def one(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    return {"content": [{**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]}
+                        for e in entries]}
+
+
 def _add_openai_routes(router: APIRouter, state: ServeState, bodies: Any) -> None:
     CompletionRequest, ChatRequest = bodies.completion, bodies.chat  # noqa: N806 (pydantic classes)
+    EmbeddingRequest = bodies.embedding  # noqa: N806
     sse = {
         200: {"content": {"text/event-stream": {}}, "description": "JSON, or server-sent events with stream"}
     }
+    errors = {code: {"model": OpenAIErrorBody, "description": text} for code, text in
+              ((404, "unknown model"), (422, "invalid request"), (503, "queue full or shutting down"),
+               (504, "past the time limit"))}
 
     def generator(name: str) -> ModelSlot:
         slot = state.slot(name)
@@ -593,134 +802,126 @@ def _add_openai_routes(router: APIRouter, state: ServeState, bodies: Any) -> Non
             )
         return slot
 
-    @router.post(
-        "/v1/completions",
-        response_model=Completion,
-        responses={**sse, **_NOT_FOUND, **_BUSY, **_TIMEOUT},
-        tags=["openai"],
-    )
+    @router.post("/v1/completions", response_model=Completion, responses={**sse, **errors}, tags=["openai"])
     async def completions(body: CompletionRequest) -> Any:  # type: ignore[valid-type]
         """OpenAI-compatible text completion (`"stream": true` for server-sent events)."""
         slot = generator(body.model)  # type: ignore[attr-defined]
-        kwargs = _generation_kwargs(body, slot.pipeline)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)  # type: ignore[attr-defined]
+        run = _Generation(state, slot, prompts, body.n, _options(body, state.config), "prompt")  # type: ignore[attr-defined]
         ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": ident, "object": "text_completion", "created": created, "model": slot.name}
+        with_logprobs = body.logprobs is not None  # type: ignore[attr-defined]
         if body.stream:  # type: ignore[attr-defined]
 
-            def chunk(piece: str, finish: str | None) -> dict[str, Any]:
-                return {
-                    "id": ident,
-                    "object": "text_completion",
-                    "created": created,
-                    "model": slot.name,
-                    "choices": [{"index": 0, "text": piece, "finish_reason": finish, "logprobs": None}],
-                }
+            def chunks(index: int, event: Event) -> list[dict[str, Any]]:
+                logprobs = _completion_logprobs(event.logprobs) if with_logprobs else None
+                choice = {"index": index, "text": event.piece, "finish_reason": event.finish_reason,
+                          "logprobs": logprobs}
+                return [{**head, "choices": [choice]}]
 
-            return _sse(state, slot, body.prompt, kwargs, chunk)  # type: ignore[attr-defined]
-        text, finish = await _generate(state, slot, body.prompt, kwargs)  # type: ignore[attr-defined]
-        return Completion(
-            id=ident,
-            created=created,
-            model=slot.name,
-            choices=[{"index": 0, "text": text, "finish_reason": finish}],
-        )
+            return _sse(run, head, chunks, body.stream_options)  # type: ignore[attr-defined]
+        choices = await run.collect()
+        for i, choice in enumerate(choices):
+            choice["index"] = i
+            choice["logprobs"] = _completion_logprobs(choice["logprobs"]) if with_logprobs else None
+        return Completion(**head, choices=choices, usage=run.usage())
 
-    @router.post(
-        "/v1/chat/completions",
-        response_model=ChatCompletion,
-        responses={**sse, **_NOT_FOUND, **_BUSY, **_TIMEOUT},
-        tags=["openai"],
-    )
+    @router.post("/v1/chat/completions", response_model=ChatCompletion, responses={**sse, **errors},
+                 tags=["openai"])
     async def chat_completions(body: ChatRequest) -> Any:  # type: ignore[valid-type]
         """OpenAI-compatible chat completion (`"stream": true` for server-sent events)."""
         slot = generator(body.model)  # type: ignore[attr-defined]
         prompt = _chat_prompt(slot.pipeline, body.messages)  # type: ignore[attr-defined]
-        kwargs = _generation_kwargs(body, slot.pipeline)
+        run = _Generation(state, slot, [prompt], body.n, _options(body, state.config), "messages")  # type: ignore[attr-defined]
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": slot.name}
+        with_logprobs = bool(body.logprobs)  # type: ignore[attr-defined]
         if body.stream:  # type: ignore[attr-defined]
-            first = [True]
+            started: set[int] = set()
 
-            def chunk(piece: str, finish: str | None) -> dict[str, Any]:
-                delta: dict[str, Any] = {"content": piece} if finish is None else {}
-                if first[0]:
-                    delta["role"], first[0] = "assistant", False
-                return {
-                    "id": ident,
-                    "object": "chat.completion.chunk",
-                    "created": created,
-                    "model": slot.name,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-                }
+            def chunks(index: int, event: Event) -> list[dict[str, Any]]:
+                out = []
+                if event.piece or index not in started:
+                    delta: dict[str, Any] = {"content": event.piece}
+                    if index not in started:
+                        delta["role"] = "assistant"
+                        started.add(index)
+                    logprobs = _chat_logprobs(event.logprobs) if with_logprobs else None
+                    out.append({**head, "choices": [{"index": index, "delta": delta, "finish_reason": None,
+                                                     "logprobs": logprobs}]})
+                if event.finish_reason is not None:
+                    out.append({**head, "choices": [{"index": index, "delta": {},
+                                                     "finish_reason": event.finish_reason}]})
+                return out
 
-            return _sse(state, slot, prompt, kwargs, chunk)
-        text, finish = await _generate(state, slot, prompt, kwargs)
-        return ChatCompletion(
-            id=ident,
-            created=created,
-            model=slot.name,
-            choices=[{"index": 0, "message": {"content": text}, "finish_reason": finish}],
-        )
+            return _sse(run, head, chunks, body.stream_options)  # type: ignore[attr-defined]
+        choices = [
+            {"index": i, "message": {"content": c["text"]}, "finish_reason": c["finish_reason"],
+             "logprobs": _chat_logprobs(c["logprobs"]) if with_logprobs else None}
+            for i, c in enumerate(await run.collect())
+        ]
+        return ChatCompletion(**{**head, "object": "chat.completion"}, choices=choices, usage=run.usage())
 
+    @router.post("/v1/embeddings", response_model=EmbeddingList, responses=errors, tags=["openai"])
+    async def embeddings(body: EmbeddingRequest) -> EmbeddingList:  # type: ignore[valid-type]
+        """OpenAI-compatible embeddings of one text or a list of them."""
+        import base64
 
-async def _generate(state: ServeState, slot: ModelSlot, prompt: Any, kwargs: dict[str, Any]) -> tuple[str, str]:
-    """The generated text and why it ended ("stop": a stop token or string; "length": the token budget)."""
+        import numpy as np
 
-    def run() -> tuple[str, str]:
-        pieces = slot.pipeline.generate(prompt, stream=True, **kwargs)
-        text = "".join(pieces)
-        return text, getattr(pieces, "finish_reason", None) or "stop"  # any iterator of text serves
+        slot = state.slot(body.model)  # type: ignore[attr-defined]
+        if not slot.embeds:
+            raise _invalid(("model",), f"model {slot.name!r} has no embeddings; serve an encoder such as minilm-l6")
+        texts = [body.input] if isinstance(body.input, str) else list(body.input)  # type: ignore[attr-defined]
+        if any(not t for t in texts):
+            raise _invalid(("input",), "every input must be a non-empty string")
 
-    return await _in_worker(state, slot, run, ("prompt",))
+        def run() -> tuple[Any, int]:
+            vectors = np.asarray(slot.pipeline.embed(texts), dtype=np.float32)
+            tokenizer = getattr(slot.pipeline.task, "tokenizer", None)
+            tokens = sum(len(e.ids) for e in tokenizer.encode_batch(texts)) if tokenizer is not None else 0
+            return vectors, tokens
+
+        vectors, tokens = await _in_worker(state, slot, run, ("input",))
+        if body.dimensions is not None and body.dimensions != vectors.shape[1]:  # type: ignore[attr-defined]
+            raise _invalid(("dimensions",), f"model {slot.name!r} makes {vectors.shape[1]}-dimensional embeddings")
+        if body.encoding_format == "base64":  # type: ignore[attr-defined]
+            data = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
+        else:
+            data = [v.tolist() for v in vectors]
+        return EmbeddingList(data=[{"index": i, "embedding": d} for i, d in enumerate(data)], model=slot.name,
+                             usage={"prompt_tokens": tokens, "total_tokens": tokens})
 
 
 def _sse(
-    state: ServeState,
-    slot: ModelSlot,
-    prompt: Any,
-    kwargs: dict[str, Any],
-    chunk: Callable[[str, str | None], dict[str, Any]],
+    run: _Generation,
+    head: dict[str, Any],
+    chunks: Callable[[int, Event], list[dict[str, Any]]],
+    options: Any,
 ) -> StreamingResponse:
-    """Stream `pipeline.generate(prompt, stream=True)` as server-sent events, ending with [DONE].
+    """Stream a generation's events as server-sent events, ending with [DONE].
 
-    The generator runs in the model's worker thread and hands pieces to the event loop;
-    when the client goes away, the worker stops at the next piece.
+    With `stream_options.include_usage` every chunk carries `"usage": null` and one last
+    chunk without choices carries the usage of the whole request (OpenAI's protocol). When
+    the client goes away, the sequences leave the batch at the next step.
     """
-    if state.draining:
-        raise _busy(state.config, "shutting down")
-    loop = asyncio.get_running_loop()
-    pieces: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-    cancelled = threading.Event()
+    include_usage = bool(options and options.include_usage)
 
-    def produce() -> None:
-        finish = None
-        try:
-            generation = slot.pipeline.generate(prompt, stream=True, **kwargs)
-            for piece in generation:
-                if cancelled.is_set():
-                    break
-                loop.call_soon_threadsafe(pieces.put_nowait, ("piece", piece))
-            finish = getattr(generation, "finish_reason", None)
-        except Exception as err:
-            loop.call_soon_threadsafe(pieces.put_nowait, ("error", err))
-        finally:
-            loop.call_soon_threadsafe(pieces.put_nowait, ("end", finish or "stop"))
-
-    loop.run_in_executor(slot.executor, produce)
+    def data(chunk: dict[str, Any]) -> str:
+        return f"data: {json.dumps({**chunk, 'usage': None} if include_usage else chunk)}\n\n"
 
     async def events() -> AsyncIterator[str]:
         try:
-            while True:
-                kind, value = await pieces.get()
-                if kind == "piece":
-                    yield f"data: {json.dumps(chunk(str(value), None))}\n\n"
-                elif kind == "error":
-                    log.error("generation failed for model %s: %s", slot.name, value)
-                    yield f"data: {json.dumps({'error': {'message': str(value)}})}\n\n"
-                else:
-                    yield f"data: {json.dumps(chunk('', value))}\n\n"
-                    yield "data: [DONE]\n\n"
-                    return
-        finally:
-            cancelled.set()
+            async for index, event in run.stream():
+                for chunk in chunks(index, event):
+                    yield data(chunk)
+        except Exception as err:
+            log.error("generation failed for model %s: %s", run.slot.name, err)
+            error = _openai_error(422 if isinstance(err, DapengError) else 500, str(err), None)
+            yield f"data: {json.dumps(error)}\n\n"
+        if include_usage:
+            yield f"data: {json.dumps({**head, 'choices': [], 'usage': run.usage()})}\n\n"
+        yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 

@@ -1,4 +1,4 @@
-"""Prometheus metrics of one server: requests, latencies, batch sizes, queue depth.
+"""Prometheus metrics of one server: requests, latencies, batch sizes, queue depth, generated tokens.
 
 Each app owns its `CollectorRegistry`, so several servers (or tests) in one process never
 collide. With `--workers N` each process reports its own numbers; scrape each replica
@@ -56,6 +56,37 @@ class Metrics:
             ["model"],
             registry=self.registry,
         )
+        self.generated_tokens = Counter(
+            "dapeng_generated_tokens", "tokens generated", ["model"], registry=self.registry
+        )
+        self.time_to_first_token = Histogram(
+            "dapeng_time_to_first_token_seconds",
+            "time from a generation request to its first token",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.time_per_token = Histogram(
+            "dapeng_time_per_output_token_seconds",
+            "time between two tokens of one sequence",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.decode_batch_size = Histogram(
+            "dapeng_decode_batch_size",
+            "sequences sharing one decoding step",
+            ["model"],
+            buckets=_BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.decode_step_latency = Histogram(
+            "dapeng_decode_step_seconds",
+            "time of one decoding step (with the prefill of the sequences joining)",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     def track_queue(self, model: str, depth: Callable[[], float], in_flight: Callable[[], float]) -> None:
@@ -66,6 +97,14 @@ class Metrics:
     def observe_batch(self, model: str, size: int, seconds: float) -> None:
         self.batch_size.labels(model=model).observe(size)
         self.batch_latency.labels(model=model).observe(seconds)
+
+    def observe_decode_step(self, model: str, size: int, seconds: float) -> None:
+        self.decode_batch_size.labels(model=model).observe(size)
+        self.decode_step_latency.labels(model=model).observe(seconds)
+
+    def observe_token(self, model: str, seconds: float, first: bool) -> None:
+        self.generated_tokens.labels(model=model).inc()
+        (self.time_to_first_token if first else self.time_per_token).labels(model=model).observe(seconds)
 
     def observe_request(self, endpoint: str, model: str, code: int, seconds: float) -> None:
         # One per request: the labelled children are looked up once per label set, not each time

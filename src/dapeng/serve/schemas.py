@@ -41,16 +41,27 @@ class Batching(BaseModel):
 
 
 class ModelInfo(BaseModel):
+    """One model, readable both as KServe's model entry and as OpenAI's model object."""
+
+    id: str = Field(description="the model's name (OpenAI's `id`)")
+    object: Literal["model"] = "model"
+    created: int = Field(description="when the server loaded it (Unix seconds)")
+    owned_by: str = "dapeng"
     name: str
     ready: bool
     task: str
     labels: list[str] | None
     precision: str | None
     generates: bool = Field(description="whether /v1/completions and /v1/chat/completions serve it")
+    embeds: bool = Field(False, description="whether /v1/embeddings serves it")
     batching: Batching
 
 
 class ModelList(BaseModel):
+    """The served models: OpenAI's list (`object`, `data`) beside KServe's (`models`)."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelInfo]
     models: list[ModelInfo]
 
 
@@ -58,16 +69,33 @@ class Status(BaseModel):
     status: str
 
 
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = Field(description="a text, or a list of text parts")
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
 
 
 class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
 
 
 class Completion(BaseModel):
@@ -76,6 +104,7 @@ class Completion(BaseModel):
     created: int
     model: str
     choices: list[CompletionChoice]
+    usage: Usage
 
 
 class AssistantMessage(BaseModel):
@@ -87,6 +116,7 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: str | None
+    logprobs: dict[str, Any] | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -95,6 +125,46 @@ class ChatCompletion(BaseModel):
     created: int
     model: str
     choices: list[ChatChoice]
+    usage: Usage
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str = Field(description="floats, or base64 of little-endian float32")
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
+class OpenAIError(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIErrorBody(BaseModel):
+    """Every error of the /v1/completions, /v1/chat/completions and /v1/embeddings routes (OpenAI's shape)."""
+
+    error: OpenAIError
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = Field(False, description="send a last chunk with the usage of the whole request")
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text"] = Field(description="only plain text")
 
 
 class RequestModels(NamedTuple):
@@ -102,10 +172,16 @@ class RequestModels(NamedTuple):
     explain: type[BaseModel]
     completion: type[BaseModel]
     chat: type[BaseModel]
+    embedding: type[BaseModel]
 
 
 def build_request_models(config: ServeConfig) -> RequestModels:
-    """The request bodies, with this server's limits in their schemas."""
+    """The request bodies, with this server's limits in their schemas.
+
+    Where OpenAI's API leaves a default open, the server takes `dapeng generate`'s: no
+    top-k, no penalties; the token budget is the rest of the model's context, up to the
+    server's `max_new_tokens`. `temperature` and `top_p` default to 1 as OpenAI's do.
+    """
     instances = Annotated[
         list[Instance],
         Field(min_length=1, max_length=config.max_items, description="the inputs, one prediction each"),
@@ -118,28 +194,50 @@ def build_request_models(config: ServeConfig) -> RequestModels:
         method=(str, Field("ig", description="ig, saliency, gradcam, attention or rollout")),
         target=(str | int | None, Field(None, description="the label to explain; default the predicted one")),
     )
+    budget = (int | None, Field(None, ge=1, le=config.max_new_tokens,
+                                description="tokens to generate at most; default the rest of the context"))
     sampling: dict[str, Any] = {
         "model": (str, Field(description="a served model that generates text")),
-        "max_tokens": (int, Field(16, ge=1, le=config.max_new_tokens)),
-        "temperature": (float, Field(1.0, ge=0.0, le=2.0)),
+        "max_tokens": budget,
+        "max_completion_tokens": budget,
+        "temperature": (float, Field(1.0, ge=0.0, le=2.0, description="0 is greedy; below 1e-5 too")),
         "top_p": (float, Field(1.0, gt=0.0, le=1.0)),
         "top_k": (int | None, Field(None, ge=1)),
-        "stop": (str | list[str] | None, Field(None, description="text that ends the completion")),
+        "stop": (str | list[str] | None, Field(None, max_length=4, description="text that ends the completion")),
         "stream": (bool, Field(False, description="send pieces as server-sent events")),
-        "seed": (int | None, Field(None, ge=0, lt=2**63)),
-        "n": (Literal[1], Field(1, description="only one choice per request")),
+        "stream_options": (StreamOptions | None, None),
+        "seed": (int | None, Field(None, ge=-(2**63), lt=2**63, description="choice i samples with seed + i")),
+        "n": (int, Field(1, ge=1, le=config.max_items, description="choices per prompt")),
+        "presence_penalty": (float, Field(0.0, ge=-2.0, le=2.0)),
+        "frequency_penalty": (float, Field(0.0, ge=-2.0, le=2.0)),
         "user": (str | None, None),
     }
+    prompt_text = Annotated[str, Field(max_length=config.max_input_chars)]
     completion = create_model(
         "CompletionRequest",
         __base__=_Strict,
-        prompt=(str, Field(max_length=config.max_input_chars)),
+        prompt=(prompt_text | Annotated[list[prompt_text], Field(min_length=1, max_length=config.max_items)],
+                Field(description="a text, or a list of texts (one choice each)")),
+        logprobs=(int | None, Field(None, ge=0, le=5, description="log-probabilities of this many alternatives")),
         **sampling,
     )
     chat = create_model(
         "ChatCompletionRequest",
         __base__=_Strict,
         messages=(list[ChatMessage], Field(min_length=1, max_length=config.max_items)),
+        logprobs=(bool, Field(False, description="log-probabilities of the generated tokens")),
+        top_logprobs=(int | None, Field(None, ge=0, le=20, description="alternatives per token (with logprobs)")),
+        response_format=(ResponseFormat | None, None),
         **sampling,
     )
-    return RequestModels(predict, explain, completion, chat)
+    text = Annotated[str, Field(max_length=config.max_input_chars)]
+    embedding = create_model(
+        "EmbeddingRequest",
+        __base__=_Strict,
+        model=(str, Field(description="a served embedding model")),
+        input=(text | Annotated[list[text], Field(min_length=1, max_length=config.max_items)], ...),
+        encoding_format=(Literal["float", "base64"], "float"),
+        dimensions=(int | None, Field(None, ge=1, description="must be the model's own size")),
+        user=(str | None, None),
+    )
+    return RequestModels(predict, explain, completion, chat, embedding)

@@ -10,12 +10,18 @@ Generation: `generate(model, prompt, ...)` renders chat messages through the mod
 chat template, runs the model's KV-cache decoding (greedy, temperature, top-k, top-p, stop
 tokens and stop strings) and returns the text, or an iterator of text pieces with
 `stream=True`. Pieces are detokenized incrementally, never splitting a UTF-8 character.
+
+Serving: `decoding(prompt, ...)` is one sequence's own state for a scheduler that runs many
+sequences in one batch (`models.lm.DecodeBatch`): it picks each next token from that
+sequence's logits with its own sampling options, penalties and random generator, and turns
+its tokens into text pieces (and log-probabilities when asked).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Generator, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,8 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dapeng.errors import DataError
+from dapeng.models.lm import select_token
 
-__all__ = ["CausalLM", "Perplexity", "render_chat"]
+__all__ = ["CausalLM", "Decoding", "Perplexity", "TokenLogprob", "render_chat"]
 
 EOT = "<|endoftext|>"
 Messages = list[dict[str, str]]
@@ -276,15 +283,58 @@ class CausalLM:
             The generated text (without the prompt), or with `stream=True` a `Generation`: an
             iterator over its pieces whose `finish_reason` ("stop" or "length") is set at the end.
         """
-        if max_new_tokens < 1:
-            raise DataError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        ids = self.prompt_ids(self.prompt_text(prompt, chat or not isinstance(prompt, str), system))
-        budget = min(max_new_tokens, self.max_length - len(ids))
-        if budget < 1:
-            raise DataError(f"the prompt has {len(ids)} tokens, the model's context is {self.max_length}",
-                            "shorten the prompt")
+        ids, budget = self._prompt_and_budget(prompt, max_new_tokens, chat, system, self.max_length)
         pieces = self._pieces(model, ids, budget, temperature, top_k, top_p, tuple(stop), seed)
         return pieces if stream else "".join(pieces)
+
+    def _prompt_and_budget(
+        self, prompt: str | Messages, max_new_tokens: int | None, chat: bool, system: str | None, context: int
+    ) -> tuple[list[int], int]:
+        """The prompt's token ids and how many tokens may follow them (`max_new_tokens`, or the rest of the context)."""
+        if max_new_tokens is not None and max_new_tokens < 1:
+            raise DataError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        ids = self.prompt_ids(self.prompt_text(prompt, chat or not isinstance(prompt, str), system))
+        room = context - len(ids)
+        if room < 1:
+            raise DataError(f"the prompt has {len(ids)} tokens, the model's context is {context}", "shorten the prompt")
+        return ids, room if max_new_tokens is None else min(max_new_tokens, room)
+
+    def decoding(
+        self,
+        prompt: str | Messages,
+        max_new_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        stop: Sequence[str] = (),
+        seed: int | None = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        logprobs: int | None = None,
+        chat: bool = False,
+        system: str | None = None,
+        context: int | None = None,
+        device: torch.device | str = "cpu",
+    ) -> Decoding:
+        """One sequence's decoding state, for a scheduler that batches many (see `Decoding`).
+
+        Args:
+            prompt: text to continue, or chat messages rendered through the chat template.
+            max_new_tokens: tokens to generate at most; None: the rest of the context.
+            temperature, top_k, top_p, stop, seed, chat, system: as for `generate`.
+            presence_penalty: subtracted from the logit of every token generated so far (OpenAI's).
+            frequency_penalty: subtracted once per time each token was generated so far.
+            logprobs: also report each token's log-probability and this many most likely
+                alternatives (0: the token's own only); None: none.
+            context: most positions prompt + new tokens may take (default `max_length`).
+            device: where the logits will be (the random generator lives there).
+        """
+        ids, budget = self._prompt_and_budget(
+            prompt, max_new_tokens, chat, system, min(context or self.max_length, self.max_length)
+        )
+        generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+        sampler = _Sampler(temperature, top_k, top_p, presence_penalty, frequency_penalty, generator)
+        return Decoding(self.tokenizer, ids, budget, sampler, set(self.stop_ids or ()), tuple(stop), logprobs)
 
     def _pieces(
         self,
@@ -335,32 +385,177 @@ def _detokenize(
 
     Returns (as the generator's value) why the stream ended: "stop" or "length".
     """
-    new: list[int] = []
-    emitted = 0
-    hold = max((len(s) for s in stop), default=1) - 1  # chars kept back while a stop string may be forming
-    text = ""
-    reason = "length"
+    text = _Detokenizer(tokenizer, stop_ids, stop)
     for token in tokens:
-        if token in stop_ids:
-            reason = "stop"
-            break
-        new.append(token)
-        text = tokenizer.decode(new, skip_special_tokens=True)
+        piece = text.push(token)
+        if piece:
+            yield piece
+        if text.finish_reason is not None:
+            return text.finish_reason
+    piece = text.finish()
+    if piece:
+        yield piece
+    return text.finish_reason or "length"
+
+
+class _Detokenizer:
+    """Tokens in, text pieces out, one token at a time; `finish_reason` is set once the text has ended."""
+
+    def __init__(self, tokenizer: Any, stop_ids: set[int], stop: tuple[str, ...]) -> None:
+        self.tokenizer = tokenizer
+        self.stop_ids = stop_ids
+        self.stop = stop
+        self.hold = max((len(s) for s in stop), default=1) - 1  # chars kept back while a stop string may be forming
+        self.tokens: list[int] = []
+        self.text = ""
+        self.emitted = 0
+        self.finish_reason: str | None = None
+
+    def push(self, token: int) -> str:
+        """The text that `token` completes ("" when none yet); a stop id or stop string ends the text."""
+        if token in self.stop_ids:
+            return self.finish("stop")
+        self.tokens.append(token)
+        self.text = text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
         if text.endswith("\ufffd"):
-            continue  # a multi-byte character is still incomplete
-        cut = _stop_at(text, stop, max(0, emitted - hold))
+            return ""  # a multi-byte character is still incomplete
+        cut = _stop_at(text, self.stop, max(0, self.emitted - self.hold))
         if cut >= 0:
-            if cut > emitted:
-                yield text[emitted:cut]
-            return "stop"
-        if len(text) - hold > emitted:
-            yield text[emitted : len(text) - hold]
-            emitted = len(text) - hold
-    cut = _stop_at(text, stop, max(0, emitted - hold))
-    end = cut if cut >= 0 else len(text)
-    if end > emitted:
-        yield text[emitted:end]
-    return "stop" if cut >= 0 else reason
+            return self._emit(cut, "stop")
+        if len(text) - self.hold > self.emitted:
+            return self._emit(len(text) - self.hold, None)
+        return ""
+
+    def finish(self, reason: str = "length") -> str:
+        """The text held back, at the end ("length": the budget ran out; "stop": a stop token)."""
+        if self.finish_reason is not None:
+            return ""
+        cut = _stop_at(self.text, self.stop, max(0, self.emitted - self.hold))
+        return self._emit(cut if cut >= 0 else len(self.text), "stop" if cut >= 0 else reason)
+
+    def _emit(self, end: int, reason: str | None) -> str:
+        piece = self.text[self.emitted : end] if end > self.emitted else ""
+        self.emitted = max(self.emitted, end)
+        self.finish_reason = reason
+        return piece
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's text and log-probability, and the most likely alternatives at its step."""
+
+    token: str
+    logprob: float
+    top: list[tuple[str, float]]
+
+
+class _Sampler:
+    """One sequence's sampling: penalties over its own tokens, then greedy or sampled with its own generator."""
+
+    def __init__(
+        self,
+        temperature: float,
+        top_k: int | None,
+        top_p: float | None,
+        presence_penalty: float,
+        frequency_penalty: float,
+        generator: torch.Generator | None,
+    ) -> None:
+        self.temperature = temperature
+        self.top_k = top_k
+        self.top_p = top_p
+        self.presence = presence_penalty
+        self.frequency = frequency_penalty
+        self.generator = generator
+        self.counts: torch.Tensor | None = None  # (V,) times each token was generated, kept only with penalties
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        if self.counts is not None:
+            logits = logits.float() - self.frequency * self.counts - self.presence * (self.counts > 0).float()
+        return int(select_token(logits[None], self.temperature, self.top_k, self.top_p, self.generator)[0])
+
+    def count(self, token: int, vocab: int, device: torch.device) -> None:
+        if not (self.presence or self.frequency):
+            return
+        if self.counts is None:
+            self.counts = torch.zeros(vocab, device=device)
+        self.counts[token] += 1
+
+
+class Decoding:
+    """One sequence being generated in a shared batch: it chooses its tokens and turns them into text.
+
+    The scheduler calls `choose(logits)` with this sequence's next-token logits (V,) and feeds
+    the token back to the model until `finish_reason` is set ("stop": a stop token or stop
+    string; "length": the token budget ran out). Each `choose` returns the text that token
+    completes ("" while a character or a possible stop string is incomplete); with
+    `logprobs` asked for, `take_logprobs()` hands over the entries of the tokens so far.
+
+    Args:
+        tokenizer: the task's tokenizer.
+        prompt_ids: the prompt's token ids.
+        budget: most tokens to generate.
+        sampler: how the next token is picked.
+        stop_ids: tokens that end the text (not part of it).
+        stop: strings that end the text (not part of it).
+        logprobs: alternatives to report per token (None: no log-probabilities).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        prompt_ids: list[int],
+        budget: int,
+        sampler: _Sampler,
+        stop_ids: set[int],
+        stop: tuple[str, ...],
+        logprobs: int | None = None,
+    ) -> None:
+        self.prompt_ids = prompt_ids
+        self.budget = budget
+        self.tokens: list[int] = []
+        self._sampler = sampler
+        self._text = _Detokenizer(tokenizer, stop_ids, stop)
+        self._tokenizer = tokenizer
+        self.logprobs = logprobs
+        self._entries: list[TokenLogprob] = []
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self._text.finish_reason
+
+    @property
+    def text(self) -> str:
+        """The text emitted so far."""
+        return self._text.text[: self._text.emitted]
+
+    def choose(self, logits: torch.Tensor) -> tuple[int, str]:
+        """Pick the next token from (V,) logits; return it and the text it completes."""
+        token = self._sampler(logits)
+        self.tokens.append(token)
+        self._sampler.count(token, logits.shape[-1], logits.device)
+        if self.logprobs is not None and token not in self._text.stop_ids:
+            self._entries.append(self._logprob(logits, token))
+        piece = self._text.push(token)
+        if self.finish_reason is None and len(self.tokens) >= self.budget:
+            piece += self._text.finish("length")
+        return token, piece
+
+    def take_logprobs(self) -> list[TokenLogprob]:
+        """The log-probability entries recorded since the last call."""
+        entries, self._entries = self._entries, []
+        return entries
+
+    def _logprob(self, logits: torch.Tensor, token: int) -> TokenLogprob:
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        top: list[tuple[str, float]] = []
+        if self.logprobs:
+            values, ids = logp.topk(self.logprobs)
+            top = [(self._token_text(int(i)), float(v)) for v, i in zip(values, ids)]
+        return TokenLogprob(self._token_text(token), float(logp[token]), top)
+
+    def _token_text(self, token: int) -> str:
+        return self._tokenizer.decode([token], skip_special_tokens=False)
 
 
 def _stop_at(text: str, stop: tuple[str, ...], start: int) -> int:
