@@ -185,7 +185,9 @@ class ServeState:
 
         def predict(records: list[Any]) -> list[Any]:
             # JSON conversion runs here, in the worker, to keep it off the event loop.
-            if getattr(pipeline, "can_embed", False):  # an embedding model predicts its vectors
+            # a model that only embeds (no labels: minilm-l6) predicts its vectors; a classifier
+            # that can also embed keeps predicting labels
+            if getattr(pipeline, "can_embed", False) and not getattr(pipeline, "labels", None):
                 field = getattr(pipeline, "input_field", "text")
                 return to_json(pipeline.embed([r[field] if isinstance(r, dict) else r for r in records]))
             return to_json(pipeline.predict(records, batch_size=max(batch_size, len(records))))
