@@ -11,15 +11,12 @@ precision, which must be the run's own.
 from __future__ import annotations
 
 import json
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from _tiny_lm import serve_in_thread
 
 import dapeng
 from dapeng.cli.main import main
@@ -152,25 +149,9 @@ def _image_list(path: str) -> list:
     return np.asarray(Image.open(path)).tolist()
 
 
-@contextmanager
-def _served(pipeline) -> Iterator[str]:
+def _served(pipeline):
     """The real server (FastAPI + uvicorn) over `pipeline` on a 127.0.0.1 socket, in a thread."""
-    import uvicorn
-
     from dapeng.serve import ServeConfig, create_app
 
     pipeline.name = "ex"
-    app = create_app({"ex": pipeline}, ServeConfig(max_batch_size=8, torch_threads=1))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    return serve_in_thread(create_app({"ex": pipeline}, ServeConfig(max_batch_size=8, torch_threads=1)))
