@@ -379,6 +379,9 @@ def _decode_image(data: bytes, loc: tuple[Any, ...]) -> np.ndarray:
             if image.mode not in ("L", "RGB"):
                 image = image.convert("RGB")
             return np.asarray(image)
+    except Image.DecompressionBombError:  # not an OSError: it used to escape as a server error
+        raise InputError(f"input {_where(loc)} has more than {Image.MAX_IMAGE_PIXELS} pixels",
+                         "send a smaller image", loc) from None
     except (UnidentifiedImageError, OSError, ValueError):
         raise InputError(f"input {_where(loc)} is not an image file PIL can read", None, loc) from None
 

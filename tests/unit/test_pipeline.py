@@ -209,3 +209,13 @@ def test_plan_batches_splits_by_length_when_padding_costs_more_than_a_forward():
     groups = plan_batches(ragged, max_size=3)
     assert sorted(i for g in groups for i in g) == list(range(10)) and all(len(g) <= 3 for g in groups)
     assert [len(g) for g in plan_batches([0] * 5, max_size=2)] in ([1, 2, 2], [2, 2, 1])
+
+
+def test_an_image_over_pils_pixel_limit_is_an_input_error(monkeypatch):
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.new("L", (64, 64)).save(png, format="PNG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64x64 is over twice the limit: PIL refuses it
+    with pytest.raises(InputError, match="more than 1000 pixels"):
+        image_pipeline().predict(png.getvalue())
