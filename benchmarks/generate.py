@@ -180,7 +180,9 @@ def main() -> None:
         args.batches, args.prompts, args.new_tokens, args.repeats = [1], [32], 8, 1
     torch.set_num_threads(args.threads)
     now = clock(args.threads)
-    native_bf16 = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    from dapeng._hardware import native_bf16 as cpu_has_native_bf16
+
+    native_bf16 = cpu_has_native_bf16("cpu")
     ours32, ref32, pad_id = load_models()
     results: dict[str, Any] = {"configs": {}}
     ratios: dict[str, dict[str, float | None]] = {"decode_vs_transformers": {}, "prefill_vs_transformers": {}}

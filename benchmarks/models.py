@@ -220,7 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     # one thread: this process's CPU time, so time that another process holds the core counts for neither side
     now = time.process_time if args.threads == 1 else time.perf_counter
     torch.manual_seed(0)
-    native_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    from dapeng._hardware import native_bf16 as cpu_has_native_bf16
+
+    native_bf16 = cpu_has_native_bf16("cpu")
     precision = args.precision if args.precision != "auto" else ("bf16" if native_bf16 else "fp32")
 
     def autocast() -> Any:
