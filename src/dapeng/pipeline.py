@@ -26,8 +26,9 @@ import torch
 from torch import nn
 
 from dapeng.errors import CheckpointError, DapengError
+from dapeng.tasks.base import UnsupportedError, capabilities_of
 
-__all__ = ["InputError", "Pipeline", "load", "plan_batches", "to_json"]
+__all__ = ["InputError", "Pipeline", "UnsupportedError", "load", "plan_batches", "to_json"]
 
 _ARTIFACT_FILE = "dapeng.json"
 _TARGET_KEYS = ("label", "labels", "tags")
@@ -120,7 +121,8 @@ class Pipeline:
         quantized = bool(self.meta.get("quantization"))
         self.precision = "fp32" if quantized else resolve_precision(precision or trained_precision(self.meta),
                                                                     self.device)
-        self.input_field = _input_field(task)
+        self.capabilities = capabilities_of(task)
+        self.input_field = self.capabilities.input
         self._forward_params = _accepted_params(model)
 
     @property
@@ -137,11 +139,15 @@ class Pipeline:
 
     @property
     def can_generate(self) -> bool:
-        return callable(getattr(self.task, "generate", None))
+        return self.capabilities.supports("generate")
 
     @property
     def can_embed(self) -> bool:
-        return callable(getattr(self.task, "embed", None))
+        return self.capabilities.supports("embed")
+
+    def require(self, verb: str) -> None:
+        """Raise UnsupportedError (naming what this model can do) unless its task supports `verb`."""
+        self.capabilities.require(verb, self.name, self.task_name)
 
     def __repr__(self) -> str:
         return f"Pipeline(name={self.name!r}, task={self.task_name!r}, precision={self.precision!r})"
@@ -195,6 +201,7 @@ class Pipeline:
         A list (or tuple) is a batch and gives a list of outputs; anything else (a string,
         a path, bytes, an array, a record dict) is one input and gives one output.
         """
+        self.require("predict")
         single = not isinstance(inputs, list | tuple)
         records = self.to_records([inputs] if single else inputs)
         outputs = self.predict_records(records, batch_size=batch_size)
@@ -209,6 +216,10 @@ class Pipeline:
         """
         if batch_size < 1:
             raise DapengError(f"batch_size must be at least 1, not {batch_size}")
+        self.require("predict")
+        if self.capabilities.output == "vector":  # an encoder predicts its embeddings
+            field = self.input_field
+            return list(self.embed([r[field] for r in records], batch_size=batch_size))
         outputs: list[Any] = [None] * len(records)
         window = max(1024, 32 * batch_size)  # tokenize in windows, so a huge file never sits in memory twice
         for start in range(0, len(records), window):
@@ -254,23 +265,28 @@ class Pipeline:
 
         return explain(self, inputs, method=method, target=target, **kwargs)
 
-    def embed(self, texts: str | Sequence[str]) -> np.ndarray:
+    def in_fp32(self) -> Pipeline:
+        """This pipeline over an fp32 copy of its model (gradients for explanations need fp32)."""
+        import copy
+
+        return Pipeline(copy.deepcopy(self.model).float(), self.task, name=self.name, meta=self.meta,
+                        path=self.path, precision="fp32", device=self.device)
+
+    def embed(self, texts: str | Sequence[str], batch_size: int = 64) -> np.ndarray:
         """Sentence embeddings, `(n, dim)`, with the model's own pooling."""
-        fn = self._task_verb("embed", "has no embeddings", "load an encoder such as minilm-l6")
+        self.require("embed")
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise InputError(f"input {i} must be a string, not {_kind(text)}", None, (i,))
         with self.inference():
-            return fn(self.model, [texts] if isinstance(texts, str) else list(texts))
+            return self.task.embed(self.model, texts, batch_size=batch_size)
 
     def generate(self, prompt: Any, **kwargs: Any) -> Any:
         """Generated text for `prompt` (an iterator of pieces with `stream=True`)."""
-        fn = self._task_verb("generate", "can't generate text", "load a language model such as smollm2-135m")
+        self.require("generate")
         self.model.eval()
-        return fn(self.model, prompt, **kwargs)
-
-    def _task_verb(self, verb: str, what: str, hint: str) -> Any:
-        fn = getattr(self.task, verb, None)
-        if not callable(fn):
-            raise DapengError(f"model {self.name!r} (task {self.task_name!r}) {what}", hint)
-        return fn
+        return self.task.generate(self.model, prompt, **kwargs)
 
 
 def plan_batches(lengths: Sequence[int], max_size: int, overhead_tokens: int = 64) -> list[list[int]]:
@@ -304,19 +320,6 @@ def plan_batches(lengths: Sequence[int], max_size: int, overhead_tokens: int = 6
 def _item_length(item: dict[str, Any]) -> int:
     ids = item.get("input_ids") if isinstance(item, dict) else None
     return int(ids.shape[-1]) if torch.is_tensor(ids) else 0
-
-
-def _input_field(task: Any) -> str:
-    """The record field raw inputs go into: the task's `input_field`, else guessed from its name."""
-    field = getattr(task, "input_field", None)
-    if isinstance(field, str):
-        return field
-    name = str(getattr(task, "name", ""))
-    if "image" in name:
-        return "image"
-    if "token" in name or "tagging" in name:
-        return "tokens"
-    return "text"
 
 
 def _accepted_params(model: nn.Module) -> set[str]:

@@ -19,6 +19,11 @@ from dapeng.explain.attention import rollout
 from dapeng.explain.batching import internal_batch_size
 from dapeng.layers.attention import capture_attention
 from dapeng.models import MODELS
+from dapeng.pipeline import Pipeline
+from dapeng.tasks.base import Capabilities, UnsupportedError
+from dapeng.tasks.causal_lm import CausalLM
+from dapeng.tasks.image_classification import ImageClassificationTask
+from dapeng.tasks.text_classification import TextClassificationTask
 
 torch.set_num_threads(1)
 
@@ -37,6 +42,7 @@ def word_tokenizer() -> Tokenizer:
 
 class FakeTextTask:
     name = "text-classification"
+    capabilities = TextClassificationTask.capabilities
 
     def __init__(self) -> None:
         self.tokenizer = word_tokenizer()
@@ -54,6 +60,7 @@ class FakeTextTask:
 
 class FakeImageTask:
     name = "image-classification"
+    capabilities = ImageClassificationTask.capabilities
 
     def encode(self, records):
         return [{"image": torch.tensor(np.asarray(r["image"]), dtype=torch.float32)[None] / 255.0} for r in records]
@@ -62,14 +69,18 @@ class FakeImageTask:
         return {"images": (torch.stack([i["image"] for i in items]) - 0.5) / 0.5}
 
 
-class FakePipeline:
-    def __init__(self, model: nn.Module, task, labels) -> None:
-        self.model, self.task, self.labels = model.eval(), task, labels
+class FakeTagTask(FakeTextTask):
+    capabilities = Capabilities(input="text", output="tags", verbs=frozenset({"predict", "explain"}),
+                                explain=("ig", "saliency"))
+
+
+def FakePipeline(model: nn.Module, task, labels) -> Pipeline:
+    return Pipeline(model, task, meta={"labels": labels}, precision="fp32", device="cpu")
 
 
 def text_pipeline(name: str = "transformer", **kwargs) -> FakePipeline:
     torch.manual_seed(0)
-    task = FakeTextTask()
+    task = FakeTagTask() if kwargs.get("pooling") == "none" else FakeTextTask()
     small = {"transformer": dict(hidden=16, layers=2, heads=2, intermediate=32, max_positions=64, dropout=0.0),
              "textcnn": dict(embed_dim=8, filters=4, kernel_sizes=(1, 2), dropout=0.0),
              "lstm": dict(embed_dim=8, hidden=8, dropout=0.0)}[name]
@@ -123,7 +134,7 @@ def test_target_by_name_and_unknown_target():
         explain(pipe, "great film", target="sideways")
     with pytest.raises(DapengError, match="unknown explanation method"):
         explain(pipe, "great film", method="shap")
-    with pytest.raises(ModelError):
+    with pytest.raises(UnsupportedError, match="no 'gradcam' explanations"):
         explain(pipe, "great film", method="gradcam")
 
 
@@ -203,18 +214,21 @@ def test_attention_needs_attention_layers():
 
 def test_language_model_attention_over_prompt(tmp_path):
     torch.manual_seed(0)
-    task = FakeTextTask()
+    task = FakeLMTask()
     lm = MODELS.create("lm", vocab_size=task.tokenizer.get_vocab_size(), hidden=16, layers=2, heads=4, kv_heads=2,
                        intermediate=32, max_positions=32)
     pipe = FakePipeline(lm, task, None)
     [e] = explain(pipe, "the plot was dull", method="attention", target=1)
     assert e.kind == "attention" and len(e.extra["generated"]) == 2
-    assert len(e.attention) == 2 and e.attention[0].shape == (4, 7)  # 6 prompt tokens + 1 generated
+    assert len(e.attention) == 2 and e.attention[0].shape == (4, 5)  # 4 prompt tokens + 1 generated
     torch.testing.assert_close(torch.tensor(e.attention[0].sum(-1)), torch.ones(4))
     assert e.scores.shape == (4,)
     assert _png_info(e.save(tmp_path / "lm.png"))["predicted"] == e.predicted
-    with pytest.raises(ModelError, match="attention"):
+    with pytest.raises(UnsupportedError, match="choose one of: attention, rollout"):
         explain(pipe, "the plot was dull", method="ig")
+    for bad in (-5, "-5", "first", 10**6, True):  # was an IndexError (HTTP 500) for -5
+        with pytest.raises(NotFoundError, match="generated token"):
+            explain(pipe, "the plot was dull", method="attention", target=bad)
 
 
 # ---------------------------------------------------------------- images
@@ -365,6 +379,8 @@ def test_half_precision_models_are_explained_in_fp32():
 
 
 class FakeLMTask(FakeTextTask):
+    capabilities = CausalLM.capabilities
+
     def prompt_ids(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 

@@ -14,6 +14,7 @@ import torch
 import dapeng
 from dapeng.errors import CheckpointError, DapengError
 from dapeng.pipeline import InputError, Pipeline, to_json
+from dapeng.tasks.image_classification import ImageClassificationTask
 from dapeng.train.precision import autocast
 
 WORDS = ["good", "great", "fine", "bad", "awful", "poor", "film", "plot", "the", "a"]
@@ -141,7 +142,7 @@ def test_embed_delegates_to_the_task_and_generate_is_refused(pipe):
 
 class ImageTask:
     name = "image-classification"
-    input_field = "image"
+    capabilities = ImageClassificationTask.capabilities
 
 
 def image_pipeline() -> Pipeline:

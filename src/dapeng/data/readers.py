@@ -19,8 +19,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from dapeng.errors import DataError
-
-Record = dict[str, Any]
+from dapeng.records import Record
 
 FORMATS = ("csv", "jsonl", "imagefolder", "idx", "conll", "text")
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}

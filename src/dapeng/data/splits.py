@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from dapeng.config import DataConfig
 from dapeng.data.catalog import load_dataset, stratified_split
 from dapeng.data.readers import iter_labels, read_records
 from dapeng.errors import ConfigError
-
-Record = dict[str, Any]
+from dapeng.records import Record
 
 
 class Splits(NamedTuple):

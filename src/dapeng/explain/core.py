@@ -20,8 +20,10 @@ from dapeng.explain import attention as attn
 from dapeng.explain.attributions import image_attributions, text_attributions
 from dapeng.explain.explanation import Explanation
 from dapeng.explain.words import WordAlignment, align_words, merge_tokens
+from dapeng.tasks.base import capabilities_of
 
 METHODS = ("ig", "saliency", "gradcam", "attention", "rollout")
+MAX_EXPLAINED_TOKENS = 256
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
@@ -54,6 +56,8 @@ def explain(
     """
     if method not in METHODS:
         raise DapengError(f"unknown explanation method {method!r}", f"choose one of: {', '.join(METHODS)}")
+    task = pipeline.task
+    capabilities_of(task).require_method(method, getattr(pipeline, "name", "model"), getattr(task, "name", "?"))
     pipeline = _in_fp32(pipeline)
     model: nn.Module = pipeline.model
     steps = (n_steps, max_steps or 8 * n_steps)
@@ -76,13 +80,7 @@ def _in_fp32(pipeline: Any) -> Any:
     """
     if all(p.dtype == torch.float32 for p in pipeline.model.parameters() if p.is_floating_point()):
         return pipeline
-    import copy
-    from types import SimpleNamespace
-
-    return SimpleNamespace(
-        model=copy.deepcopy(pipeline.model).float(), task=pipeline.task, labels=pipeline.labels,
-        to_records=getattr(pipeline, "to_records", None),
-    )
+    return pipeline.in_fp32()
 
 
 # ---------------------------------------------------------------- inputs
@@ -181,22 +179,17 @@ def resolve_target(labels: list[str], target: str | int | None, probs: torch.Ten
 def _explain_one(
     pipeline: Any, record: dict[str, Any], raw: Any, method: str, target: Any, budget: float, steps: tuple[int, int]
 ) -> Explanation:
-    prompt_ids = getattr(pipeline.task, "prompt_ids", None)
-    if callable(prompt_ids) and isinstance(record.get("text"), str):
+    caps = capabilities_of(pipeline.task)
+    if caps.output == "text":
         # A language model's task encodes training text in blocks ending in end-of-text;
         # a prompt is encoded as `generate` encodes it.
         text = record["text"]
-        ids = torch.tensor([prompt_ids(text)], device=_device(pipeline.model))
+        ids = torch.tensor([pipeline.task.prompt_ids(text)], device=_device(pipeline.model))
         return _explain_prompt(pipeline, ids, align_words(pipeline.task, text, ids[0].tolist()), method, target)
     batch = _batch(pipeline.task, record, _device(pipeline.model))
-    if "input_ids" in batch:
-        return _explain_text(pipeline, record, batch, method, target, budget, steps)
-    if "images" in batch:
+    if caps.input == "image":
         return _explain_image(pipeline, record, raw, batch, method, target, budget, steps)
-    raise DapengError(
-        f"cannot explain inputs of task {getattr(pipeline.task, 'name', '?')!r}",
-        "explanations cover text (input_ids) and image (images) tasks",
-    )
+    return _explain_text(pipeline, record, batch, method, target, budget, steps, tags=caps.output == "tags")
 
 
 def _forward(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -219,7 +212,7 @@ def _kwarg(task: Any, name: str) -> Any:
 
 def _explain_text(
     pipeline: Any, record: dict[str, Any], batch: dict[str, Any], method: str, target: Any, budget: float,
-    steps: tuple[int, int],
+    steps: tuple[int, int], tags: bool = False,
 ) -> Explanation:
     model, task = pipeline.model, pipeline.task
     ids: torch.Tensor = batch["input_ids"][:1]  # (1, T)
@@ -229,15 +222,13 @@ def _explain_text(
     alignment = align_words(task, text, ids[0].tolist(), batch.get("word_ids"))
     with torch.no_grad():
         out = _forward(model, ids, mask).float()
-    if out.dim() == 3 and not getattr(pipeline, "labels", None):
-        return _explain_prompt(pipeline, ids, alignment, method, target)
     if method == "gradcam":
         raise ModelError("Grad-CAM explains image models", "use method ig or saliency for text")
     if method in ("attention", "rollout"):
         return _explain_attention(pipeline, ids, mask, out, alignment, method, target)
     keep = torch.tensor([w is not None for w in alignment.word_of_token], device=ids.device)
     baseline = torch.where(keep, torch.full_like(ids, _pad_id(task, alignment)), ids)
-    if out.dim() == 3:  # a tagger: (1, T, K), one explanation row per word
+    if tags:  # a tagger: (1, T, K), one explanation row per word
         return _explain_tags(pipeline, ids, mask, baseline, out, alignment, method, budget, steps)
     probs = out[0].softmax(-1)
     labels = _label_names(pipeline, probs.numel())
@@ -315,7 +306,7 @@ def _explain_prompt(
             "a language model's generations are explained by attention",
             "use method attention (the attention over the prompt for a generated token)",
         )
-    index = int(target) if target is not None else 0
+    index = _generated_index(target)
     generated, probs, rows = attn.prompt_attention(pipeline.model, ids, new_tokens=index + 1)
     mean = torch.stack([r.mean(0) for r in rows]).mean(0)[: ids.shape[1]]  # (P,) over layers and heads
     piece = alignment.token_text(generated[-1])
@@ -327,6 +318,17 @@ def _explain_prompt(
         attention=[r.cpu().numpy() for r in rows],
         extra={"generated": [alignment.token_text(t) for t in generated]},
     )
+
+
+def _generated_index(target: Any) -> int:
+    """Which generated token to explain: an index 0..MAX_EXPLAINED_TOKENS-1 (default 0, the first)."""
+    if target is None:
+        return 0
+    text = str(target)
+    if isinstance(target, bool) or not text.isdigit() or int(text) >= MAX_EXPLAINED_TOKENS:
+        raise NotFoundError(f"target {target!r} is not the index of a generated token",
+                            f"a language model's target is 0..{MAX_EXPLAINED_TOKENS - 1}: which generated token to explain")
+    return int(text)
 
 
 def _display_image(raw: Any, height: int, width: int) -> np.ndarray:

@@ -20,8 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from dapeng.errors import ConfigError, DataError
-
-Record = dict[str, Any]
+from dapeng.records import Record
 
 
 class Options(BaseModel):
@@ -166,11 +165,10 @@ def plot_confusion(matrix: np.ndarray, labels: Sequence[str], path: Path) -> Non
 
 
 class ClassificationTask:
-    """The shared half of a classifier. Subclasses set `name`, `input_field` and implement
+    """The shared half of a classifier. Subclasses set `name`, `capabilities` and implement
     `setup`, `model_kwargs`, `encode`, `collate`, `forward`, `state` and `from_state`."""
 
     name = "classification"
-    input_field = "text"
 
     def __init__(self, options: Options) -> None:
         self.options = options

@@ -16,19 +16,110 @@ The one path data takes (DESIGN.md):
   Trainer never looks inside. `metric()` returns a fresh accumulator for evaluation.
 * `state()` is everything needed to rebuild the task for inference (labels, tokenizer
   path, preprocessing); it goes into the Artifact's `dapeng.json` ("labels", "preprocess").
+* `capabilities` (a class attribute) declares what the task does at inference: the field raw
+  inputs go into, what `predict` returns, which verbs and explanation methods it supports.
+  The Pipeline, the CLI, the server's routes and OpenAPI schemas and the explainers read it;
+  none of them guesses from a task's name or an output's shape.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-Record = dict[str, Any]
-Item = dict[str, Any]
-Batch = dict[str, Any]
+from dapeng.errors import DapengError
+from dapeng.records import Batch, Item, Record
+
+__all__ = ["Batch", "Capabilities", "Item", "Metric", "Record", "Task", "UnsupportedError", "capabilities_of"]
+
+
+VERBS = ("predict", "generate", "embed", "explain")
+INPUTS = ("text", "image", "tokens")
+OUTPUTS = ("label", "tags", "vector", "text")
+
+
+class UnsupportedError(DapengError):
+    """A verb, explanation method or input the model's task does not support (HTTP 400 / exit 2)."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a task does at inference, declared once and read by every caller.
+
+    Args:
+        input: the record field raw inputs go into: "text" (a string), "image" (pixels, a
+            file, base64) or "tokens" (a list of words, or a string split on whitespace).
+        output: what `predict` gives per input: "label" (`{"label", "score", "probabilities"}`),
+            "tags" (`{"tokens", "tags", ...}`), "vector" (an embedding) or "text" (generation).
+        verbs: which of `VERBS` the task supports.
+        explain: the explanation methods (`dapeng.explain.METHODS`) it supports.
+        batching: whether `predict` requests may be batched together by the server.
+        output_schema: JSON schema of one `predict` output (the server's OpenAPI document).
+    """
+
+    input: str
+    output: str
+    verbs: frozenset[str]
+    explain: tuple[str, ...] = ()
+    batching: bool = True
+    output_schema: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.verbs) - set(VERBS)
+        if self.input not in INPUTS or self.output not in OUTPUTS or unknown:
+            raise ValueError(f"bad capabilities: input={self.input!r} output={self.output!r} verbs={sorted(unknown)}")
+        if self.explain and "explain" not in self.verbs:
+            raise ValueError("explanation methods declared without the explain verb")
+
+    def supports(self, verb: str) -> bool:
+        return verb in self.verbs
+
+    def require(self, verb: str, model: str, task: str) -> None:
+        """Raise UnsupportedError naming what the model can do, unless it supports `verb`."""
+        if verb not in self.verbs:
+            raise UnsupportedError(f"model {model!r} (task {task!r}) can't {verb}",
+                                   f"it supports: {', '.join(v for v in VERBS if v in self.verbs)}")
+
+    def require_method(self, method: str, model: str, task: str) -> None:
+        self.require("explain", model, task)
+        if method not in self.explain:
+            raise UnsupportedError(f"model {model!r} (task {task!r}) has no {method!r} explanations",
+                                   f"choose one of: {', '.join(self.explain)}")
+
+    def input_schema(self) -> dict[str, Any]:
+        """JSON schema of one raw input."""
+        if self.input == "image":
+            return {"anyOf": [{"type": "object", "properties": {"b64": {"type": "string"}}, "required": ["b64"]},
+                              {"type": "array", "description": "pixel values 0..255, (H, W) or (H, W, C)"}]}
+        if self.input == "tokens":
+            return {"anyOf": [{"type": "string", "description": "split on whitespace"},
+                              {"type": "array", "items": {"type": "string"}}]}
+        return {"type": "string"}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"input": self.input, "output": self.output, "verbs": [v for v in VERBS if v in self.verbs],
+                "explain": list(self.explain), "batching": self.batching}
+
+
+LABEL_OUTPUT = {
+    "type": "object",
+    "properties": {"label": {"type": "string"}, "score": {"type": "number"},
+                   "probabilities": {"type": "object", "additionalProperties": {"type": "number"}}},
+    "required": ["label", "score"],
+}
+VECTOR_OUTPUT = {"type": "array", "items": {"type": "number"}}
+
+
+def capabilities_of(task: Any) -> Capabilities:
+    """The task's declared capabilities; a task object without a declaration is a programming error."""
+    caps = getattr(task, "capabilities", None)
+    if not isinstance(caps, Capabilities):
+        raise TypeError(f"task {getattr(task, 'name', task)!r} declares no `capabilities` (dapeng.tasks.base)")
+    return caps
 
 
 @runtime_checkable
@@ -47,6 +138,7 @@ class Task(Protocol):
     """What every task in `TASKS` provides. See the module docstring for the data path."""
 
     name: str
+    capabilities: Capabilities
 
     def setup(self, train: Sequence[Record]) -> None: ...
 

@@ -30,6 +30,7 @@ from torch import nn
 
 from dapeng.errors import DataError
 from dapeng.models.lm import select_token
+from dapeng.tasks.base import Capabilities
 
 __all__ = ["CausalLM", "Decoding", "Perplexity", "TokenLogprob", "render_chat"]
 
@@ -77,7 +78,11 @@ class CausalLM:
     """
 
     name = "causal-lm"
-    input_field = "text"
+    # `predict` would only score a text's perplexity; requests for text go through `generate`
+    capabilities = Capabilities(
+        input="text", output="text", verbs=frozenset({"generate", "explain"}), explain=("attention", "rollout"),
+        batching=True, output_schema={"type": "string"},
+    )
 
     def __init__(
         self,

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dapeng.errors import DataError
-from dapeng.tasks.base import Batch, Item, Record
+from dapeng.tasks.base import VECTOR_OUTPUT, Batch, Capabilities, Item, Record
 
 __all__ = ["SentenceEmbedding"]
 
@@ -61,6 +61,8 @@ class SentenceEmbedding:
     """
 
     name = "sentence-embedding"
+    capabilities = Capabilities(input="text", output="vector", verbs=frozenset({"predict", "embed"}),
+                                output_schema=VECTOR_OUTPUT)
 
     def __init__(
         self,

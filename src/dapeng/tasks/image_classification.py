@@ -20,9 +20,9 @@ from torch import nn
 
 from dapeng.data.augment import ImageAugment
 from dapeng.errors import DataError
+from dapeng.records import Record
 from dapeng.tasks._classification import ClassificationTask, Options, label_list, parse_options, where
-
-Record = dict[str, Any]
+from dapeng.tasks.base import LABEL_OUTPUT, Capabilities
 
 
 class ImageAugmentOptions(BaseModel):
@@ -66,7 +66,10 @@ class ImageClassificationTask(ClassificationTask):
     """Images in, one label out. Options: see `ImageOptions` (all keyword arguments)."""
 
     name = "image-classification"
-    input_field = "image"
+    capabilities = Capabilities(
+        input="image", output="label", verbs=frozenset({"predict", "explain"}),
+        explain=("ig", "saliency", "gradcam"), output_schema=LABEL_OUTPUT,
+    )
 
     def __init__(self, **options: Any) -> None:
         super().__init__(parse_options(ImageOptions, self.name, options))

@@ -19,9 +19,9 @@ from torch import nn
 
 from dapeng.data.augment import TextAugment
 from dapeng.errors import ConfigError, DataError
+from dapeng.records import Record
 from dapeng.tasks._classification import ClassificationTask, Options, label_list, parse_options, where
-
-Record = dict[str, Any]
+from dapeng.tasks.base import LABEL_OUTPUT, Capabilities
 
 
 class TextAugmentOptions(BaseModel):
@@ -66,7 +66,10 @@ class TextClassificationTask(ClassificationTask):
     """Text in, one label out. Options: see `TextOptions` (all keyword arguments)."""
 
     name = "text-classification"
-    input_field = "text"
+    capabilities = Capabilities(
+        input="text", output="label", verbs=frozenset({"predict", "embed", "explain"}),
+        explain=("ig", "saliency", "attention", "rollout"), output_schema=LABEL_OUTPUT,
+    )
 
     def __init__(self, **options: Any) -> None:
         super().__init__(parse_options(TextOptions, self.name, options))
@@ -237,12 +240,16 @@ class TextClassificationTask(ClassificationTask):
             ids = augment(ids, mask)
         return {"logits": model(ids, mask)}
 
-    def embed(self, model: nn.Module, texts: Sequence[str]) -> np.ndarray:
-        """The model's pooled features for each text, (n, D)."""
-        batch = self.collate(self.encode([{"text": t} for t in texts]))
+    def embed(self, model: nn.Module, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """The model's pooled features for each text, (n, D), `batch_size` texts per forward pass."""
         device = next(model.parameters()).device
-        feats = model.forward_features(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-        return feats.float().cpu().numpy()
+        items = self.encode([{"text": t} for t in texts])
+        parts = []
+        for start in range(0, len(items), batch_size):
+            batch = self.collate(items[start : start + batch_size])
+            feats = model.forward_features(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            parts.append(feats.float().cpu().numpy())
+        return np.concatenate(parts)
 
     # -- save / load ----------------------------------------------------------------------
 
