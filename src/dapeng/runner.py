@@ -161,7 +161,7 @@ def open_run_dir(out: Path, config: RunConfig, resume: bool) -> None:
     Runs only once data, task and model are built: a failed start leaves a fresh `out` absent
     and a used one as it was.
     """
-    from dapeng.train.checkpoint import atomic_write
+    from dapeng._files import atomic_write
 
     out.mkdir(parents=True, exist_ok=True)
     if not resume:  # a fresh start in a folder whose earlier run died before its first checkpoint
@@ -188,9 +188,9 @@ def save_run_artifact(out: Path, config: RunConfig, trainer: Any, task: Any, mod
                       metrics: dict[str, Any]) -> Path:
     """Stage: metrics.json, the Artifact of the trained model (LoRA merged: it serves, exports and
     quantizes as the plain architecture), and the training curves."""
+    from dapeng._files import atomic_write
     from dapeng.hub.artifact import save_artifact
-    from dapeng.track import plot_curves, read_jsonl
-    from dapeng.train.checkpoint import atomic_write
+    from dapeng.track import plot_curves, read_log
 
     if config.model.lora:
         from dapeng.layers.lora import merge_lora
@@ -203,7 +203,7 @@ def save_run_artifact(out: Path, config: RunConfig, trainer: Any, task: Any, mod
         card=_card_facts(config, metrics["train"]["trainable_fraction"]), parent=config.model.init,
         precision=trainer.precision,
     )
-    plot_curves(read_jsonl(out / METRICS_LOG), out / "curves.png", title=f"{config.model.name} on {_data_name(config)}")
+    plot_curves(read_log(out / METRICS_LOG), out / "curves.png", title=f"{config.model.name} on {_data_name(config)}")
     return model_dir
 
 

@@ -7,15 +7,14 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from dapeng.config import ModelConfig
 from dapeng.errors import ConfigError, DataError, ModelError
 from dapeng.hub.artifact import save_artifact
 from dapeng.hub.init import load_init
-from dapeng.train.finetune import GradualUnfreezing, freeze, layer_groups, layerwise_lr_groups
 from dapeng.models import MODELS
 from dapeng.tasks import TASKS
 from dapeng.tasks.causal_lm import CausalLM, _detokenize, render_chat
 from dapeng.tasks.embedding import SentenceEmbedding
+from dapeng.train.finetune import GradualUnfreezing, freeze, layer_groups, layerwise_lr_groups
 from dapeng.train.optim import build_optimizer, build_schedule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
