@@ -28,7 +28,8 @@ from dapeng.tasks.base import VERBS, Capabilities, UnsupportedError, capabilitie
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-WORDS = "a the film plot was is good bad dull great witty boring movie story fun slow".split()
+WORDS = ["a", "the", "film", "plot", "was", "is", "good", "bad", "dull", "great", "witty", "boring", "movie",
+         "story", "fun", "slow"]
 TEXTS = [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(3 + i % 4)) for i in range(24)]
 
 
