@@ -84,7 +84,8 @@ def test_every_brown_tag_maps_and_counts_are_nltks(brown):
         ("PART", "TO", "PRT"), ("PART", "POS", "PRT"), ("PART", "RB", "ADV"), ("PUNCT", ".", "."),
         ("SYM", "$", "."), ("INTJ", "UH", "PRT"), ("PRON", "PRP$", "DET"), ("PRON", "PRP", "PRON"),
         ("PRON", "EX", "PRT"), ("PRON", "WDT", "DET"), ("PRON", "NN", "NOUN"), ("ADP", "RP", "PRT"),
-        ("DET", "PDT", "PRT"), ("NUM", "CD", "NUM"), ("ADJ", None, "ADJ"), ("X", "FW", "X"),
+        ("DET", "PDT", "PRT"), ("SCONJ", "WRB", "ADV"), ("X", "LS", "NUM"), ("NUM", "CD", "NUM"),
+        ("ADJ", None, "ADJ"), ("X", "FW", "X"),
     ],
 )
 def test_ud_to_universal(upos, ptb, universal):

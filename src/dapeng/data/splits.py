@@ -29,7 +29,7 @@ def _read(path: Path, cfg: DataConfig) -> list[Record]:
 
 def _split(records: list[Record], sizes: list[float], seed: int) -> list[list[Record]]:
     labels = list(iter_labels(records))
-    if records and all("doc" in r for r in records):  # a CoNLL file's -DOCSTART- documents stay whole
+    if records and all("doc" in r for r in records):  # no document's sentences on both sides
         parts = grouped_split([r["doc"] for r in records], labels, sizes, seed)
     else:
         parts = stratified_split(labels, sizes, seed)
@@ -42,7 +42,8 @@ def load_splits(cfg: DataConfig) -> Splits:
     A catalog `dataset` comes with its canonical split (files named in `eval`/`test`
     replace that part). User files: `train` is required; without `eval` (and `test`)
     files, a seeded stratified split of `train` by `eval_fraction` (and `test_fraction`)
-    provides them (of whole documents for a CoNLL file with `-DOCSTART-` lines). `limit` caps every split at that many records, a seeded sample stratified by label
+    provides them; records that all carry a `"doc"` (a CoNLL file's `-DOCSTART-` documents, a
+    JSONL field) are split as whole documents. `limit` caps every split at that many records, a seeded sample stratified by label
     (smoke runs).
     """
     if cfg.dataset and cfg.train:

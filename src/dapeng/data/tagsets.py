@@ -114,6 +114,8 @@ _PTB_OVERRIDES = {
     "PDT": "PRT",  # "all", "half" before a determiner: Brown ABN -> PRT
     "EX": "PRT",  # existential "there": UD PRON, Brown EX -> PRT
     "RP": "PRT",  # verb particle "up": UD ADP, Brown RP -> PRT
+    "WRB": "ADV",  # "when", "how" heading a clause: UD SCONJ, Brown WRB -> ADV
+    "LS": "NUM",  # list-item numbers "1", "2": UD X, Brown CD -> NUM
     "NN": "NOUN",  # "nothing", "anyone": UD PRON, Brown PN -> NOUN
     "NNS": "NOUN",
     "NNP": "NOUN",
@@ -129,7 +131,9 @@ def ud_to_universal(upos: str, ptb: str | None = None) -> str:
     PUNCT/SYM -> ., X/SPACE -> X), with the choices of the Brown mapping above: SCONJ -> ADP
     (Brown CS), INTJ -> PRT (Brown UH). A PTB tag moves the words where UD and Brown disagree:
     possessive and relative determiners, standalone demonstratives, existential "there", verb
-    particles, indefinite pronouns tagged NN, and "not" (PART in UD, RB in PTB, Brown `*`: ADV).
+    particles, wh-adverbs, list-item numbers, indefinite pronouns tagged NN, and "not" (PART in
+    UD, RB in PTB, Brown `*`: ADV). Brown's word-level choices ("what" is DET, "all" PRT, "yes"
+    ADV) are left alone: no tag settles them.
 
     Raises:
         DataError: `upos` is not a UD tag.
