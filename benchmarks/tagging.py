@@ -1,7 +1,7 @@
 """Sequence labelling on real text: POS tagging on Brown, NER on WNUT-16, against peers measured in the same run.
 
-    python benchmarks/tagging.py              # the canonical test splits in full (minutes on 2 busy cores)
-    python benchmarks/tagging.py --quick      # 300-sentence slices of every split (a smoke run)
+    python benchmarks/tagging.py              # the canonical test splits in full (16 minutes on 2 busy cores)
+    python benchmarks/tagging.py --quick      # 300-sentence slices of every split (a smoke run, 1 minute)
 
 Both data sets come with their canonical seeded splits from the catalog (`dapeng data info
 brown-pos`: whole documents, stratified by genre; `wnut16-ner`: tweets, repeated ones kept
