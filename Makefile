@@ -34,6 +34,7 @@ lint: install
 	$(BIN)/ruff check src tests benchmarks examples
 
 bench: install
+	$(BIN)/pip install --quiet -e ".[dev,bench]"  # the peers some benchmarks measure against
 	for b in benchmarks/*.py; do $(BIN)/python $$b --quick || exit 1; done
 
 clean:

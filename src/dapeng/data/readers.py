@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import re
 import struct
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -160,6 +161,8 @@ def read_jsonl(
                 if not isinstance(obj, dict):
                     raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
                 tagged = "tokens" in obj  # a tagging record: no text/label columns to map
+                if tagged:
+                    _check_tagged(obj, f"{path}:{line_no}", require_label)
                 found = ", ".join(map(repr, obj))
                 if text_column in obj:
                     obj["text"] = obj.pop(text_column)
@@ -183,6 +186,31 @@ def read_jsonl(
     if not records:
         raise DataError(f"{path}: no records (only blank lines)", "add one JSON object per line")
     return records
+
+
+def _check_tagged(obj: dict[str, Any], where: str, require_label: bool) -> None:
+    """A `{"tokens": [...], "tags": [...]}` record: lists of non-empty strings, one tag per token."""
+    tokens = obj["tokens"]
+    shape = 'one JSON object per line: {"tokens": ["John", "runs"], "tags": ["B-PER", "O"]}'
+    if not isinstance(tokens, list) or not tokens:
+        got = f"a {type(tokens).__name__}" if tokens else "an empty list"
+        raise DataError(f"{where}: \"tokens\" must be a non-empty list of strings, got {got}", shape)
+    for i, token in enumerate(tokens):
+        if not isinstance(token, str) or not token:
+            raise DataError(f"{where}: token {i} is {json.dumps(token)}, not a non-empty string", shape)
+    if "tags" not in obj:
+        if require_label:
+            raise DataError(f"{where}: no \"tags\" for the {len(tokens)} tokens", shape)
+        return
+    tags = obj["tags"]
+    if not isinstance(tags, list) or len(tags) != len(tokens):
+        got = f"{len(tags)} tags" if isinstance(tags, list) else f"a {type(tags).__name__}"
+        raise DataError(f"{where}: {len(tokens)} tokens but {got}", "give each token exactly one tag")
+    for i, tag in enumerate(tags):
+        if not isinstance(tag, str) or not tag.strip():
+            raise DataError(
+                f"{where}: tag {i} (of token {tokens[i]!r}) is {json.dumps(tag)}, not a tag", shape
+            )
 
 
 def load_image(path: Path | str) -> np.ndarray:
@@ -283,28 +311,103 @@ def read_idx_pair(images: Path | str, labels: Path | str | None = None) -> list[
     return [{"image": x[i], "label": str(int(y[i])), "_source": f"{images}:{i}"} for i in range(len(x))]
 
 
-def read_conll(path: Path | str) -> list[Record]:
-    """Token-per-line files (first column the token, last the tag; blank line between sentences)."""
+_CONLLU_RANGE = re.compile(r"\d+[-.]\d+")  # CoNLL-U multiword-token ("3-4") and empty-node ("5.1") lines
+
+
+def _column(index: int, width: int) -> int | None:
+    """A 0-based column index (negative: from the end) resolved for a line of `width` fields."""
+    resolved = index if index >= 0 else width + index
+    return resolved if 0 <= resolved < width else None
+
+
+def read_conll(
+    path: Path | str, token_column: int = 0, tag_column: int = -1, require_label: bool = True
+) -> list[Record]:
+    """Read a token-per-line file (CoNLL, CoNLL-U, BIO) into `{"tokens", "tags"}` records.
+
+    One token per line, its columns split by tabs (or by runs of spaces in a file without
+    tabs); a blank line ends a sentence. A `-DOCSTART-` line starts a new document: the
+    sentences after it carry `"doc": n` (0, 1, ...), so a split of the file keeps each
+    document whole. A line that starts with `#` and has fewer columns than the file's first
+    token line is a comment (CoNLL-U's `# sent_id = 1`); a token such as `#hashtag` on a line
+    with the file's columns is a token. In a `.conllu` file the multiword-token and empty-node
+    lines (IDs `3-4`, `5.1`) are skipped, so a column of the word lines is read.
+
+    Args:
+        path: the file (optionally .gz).
+        token_column: 0-based index of the token column (negative counts from the end).
+        tag_column: 0-based index of the tag column; -1, the default, is the last column.
+        require_label: when False, lines may hold the token alone (inputs for prediction); a
+            sentence then has tags on every line (a "tags" list) or on none (no "tags" key).
+
+    Raises:
+        DataError: naming `file:line` for a line without the token or tag column, a tag
+            missing from a sentence whose other lines have one, or a file without sentences.
+    """
     path = Path(path)
     _check_file(path)
+    conllu = path.name.lower().removesuffix(".gz").endswith(".conllu")
+    try:
+        with _open_text(path) as f:
+            lines = [line.rstrip() for line in f]  # trailing tabs and spaces are no empty column
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start})", "save the file as UTF-8") from None
+    tabbed = any("\t" in line for line in lines)
+
+    def fields_of(line: str) -> list[str]:
+        return [c.strip() for c in line.split("\t")] if tabbed else line.split()
+
+    width = next((len(fields_of(ln)) for ln in lines if ln and not ln.startswith(("#", "-DOCSTART-"))), 0)
+    columns = f"the token in column {token_column} and the tag in column {tag_column}"
+    hint = "set data.token_column / data.tag_column (0-based; -1 is the last column)"
     records: list[Record] = []
-    tokens: list[str] = []
-    tags: list[str] = []
-    start = 1
-    with _open_text(path) as f:
-        for line_no, line in enumerate(f, 1):
-            fields = line.split()
-            if not fields or line.startswith("-DOCSTART-"):
-                if tokens:
-                    records.append({"tokens": tokens, "tags": tags, "_source": f"{path}:{start}"})
-                tokens, tags, start = [], [], line_no + 1
-                continue
-            if len(fields) < 2:
-                raise DataError(f"{path}:{line_no}: expected 'TOKEN ... TAG', found one field {fields[0]!r}")
-            tokens.append(fields[0])
-            tags.append(fields[-1])
-    if tokens:
-        records.append({"tokens": tokens, "tags": tags, "_source": f"{path}:{start}"})
+    sentence: list[tuple[int, str, str | None]] = []  # (line, token, tag or None)
+    doc: int | None = None
+
+    def close() -> None:
+        if not sentence:
+            return
+        untagged = [line_no for line_no, _, tag in sentence if tag is None]
+        if untagged and len(untagged) < len(sentence):
+            raise DataError(
+                f"{path}:{untagged[0]}: no tag (column {tag_column}) in a sentence whose other lines have one",
+                "give every token of a labelled sentence its tag",
+            )
+        record: Record = {"tokens": [token for _, token, _ in sentence]}
+        if not untagged:
+            record["tags"] = [tag for _, _, tag in sentence]
+        if doc is not None:
+            record["doc"] = doc
+        record["_source"] = f"{path}:{sentence[0][0]}"
+        records.append(record)
+        sentence.clear()
+
+    for line_no, line in enumerate(lines, 1):
+        if not line:
+            close()
+            continue
+        if line.startswith("-DOCSTART-"):
+            close()
+            doc = 0 if doc is None else doc + 1
+            continue
+        fields = fields_of(line)
+        if line.startswith("#") and len(fields) < width:
+            continue  # a comment
+        if conllu and _CONLLU_RANGE.fullmatch(fields[0]):
+            continue
+        t_ix, g_ix = _column(token_column, len(fields)), _column(tag_column, len(fields))
+        if g_ix == t_ix:
+            g_ix = None  # -1 on a token-only line: the last column is the token itself
+        if t_ix is None or (g_ix is None and require_label):
+            n = len(fields)
+            raise DataError(f"{path}:{line_no}: {n} column{'s' * (n != 1)}, too few for {columns}", hint)
+        if not fields[t_ix]:
+            raise DataError(f"{path}:{line_no}: empty token in column {token_column}", hint)
+        tag = fields[g_ix] if g_ix is not None else None
+        if tag in ("", "_"):
+            raise DataError(f"{path}:{line_no}: empty tag {tag!r} in column {tag_column}", hint)
+        sentence.append((line_no, fields[t_ix], tag))
+    close()
     if not records:
         raise DataError(
             f"{path}: no sentences found", "one 'TOKEN TAG' per line, a blank line between sentences"
@@ -333,8 +436,14 @@ def read_records(
     text_column: str = "text",
     label_column: str = "label",
     require_label: bool = True,
+    token_column: int = 0,
+    tag_column: int = -1,
 ) -> list[Record]:
-    """Read any supported file or folder; `format` defaults to `infer_format(path)`."""
+    """Read any supported file or folder; `format` defaults to `infer_format(path)`.
+
+    `text_column`/`label_column` name the columns of CSV and JSONL files; `token_column`/
+    `tag_column` are the 0-based columns of a CoNLL file (`read_conll`).
+    """
     path = Path(path)
     fmt = format or infer_format(path)
     if fmt == "csv":
@@ -346,7 +455,7 @@ def read_records(
     if fmt == "idx":
         return read_idx_pair(path)
     if fmt == "conll":
-        return read_conll(path)
+        return read_conll(path, token_column, tag_column, require_label)
     if fmt == "text":
         return read_text(path)
     raise DataError(f"{path}: no reader for format {fmt!r}", f"dapeng reads: {', '.join(FORMATS)}")

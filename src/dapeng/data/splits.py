@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from dapeng.config import DataConfig
-from dapeng.data.catalog import load_dataset, stratified_split
+from dapeng.data.catalog import grouped_split, load_dataset, stratified_split
 from dapeng.data.readers import iter_labels, read_records
 from dapeng.errors import ConfigError
 from dapeng.records import Record
@@ -21,11 +21,18 @@ class Splits(NamedTuple):
 
 
 def _read(path: Path, cfg: DataConfig) -> list[Record]:
-    return read_records(path, cfg.format, cfg.text_column, cfg.label_column)
+    return read_records(
+        path, cfg.format, cfg.text_column, cfg.label_column,
+        token_column=cfg.token_column, tag_column=cfg.tag_column,
+    )
 
 
 def _split(records: list[Record], sizes: list[float], seed: int) -> list[list[Record]]:
-    parts = stratified_split(list(iter_labels(records)), sizes, seed)
+    labels = list(iter_labels(records))
+    if records and all("doc" in r for r in records):  # no document's sentences on both sides
+        parts = grouped_split([r["doc"] for r in records], labels, sizes, seed)
+    else:
+        parts = stratified_split(labels, sizes, seed)
     return [[records[i] for i in part] for part in parts]
 
 
@@ -35,7 +42,8 @@ def load_splits(cfg: DataConfig) -> Splits:
     A catalog `dataset` comes with its canonical split (files named in `eval`/`test`
     replace that part). User files: `train` is required; without `eval` (and `test`)
     files, a seeded stratified split of `train` by `eval_fraction` (and `test_fraction`)
-    provides them. `limit` caps every split at that many records, a seeded sample stratified by label
+    provides them; records that all carry a `"doc"` (a CoNLL file's `-DOCSTART-` documents, a
+    JSONL field) are split as whole documents. `limit` caps every split at that many records, a seeded sample stratified by label
     (smoke runs).
     """
     if cfg.dataset and cfg.train:
@@ -70,4 +78,4 @@ def _sample(records: list[Record], limit: int, seed: int) -> list[Record]:
     order (Fashion-MNIST's files, a CSV sorted by label) still gives a smoke run every class."""
     if len(records) <= limit:
         return records
-    return _split(records, [limit], seed)[1]
+    return [records[i] for i in stratified_split(list(iter_labels(records)), [limit], seed)[1]]
