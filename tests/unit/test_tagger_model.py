@@ -164,3 +164,17 @@ def test_fine_tuning_a_pretrained_encoder_with_a_fresh_crf(tmp_path):
     for name, value in source.state_dict().items():
         if not name.startswith("head."):
             assert torch.equal(model.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_sentence_alone_equals_it_in_a_mixed_length_batch(precision):
+    model = _tagger(crf=True)
+    ids, mask, chars = _batch(t=7, c=6)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        batched = model(ids, mask, chars).float()
+        alone = [model(ids[b : b + 1, :n], mask[b : b + 1, :n], chars[b : b + 1, :n]).float()[0]
+                 for b, n in enumerate(mask.sum(1).tolist())]
+        paths = model.crf.decode(model(ids, mask, chars), mask)
+        assert paths == [model.crf.decode(a.unsqueeze(0), torch.ones(1, len(a), dtype=torch.bool))[0] for a in alone]
+    for b, a in enumerate(alone):
+        torch.testing.assert_close(batched[b, : len(a)], a, atol=1e-2 if precision == "bf16" else 1e-5, rtol=0)
