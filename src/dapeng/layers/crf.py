@@ -159,11 +159,13 @@ class CRF(nn.Module):
         tiny = torch.finfo(torch.float32).tiny
         col_max = trans.detach().amax(0, keepdim=True)  # (1, K)
         exp_trans = (trans - col_max).exp()  # (K, K), every column's largest entry is 1
-        alpha = start + em[:, 0]  # (B, K)
-        for t in range(1, int(lengths.max())):
+        # one unbind, not em[:, t] per step: each slice's backward would zero-fill a whole (B, T, K)
+        steps = em[:, : int(lengths.max())].unbind(1)  # T × (B, K)
+        alpha = start + steps[0]  # (B, K)
+        for t in range(1, len(steps)):
             shift = alpha.detach().amax(1, keepdim=True)  # (B, 1)
             summed = (alpha - shift).exp() @ exp_trans  # (B, K)
-            step = summed.clamp_min(tiny).log() + shift + col_max + em[:, t]
+            step = summed.clamp_min(tiny).log() + shift + col_max + steps[t]
             alpha = torch.where(mask[:, t, None], step, alpha)
         return torch.logsumexp(alpha + end, dim=1)
 
