@@ -22,7 +22,7 @@ FORBIDDEN = -1.0e4
 SCHEMES = ("BIO", "BIOES")
 # Viterbi over more tags than this tries each row's best `_CANDIDATES` previous tags first.
 _PRUNE_ABOVE = 64
-_CANDIDATES = 16
+_CANDIDATES = 8
 
 
 class CRF(nn.Module):
@@ -229,10 +229,10 @@ def _viterbi_step(score: torch.Tensor, trans: torch.Tensor, col_max: torch.Tenso
 
     Over many tags (Brown's 472) the full (B, K, K) sum is most of a tagger's inference time.
     Only the `_CANDIDATES` best previous tags of a row are tried then: a tag outside them
-    scores at most the next-best score plus the column's largest transition, so where every
-    column's best beats that bound the result is exact; the rows where one doesn't (rare once
-    emissions are peaked) are redone in full. Exact either way, and a row's result never
-    depends on the other rows of its batch.
+    scores at most the next-best score plus the column's largest transition, so where a
+    column's best beats that bound it is exact; the (row, column) pairs where it doesn't
+    (rare once emissions are peaked) are redone over every previous tag. Exact either way,
+    and a row's result never depends on the other rows of its batch.
     """
     k = score.shape[1]
     if k <= _PRUNE_ABOVE or k <= _CANDIDATES:
@@ -240,9 +240,9 @@ def _viterbi_step(score: torch.Tensor, trans: torch.Tensor, col_max: torch.Tenso
     top, idx = score.topk(_CANDIDATES + 1, dim=1)  # (B, m+1)
     best, which = (top[:, :_CANDIDATES, None] + trans[idx[:, :_CANDIDATES]]).max(1)  # (B, K)
     prev = idx.gather(1, which)
-    unsure = (best < top[:, _CANDIDATES:] + col_max).any(1).nonzero().squeeze(1)  # (R,)
-    if unsure.numel():
-        best[unsure], prev[unsure] = (score[unsure].unsqueeze(2) + trans).max(1)
+    rows, cols = (best < top[:, _CANDIDATES:] + col_max).nonzero(as_tuple=True)  # (R,), (R,)
+    if rows.numel():
+        best[rows, cols], prev[rows, cols] = (score[rows] + trans[:, cols].T).max(1)  # over (R, K)
     return best, prev
 
 
