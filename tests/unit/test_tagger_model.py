@@ -178,3 +178,13 @@ def test_a_sentence_alone_equals_it_in_a_mixed_length_batch(precision):
         assert paths == [model.crf.decode(a.unsqueeze(0), torch.ones(1, len(a), dtype=torch.bool))[0] for a in alone]
     for b, a in enumerate(alone):
         torch.testing.assert_close(batched[b, : len(a)], a, atol=1e-2 if precision == "bf16" else 1e-5, rtol=0)
+
+
+def test_models_show_feeds_the_character_cnn(capsys):
+    from dapeng.cli.main import main
+
+    args = ["models", "show", "bilstm-crf", "--set", "vocab_size=50", "--set", "hidden=8", "--set", "char_vocab_size=20",
+            "--seq-len", "6"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "CharCNN" in out and "char_ids (1, 6, 8)" in out and "CRF" in out
