@@ -22,7 +22,7 @@ from dapeng.data import load_splits
 from dapeng.hub.artifact import save_artifact
 from dapeng.models import MODELS
 from dapeng.tasks import TASKS
-from dapeng.track import JsonlLogger, TensorBoardLogger, plot_curves, read_jsonl
+from dapeng.track import JsonlLogger, TensorBoardLogger, plot_curves, read_log
 from dapeng.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from dapeng.train.optim import build_optimizer, build_schedule
 from dapeng.train.precision import autocast, eval_mode, resolve_device, resolve_precision, seed_everything
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     save_artifact(args.out / "model", model=model.cpu(), model_name="mlp", model_kwargs=model_kwargs,
                   task_name="image-classification", task_state=task.state(),
                   metrics={"eval": metrics}, card={"data": "scikit-learn digits (1,797 8×8 images)"})
-    plot_curves(read_jsonl(args.out / "metrics.jsonl"), args.out / "curves.png", title="custom loop")
+    plot_curves(read_log(args.out / "metrics.jsonl"), args.out / "curves.png", title="custom loop")
     assert math.isfinite(metrics["eval/loss"])
     print(f"model written to {args.out / 'model'}")
     return metrics

@@ -14,7 +14,6 @@ RUN/{eval,test}_*    the task's detailed reports, where its metric writes them (
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from collections.abc import Sequence
@@ -24,7 +23,11 @@ from typing import Any
 from dapeng.config import RunConfig, TrainConfig, dump_config, load_config
 from dapeng.errors import CheckpointError, ConfigError
 
-__all__ = ["build_task_and_model", "check_names", "evaluate", "load_run_config", "train", "trainer_kwargs"]
+__all__ = [
+    "attach_wrappers", "build_model", "build_task", "build_task_and_model", "check_names", "encode_splits",
+    "evaluate", "evaluate_splits", "finetune_kwargs", "load_run_config", "load_splits", "open_run_dir",
+    "run_trackers", "save_run_artifact", "train", "trainer_kwargs",
+]
 
 CONFIG = "config.yaml"
 METRICS = "metrics.json"
@@ -72,74 +75,136 @@ def check_names(cfg: RunConfig) -> None:
 
 
 def build_task_and_model(cfg: RunConfig, train_records: Sequence[Any]) -> tuple[Any, Any, dict[str, Any]]:
-    """The task (set up on the training records), the model and the kwargs that rebuild it.
-
-    With `model.init`, the model comes from a hub name or an Artifact (`dapeng.hub.init.load_init`).
-    """
-    from dapeng.models import create_model
-    from dapeng.tasks import TASKS
-
-    options = dict(cfg.task_options)
-    if cfg.model.init:
-        if importlib.util.find_spec("dapeng.hub.init") is None:
-            raise ConfigError("config key model.init: fine-tuning from a hub model needs the hub", "unset model.init")
-        from dapeng.hub.init import pretrained_task_options
-
-        # before setup: a causal LM must not learn a throw-away tokenizer nor lose its chat template
-        options = {**pretrained_task_options(cfg.model.init, cfg.task), **options}
-    try:
-        task = TASKS.create(cfg.task, **options)
-    except TypeError as err:
-        raise ConfigError(f"config key task_options: {err}", f"see the options of task {cfg.task!r}") from None
-    task.setup(train_records)
-    if cfg.model.init:
-        from dapeng.hub.init import load_init
-
-        loaded = load_init(cfg.model, task)
-        model, kwargs = loaded if isinstance(loaded, tuple) else (loaded, dict(cfg.model.kwargs))
-        return task, model, kwargs
-    kwargs = {**task.model_kwargs(), **cfg.model.kwargs}
-    model = create_model(cfg.model.name, kwargs, given=cfg.model.kwargs, key="config key model.kwargs.")
-    if hasattr(task, "init_model"):  # data-dependent initialisation, e.g. GloVe word vectors
-        task.init_model(model)
+    """Stage 3 from a config: `build_task` then `build_model`."""
+    task = build_task(cfg.task, cfg.task_options, train_records, init=cfg.model.init)
+    model, kwargs = build_model(task, cfg.model.name, cfg.model.kwargs, init=cfg.model.init)
     return task, model, kwargs
 
 
-def apply_finetune(cfg: RunConfig, model: Any) -> tuple[list[Any], list[dict[str, Any]] | None]:
-    """Map the fine-tuning keys of a config onto the model; returns (Trainer callbacks, param groups).
+def build_task(name: str, options: dict[str, Any], train_records: Sequence[Any], init: str | None = None) -> Any:
+    """The task `name` with `options`, set up on the training records (label set, tokenizer, ...).
 
-    `model.lora` wraps linear layers with LoRA (`apply_lora`: the base freezes), `model.freeze`
-    freezes the lowest layer groups, `model.gradual_unfreezing` unfreezes them epoch by epoch,
-    `train.optimizer.layerwise_decay` gives each lower layer group a smaller learning rate.
-    Applied identically on every build, so a resumed run's checkpoint fits the model.
+    With `init` (a hub name or an Artifact), the pretrained model's task options come first
+    (`dapeng.hub.init.pretrained_task_options`): a causal LM must not learn a throw-away
+    tokenizer nor lose its chat template.
     """
-    m, opt = cfg.model, cfg.train.optimizer
-    if m.lora and (m.freeze or m.gradual_unfreezing):
-        raise ConfigError("config keys model.lora and model.freeze/gradual_unfreezing are both set",
-                          "LoRA already freezes the pretrained weights: use one of them")
-    if m.freeze and m.gradual_unfreezing:
-        raise ConfigError("config keys model.freeze and model.gradual_unfreezing are both set",
-                          "gradual unfreezing decides what is frozen each epoch: drop model.freeze")
-    callbacks: list[Any] = []
-    if m.lora or m.freeze or m.gradual_unfreezing or opt.layerwise_decay:
-        from dapeng.hub.init import GradualUnfreezing, freeze, layerwise_lr_groups
-        from dapeng.layers.lora import apply_lora
+    from dapeng.tasks import TASKS
 
-        if m.lora:
-            try:
-                apply_lora(model, rank=m.lora.rank, alpha=m.lora.alpha or 2.0 * m.lora.rank,
-                           targets=tuple(m.lora.targets), dropout=m.lora.dropout,
-                           keep_trainable=tuple(m.lora.keep_trainable))
-            except ValueError as err:
-                raise ConfigError(f"config key model.lora.targets: {err}", "name linear layers of the model") from None
-        if m.freeze:
-            freeze(model, m.freeze)
-        if m.gradual_unfreezing:
-            callbacks.append(GradualUnfreezing(m.gradual_unfreezing.start, m.gradual_unfreezing.per_epoch))
-    groups = None
-    if opt.layerwise_decay:
-        groups = layerwise_lr_groups(model, opt.lr, opt.layerwise_decay, opt.weight_decay)
-    return callbacks, groups
+    options = dict(options)
+    if init:
+        from dapeng.hub.init import pretrained_task_options
+
+        options = {**pretrained_task_options(init, name), **options}
+    try:
+        task = TASKS.create(name, **options)
+    except TypeError as err:
+        raise ConfigError(f"config key task_options: {err}", f"see the options of task {name!r}") from None
+    task.setup(train_records)
+    return task
+
+
+def build_model(task: Any, name: str, kwargs: dict[str, Any], init: str | None = None) -> tuple[Any, dict[str, Any]]:
+    """The model `name` sized for `task` (its `model_kwargs`, then `kwargs`), and the kwargs that rebuild it.
+
+    With `init`, the pretrained weights (`dapeng.hub.init.load_init`): only keys that own no
+    weights may be overridden.
+    """
+    from dapeng.models import create_model
+
+    if init:
+        from dapeng.hub.init import load_init
+
+        return load_init(init, name, dict(kwargs), task)
+    full = {**task.model_kwargs(), **kwargs}
+    model = create_model(name, full, given=kwargs, key="config key model.kwargs.")
+    if hasattr(task, "init_model"):  # data-dependent initialisation, e.g. GloVe word vectors
+        task.init_model(model)
+    return model, full
+
+
+def finetune_kwargs(cfg: RunConfig) -> dict[str, Any]:
+    """Map the fine-tuning keys of a config (`model.lora`, `model.freeze`, `model.gradual_unfreezing`,
+    `train.optimizer.layerwise_decay`) to `dapeng.train.finetune.apply_finetune`'s arguments."""
+    m, opt = cfg.model, cfg.train.optimizer
+    unfreeze = m.gradual_unfreezing
+    return {
+        "lora": m.lora.model_dump() if m.lora else None, "freeze_groups": m.freeze or 0,
+        "gradual_unfreezing": (unfreeze.start, unfreeze.per_epoch) if unfreeze else None,
+        "layerwise_decay": opt.layerwise_decay, "lr": opt.lr, "weight_decay": opt.weight_decay,
+    }
+
+
+def encode_splits(task: Any, splits: Any) -> dict[str, list[Any]]:
+    """Stage: every split's records through `task.encode`, once (the items are cached tensors)."""
+    return {name: task.encode(records) if records else [] for name, records in splits._asdict().items()}
+
+
+def attach_wrappers(cfg: RunConfig, task: Any, splits: Any, items: dict[str, list[Any]]) -> tuple[Any, dict[str, Any]]:
+    """Stage: wrap the task for what rides along with its items — a teacher's logits (`distill:`).
+
+    Returns the task to train (the wrapper, or `task`) and facts for the run's metrics;
+    `items["train"]` may grow (the teacher's transfer set).
+    """
+    if not cfg.distill:
+        return task, {}
+    from dapeng.compress.distill import attach_teacher
+    from dapeng.train.precision import resolve_device
+
+    task, items["train"], facts = attach_teacher(cfg.distill, task, splits.train, items["train"], splits.eval or (),
+                                                 str(resolve_device(cfg.train.device)), items["eval"])
+    return task, facts
+
+
+def open_run_dir(out: Path, config: RunConfig, resume: bool) -> None:
+    """Stage: create the run directory and write its resolved config.
+
+    Runs only once data, task and model are built: a failed start leaves a fresh `out` absent
+    and a used one as it was.
+    """
+    from dapeng._files import atomic_write
+
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:  # a fresh start in a folder whose earlier run died before its first checkpoint
+        shutil.rmtree(out / "tb", ignore_errors=True)
+    atomic_write(out / CONFIG, lambda f: f.write(dump_config(config).encode()))
+
+
+def run_trackers(out: Path, title: str, progress: bool) -> list[Any]:
+    """The Trainer callbacks every run records with: metrics.jsonl, TensorBoard, and progress on stderr."""
+    from dapeng.track import JsonlLogger, TensorBoardLogger, progress_tracker
+
+    trackers: list[Any] = [JsonlLogger(out / METRICS_LOG), TensorBoardLogger(out / "tb")]
+    shown = progress_tracker(title) if progress else None
+    return [*trackers, shown] if shown is not None else trackers
+
+
+def evaluate_splits(trainer: Any, items: dict[str, list[Any]], report_dir: Path | None) -> dict[str, dict[str, Any]]:
+    """Stage: the best model's metrics on the eval and test items (empty for a missing split)."""
+    return {split: _strip(trainer.evaluate(items[split], prefix=split, report_dir=report_dir)) if items[split] else {}
+            for split in ("eval", "test")}
+
+
+def save_run_artifact(out: Path, config: RunConfig, trainer: Any, task: Any, model_kwargs: dict[str, Any],
+                      metrics: dict[str, Any]) -> Path:
+    """Stage: metrics.json, the Artifact of the trained model (LoRA merged: it serves, exports and
+    quantizes as the plain architecture), and the training curves."""
+    from dapeng._files import atomic_write
+    from dapeng.hub.artifact import save_artifact
+    from dapeng.track import plot_curves, read_log
+
+    if config.model.lora:
+        from dapeng.layers.lora import merge_lora
+
+        merge_lora(trainer.model)
+    atomic_write(out / METRICS, lambda f: f.write((json.dumps(metrics, indent=2) + "\n").encode()))
+    model_dir = save_artifact(
+        out / "model", model=trainer.model.to("cpu"), model_name=config.model.name, model_kwargs=model_kwargs,
+        task_name=config.task, task_state=task.state(), metrics={"eval": metrics["eval"], "test": metrics["test"]},
+        card=_card_facts(config, metrics["train"]["trainable_fraction"]), parent=config.model.init,
+        precision=trainer.precision,
+    )
+    plot_curves(read_log(out / METRICS_LOG), out / "curves.png", title=f"{config.model.name} on {_data_name(config)}")
+    return model_dir
 
 
 def train(
@@ -151,6 +216,10 @@ def train(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train the model a config describes and write the run directory (module docstring).
+
+    The stages, in order, each usable on its own from a custom loop: check the run directory →
+    `load_splits` → `build_task` / `build_model` → `apply_finetune` → `encode_splits` →
+    `attach_wrappers` → `open_run_dir` → `Trainer.fit` → `evaluate_splits` → `save_run_artifact`.
 
     Args:
         config: the validated run config.
@@ -167,80 +236,34 @@ def train(
         ConfigError: `out` already holds a run (without `resume`), or the config differs
             from the run's own on `resume`.
     """
-    import torch
-
-    from dapeng.hub.artifact import save_artifact
-    from dapeng.track import JsonlLogger, TensorBoardLogger, plot_curves, progress_tracker, read_jsonl
-    from dapeng.train.checkpoint import atomic_write
+    from dapeng.train.finetune import apply_finetune
     from dapeng.train.precision import seed_everything
     from dapeng.train.trainer import LAST, Trainer
 
     out = Path(out)
-    ckpt_dir = out / "checkpoints"
-    _check_run_dir(config, out, ckpt_dir / LAST, resume)
+    _check_run_dir(config, out, out / "checkpoints" / LAST, resume)
     check_names(config)
     seed_everything(config.train.seed)
     splits = load_splits(config)
     task, model, model_kwargs = build_task_and_model(config, splits.train)
-    finetune_callbacks, param_groups = apply_finetune(config, model)
+    finetune_callbacks, param_groups = apply_finetune(model, **finetune_kwargs(config))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    train_items = task.encode(splits.train)
-    eval_items = task.encode(splits.eval) if splits.eval else []
-    test_items = task.encode(splits.test) if splits.test else []
-    teacher_facts: dict[str, Any] = {}
-    if config.distill:  # the teacher's logits ride along with the training items
-        from dapeng.compress.distill import attach_teacher
-        from dapeng.train.precision import resolve_device
+    items = encode_splits(task, splits)
+    task, wrapper_facts = attach_wrappers(config, task, splits, items)
+    open_run_dir(out, config, resume)
 
-        task, train_items, teacher_facts = attach_teacher(config.distill, task, splits.train, train_items,
-                                                          splits.eval or (), str(resolve_device(config.train.device)),
-                                                          eval_items)
-
-    # Only now that data, task and model are built does the run directory change: a failed start
-    # leaves a fresh --out absent and a used one as it was.
-    out.mkdir(parents=True, exist_ok=True)
-    if not resume:  # a fresh start in a folder whose earlier run died before its first checkpoint
-        shutil.rmtree(out / "tb", ignore_errors=True)
-    atomic_write(out / CONFIG, lambda f: f.write(dump_config(config).encode()))
-    trackers: list[Any] = [JsonlLogger(out / METRICS_LOG), TensorBoardLogger(out / "tb")]
-    shown = progress_tracker(f"train {config.model.name}") if progress else None
-    if shown is not None:
-        trackers.append(shown)
-    trainer = Trainer(model, task, checkpoint_dir=ckpt_dir, callbacks=[*finetune_callbacks, *trackers, *callbacks],
-                      param_groups=param_groups, **trainer_kwargs(config.train))
-    summary = trainer.fit(train_items, eval_items or None, resume=resume)
+    trainer = Trainer(model, task, checkpoint_dir=out / "checkpoints", param_groups=param_groups,
+                      callbacks=[*finetune_callbacks, *run_trackers(out, f"train {config.model.name}", progress),
+                                 *callbacks], **trainer_kwargs(config.train))
+    summary = trainer.fit(items["train"], items["eval"] or None, resume=resume)
     trainer.load_best()
 
-    metrics = {
-        "train": {k: v for k, v in summary.items() if v is not None},
-        "eval": _strip(trainer.evaluate(eval_items, prefix="eval", report_dir=out)) if eval_items else {},
-        "test": _strip(trainer.evaluate(test_items, prefix="test", report_dir=out)) if test_items else {},
-    }
-    metrics["train"]["precision"] = trainer.precision
-    metrics["train"]["device"] = str(trainer.device)
-    metrics["train"]["trainable_params"] = trainable
-    metrics["train"]["trainable_fraction"] = trainable / max(total, 1)
-    metrics["train"].update({k: v for k, v in teacher_facts.items() if v is not None})
-    if config.model.lora:
-        from dapeng.layers.lora import merge_lora
-
-        merge_lora(trainer.model)  # the Artifact is the plain architecture: serves, exports, quantizes as is
-    atomic_write(out / METRICS, lambda f: f.write((json.dumps(metrics, indent=2) + "\n").encode()))
-    model_dir = save_artifact(
-        out / "model",
-        model=trainer.model.to("cpu"),
-        model_name=config.model.name,
-        model_kwargs=model_kwargs,
-        task_name=config.task,
-        task_state=task.state(),
-        metrics={"eval": metrics["eval"], "test": metrics["test"]},
-        card=_card_facts(config, trainable / max(total, 1)),
-        parent=config.model.init,
-        precision=trainer.precision,
-    )
-    plot_curves(read_jsonl(out / METRICS_LOG), out / "curves.png", title=f"{config.model.name} on {_data_name(config)}")
-    del torch  # imported above only to fail early when torch is missing
+    metrics = {"train": {k: v for k, v in summary.items() if v is not None}, **evaluate_splits(trainer, items, out)}
+    metrics["train"].update(precision=trainer.precision, device=str(trainer.device), trainable_params=trainable,
+                            trainable_fraction=trainable / max(total, 1),
+                            **{k: v for k, v in wrapper_facts.items() if v is not None})
+    model_dir = save_run_artifact(out, config, trainer, task, model_kwargs, metrics)
     return {"run": str(out), "model": str(model_dir), "metrics": metrics, "steps": summary["steps"],
             "stopped": summary["stopped"]}
 

@@ -16,7 +16,7 @@ import _trainer_toy as toy  # noqa: E402
 
 import dapeng.runner as runner  # noqa: E402
 from dapeng.config import load_config  # noqa: E402
-from dapeng.track import read_jsonl  # noqa: E402
+from dapeng.track import read_log  # noqa: E402
 from dapeng.train.checkpoint import load_checkpoint  # noqa: E402
 
 WORKER = Path(__file__).with_name("_resume_worker.py")
@@ -43,7 +43,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, monkeypatch):
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
-        steps = [r["step"] for r in read_jsonl(killed / "metrics.jsonl")]
+        steps = [r["step"] for r in read_log(killed / "metrics.jsonl")]
         if steps and max(steps) >= 10:  # mid-epoch 2, between checkpoints (every 4 steps)
             break
         time.sleep(0.05)
@@ -75,5 +75,5 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, monkeypatch):
     assert all(torch.equal(best_a[k], best_b[k]) for k in best_a)
     assert a["trainer"]["best"] == b["trainer"]["best"] and a["trainer"]["best_step"] == b["trainer"]["best_step"]
     # the resumed log reads as one run: each step once, in order
-    steps = [r["step"] for r in read_jsonl(killed / "metrics.jsonl") if "train/loss" in r]
+    steps = [r["step"] for r in read_log(killed / "metrics.jsonl") if "train/loss" in r]
     assert steps == list(range(1, TOTAL_STEPS + 1))

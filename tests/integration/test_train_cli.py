@@ -70,7 +70,7 @@ def test_custom_loop_example(tmp_path, monkeypatch):
     import torch
 
     from dapeng.hub.artifact import load_artifact
-    from dapeng.track import read_jsonl
+    from dapeng.track import read_log
 
     torch.set_num_threads(1)
     example = runpy.run_path(str(Path(__file__).parents[2] / "examples" / "custom_loop.py"))
@@ -80,5 +80,5 @@ def test_custom_loop_example(tmp_path, monkeypatch):
     assert load_artifact(out / "model").meta["model"]["name"] == "mlp"
     assert (out / "curves.png").is_file() and any((out / "tb").iterdir())
     example["main"](["--out", str(out), "--epochs", "3", "--precision", "fp32", "--resume"])
-    steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "train/loss" in r]
+    steps = [r["step"] for r in read_log(out / "metrics.jsonl") if "train/loss" in r]
     assert steps == sorted(set(steps)) and len(steps) == 3 * 45 // 10

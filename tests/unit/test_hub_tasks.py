@@ -7,20 +7,14 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from dapeng.config import ModelConfig
 from dapeng.errors import ConfigError, DataError, ModelError
 from dapeng.hub.artifact import save_artifact
-from dapeng.hub.init import (
-    GradualUnfreezing,
-    freeze,
-    layer_groups,
-    layerwise_lr_groups,
-    load_init,
-)
+from dapeng.hub.init import load_init
 from dapeng.models import MODELS
 from dapeng.tasks import TASKS
 from dapeng.tasks.causal_lm import CausalLM, _detokenize, render_chat
 from dapeng.tasks.embedding import SentenceEmbedding
+from dapeng.train.finetune import GradualUnfreezing, freeze, layer_groups, layerwise_lr_groups
 from dapeng.train.optim import build_optimizer, build_schedule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -53,7 +47,7 @@ def test_load_init_new_head_same_backbone_and_pretrained_tokenizer(pretrained):
     records = [{"text": "good film", "label": "pos"}, {"text": "dull plot", "label": "neg"},
                {"text": "great", "label": "meh"}]
     task.setup(records)
-    model, kwargs = load_init(ModelConfig(name="transformer", init=str(path), kwargs={"dropout": 0.2}), task)
+    model, kwargs = load_init(str(path), "transformer", {"dropout": 0.2}, task)
     assert kwargs["num_labels"] == 3 and kwargs["dropout"] == 0.2 and model.head.out_features == 3
     for name, value in source.state_dict().items():
         if not name.startswith("head."):
@@ -68,11 +62,11 @@ def test_load_init_refuses_shape_changes_and_wrong_model(pretrained):
     task = TASKS.create("text-classification")
     task.setup([{"text": "good", "label": "a"}, {"text": "bad", "label": "b"}])
     with pytest.raises(ConfigError, match="model.kwargs.hidden"):
-        load_init(ModelConfig(name="transformer", init=str(path), kwargs={"hidden": 32}), task)
+        load_init(str(path), "transformer", {"hidden": 32}, task)
     with pytest.raises(ConfigError, match="model.name"):
-        load_init(ModelConfig(name="lstm", init=str(path)), task)
+        load_init(str(path), "lstm", {}, task)
     with pytest.raises(ModelError, match=r"model\.kwargs\.pooling: 'foo' .*choose cls, mean, max or none"):
-        load_init(ModelConfig(name="transformer", init=str(path), kwargs={"pooling": "foo"}), task)
+        load_init(str(path), "transformer", {"pooling": "foo"}, task)
 
 
 def test_freeze_gradual_unfreezing_and_layerwise_lr():

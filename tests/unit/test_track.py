@@ -7,7 +7,7 @@ import pytest
 import torch
 from _trainer_toy import ToyNet, ToyTask, make_records
 
-from dapeng.track import JsonlLogger, ProgressBar, TensorBoardLogger, plot_curves, quiet, read_jsonl
+from dapeng.track import JsonlLogger, ProgressBar, TensorBoardLogger, plot_curves, quiet, read_log
 from dapeng.train.trainer import Trainer
 
 torch.set_num_threads(1)
@@ -39,21 +39,21 @@ def test_tensorboard_events_are_readable(tmp_path):
 def test_jsonl_log_and_resume_truncation(tmp_path):
     path = tmp_path / "metrics.jsonl"
     fit_with([JsonlLogger(path)], tmp_path)
-    records = read_jsonl(path)
+    records = read_log(path)
     assert [r["step"] for r in records if "train/loss" in r] == [2, 4, 6, 8, 10, 12]
     assert all("time" in r for r in records)
     # a resumed run drops what the killed run logged after its checkpoint (step 6)
     with path.open("a") as f:
         f.write('{"step": 13, "train/lo')  # a torn last line
     JsonlLogger(path).start(6)
-    assert max(r["step"] for r in read_jsonl(path)) == 6
+    assert max(r["step"] for r in read_log(path)) == 6
     assert all(json.loads(line) for line in path.read_text().splitlines())
 
 
 def test_nan_is_written_as_null(tmp_path):
     logger = JsonlLogger(tmp_path / "m.jsonl")
     logger.on_log(None, {"step": 1, "train/loss": float("nan")})
-    assert read_jsonl(tmp_path / "m.jsonl")[0]["train/loss"] is None
+    assert read_log(tmp_path / "m.jsonl")[0]["train/loss"] is None
 
 
 def test_progress_bar_and_curves(tmp_path, capsys):
@@ -63,7 +63,7 @@ def test_progress_bar_and_curves(tmp_path, capsys):
     assert bar.bar is None  # closed at the end
     err = capsys.readouterr().err
     assert "12/12" in err and "loss=" in err
-    png = plot_curves(read_jsonl(jsonl), tmp_path / "curves.png")
+    png = plot_curves(read_log(jsonl), tmp_path / "curves.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot_curves([], tmp_path / "none.png") is None
 

@@ -45,9 +45,9 @@ def run(args: argparse.Namespace) -> int:
         raise DataError("no texts to embed", "pass texts as arguments or --file")
     import numpy as np
 
-    import dapeng
+    from dapeng.pipeline import load
 
-    pipe = dapeng.load(args.model, precision=args.precision)
+    pipe = load(args.model, precision=args.precision)
     vectors = pipe.embed(texts)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

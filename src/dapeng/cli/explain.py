@@ -39,14 +39,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import dapeng
     from dapeng.errors import DapengError
     from dapeng.explain import explain
     from dapeng.explain.render import headline
+    from dapeng.pipeline import load
 
     if args.out is not None and Path(args.out).suffix.lower() not in (".html", ".htm", ".png"):
         raise DapengError(f"cannot render to {args.out!r}", "use a .html or .png file name")
-    pipeline = dapeng.load(args.run, precision="fp32")
+    pipeline = load(args.run, precision="fp32")
     target: str | int | None = args.target
     [explanation] = explain(
         pipeline, args.input, method=args.method, target=target, memory_budget_mb=args.memory_budget_mb,

@@ -58,9 +58,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.prompt is None and not args.chat:
         raise DataError("nothing to continue", "pass --prompt TEXT, or --chat for an interactive chat")
-    import dapeng
+    from dapeng.pipeline import load
 
-    pipe = dapeng.load(args.model, precision=args.precision)
+    pipe = load(args.model, precision=args.precision)
     if args.prompt is not None:
         text = _stream(pipe, args.prompt, args, args.chat)
         if args.json:

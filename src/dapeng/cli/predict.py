@@ -71,7 +71,7 @@ class _Item(NamedTuple):
 
 
 def run(args: argparse.Namespace) -> int:
-    import dapeng
+    from dapeng.pipeline import load
 
     if args.batch_size < 1:
         raise DataError(f"--batch-size must be at least 1, not {args.batch_size}")
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         raise DataError("nothing to predict", "give inputs on the command line or --file FILE")
     if args.file is not None:
         _check_file(args.file)
-    pipe = dapeng.load(args.model, precision=args.precision)
+    pipe = load(args.model, precision=args.precision)
     bad = _BadRows(args.file, args.on_error)
     items = itertools.chain(_command_line_items(pipe, args.inputs), _file_items(pipe, args, bad.report))
     if args.out is not None:

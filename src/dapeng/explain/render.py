@@ -17,13 +17,12 @@ import base64
 import html
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from dapeng._files import atomic_write
 from dapeng.errors import DapengError
 
 if TYPE_CHECKING:
@@ -34,27 +33,13 @@ AGAINST = (67, 147, 195)  # attribution away from it
 MAX_AXIS_LABELS = 48  # attention maps longer than this lose their tick labels
 
 
-def _atomic_write(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def save(explanation: Explanation, path: Path) -> Path:
     """Write `explanation` to `path`, the format chosen by its suffix (.html or .png)."""
     suffix = path.suffix.lower()
     if suffix in (".html", ".htm"):
-        return _atomic_write(path, to_html(explanation).encode("utf-8"))
+        return atomic_write(path, lambda f: f.write(to_html(explanation).encode("utf-8")))
     if suffix == ".png":
-        return _atomic_write(path, to_png(explanation))
+        return atomic_write(path, lambda f: f.write(to_png(explanation)))
     raise DapengError(f"cannot render to {path.name!r}", "use a .html or .png file name")
 
 

@@ -289,14 +289,13 @@ def trained_precision(meta: dict[str, Any]) -> str:
 
 
 def _prepare_quantized(model: Any, spec: dict[str, Any], path: Path) -> Any:
-    """Swap in quantized layers before loading quantized weights (the compress package knows how)."""
-    import importlib
+    """Swap in quantized layers before loading quantized weights.
 
-    prepare = getattr(importlib.import_module("dapeng.compress"), "prepare_quantized", None)
-    if prepare is None:
-        raise ModelError(f"artifact {str(path)!r} is quantized ({spec}) but dapeng.compress cannot rebuild it",
-                         "load the unquantized parent model instead")
-    return prepare(model, spec)
+    Quantized layers are layers (`dapeng.layers`), so the hub can rebuild them without importing
+    the compress package above it; this version of dapeng has none yet.
+    """
+    raise ModelError(f"artifact {str(path)!r} is quantized ({json.dumps(spec)}), which this version of dapeng "
+                     "can't load", "load the unquantized parent model instead")
 
 
 def _load_weights(model: Any, weights: dict[str, Any], path: Path) -> None:

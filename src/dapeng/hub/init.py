@@ -2,20 +2,14 @@
 
 `pretrained_task_options(init, task_name)` gives a causal-lm or sentence-embedding task the
 pretrained model's own tokenizer, chat template and special ids before `setup`;
-`load_init(model_cfg, task)` loads the hub model (or Artifact folder) named by
+`load_init(init, name, overrides, task)` loads the hub model (or Artifact folder) named by
 `model.init`, hands its tokenizer to the task, and returns the model with a fresh head
 sized for the task (`reset_head`) whenever the task or its label count differs from the
 pretrained one. `model.kwargs` may change what has no weights (`pooling`, `dropout`);
 anything that changes a weight's shape is an error naming the key.
 
-Also here, transforms over a model used while fine-tuning:
-
-* `freeze(model, until)` / `layer_groups(model)`: freeze the embeddings and the first blocks;
-* `GradualUnfreezing`: a Trainer callback that unfreezes one more block group per epoch,
-  top down (ULMFiT);
-* `layerwise_lr_groups(model, lr, decay)`: optimizer parameter groups whose learning rate
-  shrinks by `decay` per block from the head down to the embeddings (LLRD); pass them as
-  `Trainer(..., param_groups=...)`, which builds them before a resume restores their state.
+The fine-tuning transforms themselves (LoRA, freezing, gradual unfreezing, layer-wise
+learning rates) are training transforms: `dapeng.train.finetune`.
 """
 
 from __future__ import annotations
@@ -27,15 +21,7 @@ from torch import nn
 
 from dapeng.errors import ConfigError, ModelError
 
-__all__ = [
-    "GradualUnfreezing",
-    "freeze",
-    "layer_groups",
-    "layerwise_lr_groups",
-    "load_init",
-    "pretrained_task_options",
-    "resolve_init",
-]
+__all__ = ["load_init", "pretrained_task_options", "resolve_init"]
 
 # Keys of a pretrained model's kwargs that `model.kwargs` may override: they own no pretrained
 # weights (a tagger's CRF is part of the head: fresh unless the pretrained model had one that fits).
@@ -98,11 +84,13 @@ def _adopt_tokenizer(task: Any, tokenizer_json: str) -> None:
                       "use a text task with model.init, or unset model.init")
 
 
-def load_init(model_cfg: Any, task: Any) -> tuple[nn.Module, dict[str, Any]]:
+def load_init(init: str, name: str, overrides: dict[str, Any], task: Any) -> tuple[nn.Module, dict[str, Any]]:
     """Build the model of a run from pretrained weights.
 
     Args:
-        model_cfg: the run's `ModelConfig` (`name`, `kwargs`, `init`).
+        init: a hub name, an Artifact folder or a run directory (`model.init`).
+        name: the architecture the run asks for (`model.name`); must be the pretrained one's.
+        overrides: `model.kwargs`: only keys that own no weights may differ from the pretrained ones.
         task: the run's task, already set up on the training records.
 
     Returns:
@@ -115,23 +103,23 @@ def load_init(model_cfg: Any, task: Any) -> tuple[nn.Module, dict[str, Any]]:
     from dapeng.hub.artifact import load_artifact
     from dapeng.models import create_model
 
-    path = resolve_init(model_cfg.init)
+    path = resolve_init(init)
     pretrained = load_artifact(path, precision="fp32")
     spec = pretrained.meta["model"]
-    if model_cfg.name != spec["name"]:
+    if name != spec["name"]:
         raise ConfigError(
-            f"config key model.name: {model_cfg.name!r}, but model.init {model_cfg.init!r} is a {spec['name']!r}",
+            f"config key model.name: {name!r}, but model.init {init!r} is a {spec['name']!r}",
             f"set model.name: {spec['name']}",
         )
     kwargs = dict(spec.get("kwargs", {}))
-    shaped = sorted(set(model_cfg.kwargs) - _OVERRIDABLE)
-    changed = [k for k in shaped if kwargs.get(k) != model_cfg.kwargs[k]]
+    shaped = sorted(set(overrides) - _OVERRIDABLE)
+    changed = [k for k in shaped if kwargs.get(k) != overrides[k]]
     if changed:
         raise ConfigError(
             f"config key model.kwargs.{changed[0]}: can't change a pretrained model's shape",
             f"only {', '.join(sorted(_OVERRIDABLE))} may be set with model.init",
         )
-    kwargs.update(model_cfg.kwargs)
+    kwargs.update(overrides)
     tokenizer = path / "tokenizer.json"
     if tokenizer.is_file():
         _adopt_tokenizer(task, tokenizer.read_text())
@@ -139,7 +127,7 @@ def load_init(model_cfg: Any, task: Any) -> tuple[nn.Module, dict[str, Any]]:
     same_task = getattr(task, "name", None) == pretrained.meta["task"]
     if wanted is not None:
         kwargs["num_labels"] = wanted
-    model = create_model(spec["name"], kwargs, given=model_cfg.kwargs, key="config key model.kwargs.")
+    model = create_model(spec["name"], kwargs, given=overrides, key="config key model.kwargs.")
     _copy_backbone(pretrained.model, model, keep_head=same_task and wanted in (None, spec["kwargs"].get("num_labels")))
     return model, kwargs
 
@@ -154,72 +142,3 @@ def _copy_backbone(src: nn.Module, dst: nn.Module, keep_head: bool) -> None:
         raise ModelError(f"pretrained weights don't fit the model at {bad[0]}", "check model.kwargs")
     take = {k: v for k, v in take.items() if k in own and v.shape == own[k].shape}
     dst.load_state_dict(take, strict=False)
-
-
-# ----------------------------------------------------------------------------- freezing, LLRD
-
-
-def layer_groups(model: nn.Module) -> list[list[nn.Parameter]]:
-    """Parameters from the bottom up: [embeddings, block 0, …, block N-1, everything else (head, final norm)].
-
-    Works for any model whose blocks are an `nn.ModuleList` named `layers` (transformer, lm).
-    """
-    blocks = getattr(model, "layers", None)
-    if not isinstance(blocks, nn.ModuleList):
-        raise ModelError(f"{type(model).__name__} has no `layers` block list", "freezing by layer needs one")
-    in_blocks = {id(p) for p in blocks.parameters()}
-    embeddings = getattr(model, "embeddings", None) or model.get_input_embeddings()
-    in_embed = {id(p) for p in embeddings.parameters()}
-    rest = [p for p in model.parameters() if id(p) not in in_blocks and id(p) not in in_embed]
-    return [list(embeddings.parameters()), *[list(b.parameters()) for b in blocks], rest]
-
-
-def freeze(model: nn.Module, until: int) -> nn.Module:
-    """Freeze the lowest `until` groups of `layer_groups` (1 = embeddings only); the rest train.
-
-    Returns:
-        The same model.
-    """
-    groups = layer_groups(model)
-    for i, group in enumerate(groups):
-        for p in group:
-            p.requires_grad_(i >= until)
-    return model
-
-
-class GradualUnfreezing:
-    """Trainer callback: start with only the top `start` groups trainable, unfreeze one more per epoch.
-
-    All parameters stay in the optimizer (they are frozen after it is built), so a frozen
-    group simply gets no gradient until its epoch comes.
-
-    Args:
-        start: groups trainable in the first epoch (1 = head only).
-        per_epoch: groups unfrozen at each later epoch.
-    """
-
-    def __init__(self, start: int = 1, per_epoch: int = 1) -> None:
-        self.start = start
-        self.per_epoch = per_epoch
-
-    def on_epoch_start(self, trainer: Any, **_: Any) -> None:
-        groups = layer_groups(trainer.model)
-        trainable = self.start + self.per_epoch * trainer.state.epoch
-        freeze(trainer.model, max(0, len(groups) - trainable))
-
-
-def layerwise_lr_groups(model: nn.Module, lr: float, decay: float, weight_decay: float = 0.0) -> list[dict]:
-    """Optimizer groups with layer-wise learning-rate decay: the top group gets `lr`, each lower one × `decay`.
-
-    Biases and norm weights get no weight decay. Frozen parameters are left out.
-    """
-    groups = layer_groups(model)
-    out = []
-    for depth, params in enumerate(groups):
-        scale = decay ** (len(groups) - 1 - depth)
-        for no_wd in (False, True):
-            # 1-D tensors are biases and norm gains: no weight decay (as the Trainer's own groups)
-            chosen = [p for p in params if p.requires_grad and (p.ndim <= 1) == no_wd]
-            if chosen:
-                out.append({"params": chosen, "lr": lr * scale, "weight_decay": 0.0 if no_wd else weight_decay})
-    return out

@@ -105,7 +105,10 @@ class SentenceEmbedding:
         self.tokenizer  # noqa: B018 - fail early without a tokenizer
 
     def model_kwargs(self) -> dict[str, Any]:
-        return {"pad_id": self.pad_id}
+        """The sizes the data fixes: the pad id, and the vocabulary of the tokenizer (when it has one)."""
+        if self.tokenizer_json is None:
+            return {"pad_id": self.pad_id}
+        return {"pad_id": self.pad_id, "vocab_size": self.tokenizer.get_vocab_size()}
 
     def _ids(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self.tokenizer.encode_batch(list(texts))]

@@ -8,9 +8,9 @@ methods) and never imports the Trainer, so a hand-written loop can drive it too:
 from __future__ import annotations
 
 from dapeng.track.curves import plot_curves
-from dapeng.track.jsonl import JsonlLogger, read_jsonl
+from dapeng.track.jsonl import JsonlLogger, read_log
 from dapeng.track.progress import LogLines, ProgressBar, progress_tracker, quiet
 from dapeng.track.tensorboard import TensorBoardLogger
 
 __all__ = ["JsonlLogger", "LogLines", "ProgressBar", "TensorBoardLogger", "plot_curves", "progress_tracker", "quiet",
-           "read_jsonl"]
+           "read_log"]

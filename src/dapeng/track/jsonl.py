@@ -8,9 +8,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dapeng._files import atomic_write
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Every complete record of a JSONL file (a torn last line from a killed run is skipped)."""
+
+def read_log(path: str | Path) -> list[dict[str, Any]]:
+    """Every complete record of a metrics log (a torn last line from a killed run is skipped).
+
+    Not a data reader: `dapeng.data.readers.read_jsonl` reads training records, strictly.
+    """
     path = Path(path)
     if not path.is_file():
         return []
@@ -46,10 +51,8 @@ class JsonlLogger:
 
     def start(self, step: int = 0) -> None:
         """Begin a fit at `step` (0: a fresh log; otherwise keep only lines up to `step`)."""
-        kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step] if step else []
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        tmp.replace(self.path)
+        kept = [r for r in read_log(self.path) if r.get("step", 0) <= step] if step else []
+        atomic_write(self.path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
 
     def on_log(self, trainer: Any, logs: dict[str, Any]) -> None:
         step = logs.get("step", trainer.state.step if trainer is not None else 0)

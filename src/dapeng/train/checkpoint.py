@@ -1,65 +1,24 @@
 """Checkpoints for exact resume: atomic writes, safe loads, every RNG state.
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so it loads
-with `torch.load(weights_only=True)` (no pickle code runs). Writes go to a temp file in
-the same folder, are fsync'd, then `os.replace`d over the old file: a process killed at
-any moment leaves either the old or the new checkpoint, never a torn one.
+with `torch.load(weights_only=True)` (no pickle code runs). Writes are atomic
+(`dapeng._files.atomic_write`): a process killed at any moment leaves either the old or
+the new checkpoint, never a torn one.
 """
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from dapeng._files import atomic_write
 from dapeng.errors import CheckpointError
 
 FORMAT = 1
-
-
-def atomic_write(path: str | Path, write: Any) -> Path:
-    """Call `write(file_object)` on a temp file next to `path`, fsync it and rename it into place.
-
-    The temp file is removed if `write` fails, so a failed write leaves `path` untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with _suppress_oserror():
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
-    return path
-
-
-def fsync_dir(folder: str | Path) -> None:
-    """Make a rename durable by syncing the folder entry (a no-op where folders can't be opened)."""
-    with _suppress_oserror():
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-class _suppress_oserror:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type | None, value: BaseException | None, tb: Any) -> bool:
-        return kind is not None and issubclass(kind, OSError)
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:

@@ -83,7 +83,7 @@ def build_optimizer(
     """An optimizer over `model`'s trainable parameters with decay-free biases and norms.
 
     Args:
-        groups: explicit parameter groups (e.g. `dapeng.hub.init.layerwise_lr_groups`) instead of
+        groups: explicit parameter groups (e.g. `dapeng.train.finetune.layerwise_lr_groups`) instead of
             the default decay / no-decay split; a group's own "lr" or "weight_decay" wins.
 
     Raises:

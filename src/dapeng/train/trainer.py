@@ -164,7 +164,7 @@ class Trainer:
         log_every: steps between training-loss logs (each log is one device sync).
         callbacks: objects with `on_<event>` methods.
         param_groups: explicit optimizer parameter groups (e.g. layer-wise learning rates from
-            `dapeng.hub.init.layerwise_lr_groups`); built before a resume restores their state.
+            `dapeng.train.finetune.layerwise_lr_groups`); built before a resume restores their state.
     """
 
     def __init__(
