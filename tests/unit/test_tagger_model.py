@@ -4,7 +4,6 @@ import pytest
 import torch
 from torch import nn
 
-from dapeng.config import ModelConfig
 from dapeng.errors import ModelError
 from dapeng.hub.artifact import load_artifact, save_artifact
 from dapeng.hub.init import load_init
@@ -159,7 +158,7 @@ def test_fine_tuning_a_pretrained_encoder_with_a_fresh_crf(tmp_path):
     task.setup([{"text": "a b c", "label": "x"}, {"text": "b c", "label": "y"}])
     path = save_artifact(tmp_path / "enc", model=source, model_name="transformer", model_kwargs=ENCODER,
                          task_name="text-classification", task_state=task.state())
-    model, kwargs = load_init(ModelConfig(name="transformer", init=str(path), kwargs={"pooling": "none", "crf": True}), task)
+    model, kwargs = load_init(str(path), "transformer", {"pooling": "none", "crf": True}, task)
     assert kwargs["crf"] is True and isinstance(model.crf, CRF)
     for name, value in source.state_dict().items():
         if not name.startswith("head."):
