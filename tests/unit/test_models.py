@@ -22,12 +22,14 @@ TINY = {
     "rnn": {**TEXT, "embed_dim": 8, "hidden": 6},
     "gru": {**TEXT, "embed_dim": 8, "hidden": 6, "layers": 2},
     "lstm": {**TEXT, "embed_dim": 8, "hidden": 6, "layers": 2},
+    "bilstm-crf": {**TEXT, "embed_dim": 8, "hidden": 6, "char_vocab_size": 12, "char_embed_dim": 4, "char_filters": 5},
     "transformer": {**TEXT, "hidden": 16, "layers": 2, "heads": 4, "intermediate": 32, "max_positions": 32},
     "lm": {"vocab_size": V, "hidden": 16, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 32, "max_positions": 64},
     "seq2seq": {"vocab_size": V, "hidden": 16, "layers": 1, "heads": 4, "intermediate": 32, "max_positions": 32},
 }
 IMAGE_MODELS = ["mlp", "lenet", "resnet"]
 TEXT_MODELS = ["textcnn", "rnn", "gru", "lstm", "transformer"]
+TAGGERS = ["bilstm-crf"]  # (B, T, K) emissions and a CRF
 
 
 def _build(name: str, **overrides) -> nn.Module:
@@ -44,13 +46,17 @@ def _inputs(name: str) -> dict[str, torch.Tensor]:
     mask[1, 4:] = False
     ids[~mask] = 0
     inputs = {"input_ids": ids, "attention_mask": mask}
+    if name in TAGGERS:
+        chars = torch.randint(1, 12, (B, T, 4), generator=g)
+        chars[0, :, 3] = 0  # shorter words: padding characters
+        inputs["char_ids"] = chars.masked_fill(~mask.unsqueeze(-1), 0)
     if name == "seq2seq":
         inputs["decoder_input_ids"] = torch.randint(3, V, (B, 4), generator=g)
     return inputs
 
 
 def _expected_shape(name: str) -> tuple[int, ...]:
-    return {"lm": (B, T, V), "seq2seq": (B, 4, V)}.get(name, (B, K))
+    return {"lm": (B, T, V), "seq2seq": (B, 4, V), "bilstm-crf": (B, T, K)}.get(name, (B, K))
 
 
 def test_every_registered_model_has_a_tiny_config():
@@ -71,7 +77,13 @@ def test_forward_shape_and_contract(name):
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_every_parameter_gets_a_finite_gradient(name):
     model = _build(name).train()
-    model(**_inputs(name)).float().square().mean().backward()
+    inputs = _inputs(name)
+    out = model(**inputs)
+    loss = out.float().square().mean()
+    if getattr(model, "crf", None) is not None:  # the CRF's scores only get a gradient from its loss
+        tags = torch.randint(0, K, (B, T), generator=torch.Generator().manual_seed(3))
+        loss = loss + model.crf.nll(out, tags, inputs["attention_mask"])
+    loss.backward()
     for pname, p in model.named_parameters():
         assert p.grad is not None, f"{name}: {pname} got no gradient"
         assert torch.isfinite(p.grad).all(), f"{name}: {pname} has a non-finite gradient"
@@ -111,7 +123,7 @@ def test_image_models_cam_layer_and_channels_last(name):
         torch.testing.assert_close(out, model(x), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", [*TEXT_MODELS, "lm"])
+@pytest.mark.parametrize("name", [*TEXT_MODELS, *TAGGERS, "lm"])
 def test_text_models_ignore_padding(name):
     model = _build(name).eval()
     inputs = _inputs(name)
@@ -119,9 +131,14 @@ def test_text_models_ignore_padding(name):
     extra = 5
     more_ids = torch.cat([ids, torch.randint(3, V, (B, extra))], dim=1)  # garbage where the mask is False
     more_mask = torch.cat([mask, torch.zeros(B, extra, dtype=torch.bool)], dim=1)
+    short_kw, long_kw = {}, {}
+    if "char_ids" in inputs:
+        chars = inputs["char_ids"]
+        short_kw["char_ids"] = chars
+        long_kw["char_ids"] = torch.cat([chars, torch.randint(1, 12, (B, extra, chars.shape[2]))], dim=1)
     with torch.no_grad():
-        short, long = model(ids, mask), model(more_ids, more_mask)
-    if name == "lm":
+        short, long = model(ids, mask, **short_kw), model(more_ids, more_mask, **long_kw)
+    if name in ("lm", *TAGGERS):
         short, long = short[mask], long[:, :T][mask]
     torch.testing.assert_close(long, short, atol=1e-5, rtol=1e-5)
     assert isinstance(model.get_input_embeddings(), nn.Embedding)

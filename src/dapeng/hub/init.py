@@ -23,9 +23,10 @@ from dapeng.errors import ConfigError, ModelError
 
 __all__ = ["load_init", "pretrained_task_options", "resolve_init"]
 
-# Keys of a pretrained model's kwargs that `model.kwargs` may override: they own no weights.
-_OVERRIDABLE = {"pooling", "dropout", "activation_dropout"}
-_HEAD_PREFIXES = ("head.", "lm_head.")
+# Keys of a pretrained model's kwargs that `model.kwargs` may override: they own no pretrained
+# weights (a tagger's CRF is part of the head: fresh unless the pretrained model had one that fits).
+_OVERRIDABLE = {"pooling", "dropout", "activation_dropout", "crf"}
+_HEAD_PREFIXES = ("head.", "lm_head.", "crf.")
 
 
 def resolve_init(init: str) -> Path:

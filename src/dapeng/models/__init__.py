@@ -12,7 +12,14 @@ Constructors take plain typed keyword arguments only.
   attention_mask (B, T) bool | None) -> (B, K)`, or (B, T, K) with `pooling="none"`; kwargs
   `vocab_size`, `num_labels`, `pad_id`; `forward_features` gives the pooled (B, D) vector the head
   reads (per-token (B, T, D) with `pooling="none"`); `get_input_embeddings()`. The transformer
-  also has `encode(...) -> (B, T, D)`, BERT's last hidden state.
+  also has `encode(...) -> (B, T, D)`, BERT's last hidden state, and with `pooling="none",
+  crf=True` a `crf` over its per-token logits.
+* Tagger (`bilstm-crf`): `forward(input_ids (B, T), attention_mask (B, T) bool | None,
+  char_ids (B, T, C) | None) -> (B, T, K)` emissions; kwargs `vocab_size`, `num_labels`,
+  `pad_id`, `char_vocab_size` (0: no character CNN, else `char_ids` are required), `crf`;
+  `forward_features` gives the per-token (B, T, D) BiLSTM states; `crf` is a
+  `dapeng.layers.crf.CRF` (its `nll` trains, its `decode` tags) or None;
+  `get_input_embeddings()`. Tagging models' `reset_head` resets the CRF too.
 * `lm`: `forward(input_ids, attention_mask=None) -> (B, T, V)`; `forward_features` = `encode`
   = final hidden states; `generate(...)` with a static KV cache.
 * `seq2seq`: `forward(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask)
@@ -44,6 +51,7 @@ BUILTIN_MODELS: dict[str, str] = {
     "gru": "dapeng.models.rnn:gru",
     "lstm": "dapeng.models.rnn:lstm",
     "transformer": "dapeng.models.transformer:TransformerEncoder",
+    "bilstm-crf": "dapeng.models.tagger:BiLSTMTagger",
     "lm": "dapeng.models.lm:LlamaLM",
     "seq2seq": "dapeng.models.seq2seq:Seq2SeqTransformer",
 }

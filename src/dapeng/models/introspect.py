@@ -70,6 +70,9 @@ def example_inputs(model: nn.Module, seq_len: int = 128, batch: int = 1) -> dict
     inputs = {"input_ids": ids, "attention_mask": torch.ones(batch, seq_len, dtype=torch.bool)}
     if "decoder_input_ids" in inspect.signature(model.forward).parameters:
         inputs["decoder_input_ids"] = ids.clone()
+    chars = getattr(model, "chars", None)  # a tagger's character CNN: 8 characters a word
+    if chars is not None:
+        inputs["char_ids"] = torch.randint(1, chars.embedding.num_embeddings, (batch, seq_len, 8))
     return inputs
 
 

@@ -16,6 +16,7 @@ from torch import nn
 from dapeng.errors import ModelError
 from dapeng.layers.attention import padding_mask
 from dapeng.layers.blocks import EncoderBlock
+from dapeng.layers.crf import CRF
 from dapeng.layers.pooling import pool_sequence
 from dapeng.layers.positions import LearnedPositions
 
@@ -61,6 +62,8 @@ class TransformerEncoder(nn.Module):
         dropout: embedding, attention and residual dropout, and before the head.
         pooling: "cls" (first token), "mean", "max" or "none" (per-token outputs for tagging).
         activation: feed-forward activation ("gelu": exact erf, as BERT).
+        crf: with pooling="none", carry a `CRF` over the per-token logits (`self.crf`, None otherwise)
+            for the tagging task to train and decode with; `forward` still returns the logits.
     """
 
     def __init__(
@@ -79,10 +82,13 @@ class TransformerEncoder(nn.Module):
         dropout: float = 0.1,
         pooling: str = "mean",
         activation: str = "gelu",
+        crf: bool = False,
     ) -> None:
         super().__init__()
         if pooling not in ("cls", "mean", "max", "none"):
             raise ValueError(f"unknown pooling {pooling!r} for transformer; choose cls, mean, max or none")
+        if crf and pooling != "none":
+            raise ValueError(f"crf tags tokens: it needs pooling='none', not {pooling!r}")
         self.pooling = pooling
         self.max_positions = max_positions
         self.embeddings = Embeddings(vocab_size, hidden, max_positions, type_vocab_size, pad_id, layer_norm_eps, dropout)
@@ -95,6 +101,7 @@ class TransformerEncoder(nn.Module):
         self.num_features = hidden
         self.head = nn.Linear(hidden, num_labels)
         self.apply(_init_bert)
+        self.crf: CRF | None = CRF(num_labels) if crf else None
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embeddings.word
@@ -135,6 +142,8 @@ class TransformerEncoder(nn.Module):
     def reset_head(self, num_labels: int) -> None:
         self.head = nn.Linear(self.num_features, num_labels)
         _init_bert(self.head)
+        if self.crf is not None:
+            self.crf = CRF(num_labels)
 
     def forward(
         self,
