@@ -160,7 +160,9 @@ class Pipeline:
         """Turn raw inputs into task records, checking each one.
 
         Texts are strings (or `{"text": ...}` records); images are file paths, encoded bytes,
-        `{"b64": ...}`, numpy arrays or nested lists of pixel values (H, W[, C]).
+        `{"b64": ...}`, numpy arrays or nested lists of pixel values (H, W[, C]); tokens are
+        lists of words, or a sentence, split into words with their character offsets into it
+        (`{"tokens": words, "offsets": [(start, end), ...], "sentence": text}`).
 
         Args:
             max_chars: longest text accepted.

@@ -12,7 +12,7 @@ from seqeval.metrics import f1_score
 from seqeval.scheme import IOB2
 from torch import nn
 
-from dapeng.errors import ConfigError, DataError
+from dapeng.errors import ConfigError, DataError, ModelError
 from dapeng.models import create_model
 from dapeng.pipeline import Pipeline
 from dapeng.tasks import TASKS
@@ -385,6 +385,31 @@ def test_only_arguments_the_model_takes_are_passed():
     assert "char_ids" in batch
     loss, _ = task.loss(model, batch)
     assert torch.isfinite(loss)
+
+
+def test_a_pooled_model_is_refused_with_the_fix():
+    task = subword_task()
+    kwargs = {**task.model_kwargs(), "hidden": 16, "layers": 1, "heads": 2, "intermediate": 32, "pooling": "mean"}
+    with pytest.raises(ModelError, match="pooling: none"):
+        task.loss(create_model("transformer", kwargs), task.collate(task.encode(TRAIN)))
+
+
+def test_trainer_evaluates_with_the_tagging_metric_and_explain_gives_a_row_per_word(tmp_path):
+    from dapeng.train.trainer import Trainer
+
+    task = subword_task()
+    model = tiny_transformer(task)
+    items = task.encode(TRAIN * 2)
+    trainer = Trainer(model, task, epochs=2, batch_size=4, lr=0.01, precision="fp32")
+    trainer.fit(items)
+    scores = trainer.evaluate(items, report_dir=tmp_path)
+    assert {"eval/accuracy", "eval/entity_f1", "eval/entity_precision", "eval/entity_recall"} <= set(scores)
+    report = json.loads((tmp_path / "eval_tagging_report.json").read_text())
+    assert set(report["entities"]) == {"LOC", "ORG", "PER"} and "B-LOC" in report["tags"]
+    [predicted] = trainer.predict(items[:1])
+    assert predicted["tokens"] == TRAIN[0]["tokens"] and len(predicted["tags"]) == 7
+    [e] = Pipeline(model, task).explain("Johnson lives in Paris .", method="ig")
+    assert e.kind == "tokens" and e.words == ["Johnson", "lives", "in", "Paris", "."] and e.scores.shape == (5, 5)
 
 
 # ---------------------------------------------------------------- save, load, Pipeline

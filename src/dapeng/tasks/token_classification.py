@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from torch import nn
 
-from dapeng.errors import DataError
+from dapeng.errors import DataError, ModelError
 from dapeng.records import Record
 from dapeng.tasks._classification import ClassificationMetric, _natural, parse_options, where
 from dapeng.tasks.base import Capabilities
@@ -218,6 +218,9 @@ def _words(record: Record, i: int) -> tuple[list[str], list[tuple[int, int]], st
                         "records are {\"tokens\": [...], \"tags\": [...]}; set data.token_column")
     words = list(tokens)
     if record.get("offsets") is not None and isinstance(record.get("sentence"), str):
+        if len(record["offsets"]) != len(words):
+            raise DataError(f"{where(record, i)}: {len(words)} tokens but {len(record['offsets'])} offsets",
+                            "give one (start, end) per token, or no offsets")
         return words, [(int(s), int(e)) for s, e in record["offsets"]], record["sentence"]
     offsets, position = [], 0
     for word in words:
@@ -519,6 +522,9 @@ class TokenClassificationTask:
         kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "char_ids")
                   if k in batch and (accepted is None or k in accepted)}
         emissions = model(**kwargs)  # (R, T, K)
+        if emissions.dim() != 3:
+            raise ModelError(f"token-classification needs a tag score per token (R, T, K), the model gives "
+                             f"{tuple(emissions.shape)}", "set model.kwargs.pooling: none (or use a tagger model)")
         outputs: dict[str, Any] = {"logits": emissions}
         crf = getattr(model, "crf", None)
         if crf is not None and not model.training:
@@ -537,10 +543,9 @@ class TokenClassificationTask:
         emissions, labels = outputs["logits"], batch["labels"]
         crf = getattr(model, "crf", None)
         if crf is not None:
-            keep, compact, mask = _compact(emissions.float(), batch["label_mask"])
+            keep, compact, tags, mask = _compact(emissions.float(), labels, batch["label_mask"])
             if not keep.any():
                 return emissions.sum() * 0.0, outputs
-            tags = _gather(labels, batch["label_mask"], keep, compact.shape[1])
             return crf.nll(compact, tags, mask), outputs
         if not (labels != IGNORE).any():  # only empty sentences: nothing to learn
             return emissions.sum() * 0.0, outputs
@@ -658,34 +663,33 @@ def _accepted(model: nn.Module) -> set[str] | None:
     return set(params)
 
 
-def _compact(emissions: torch.Tensor, select: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The selected positions of each row moved to its front, for a CRF over words only.
+def _to_front(select: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where each row's selected positions go when moved to its front, for a CRF over words only.
 
-    Returns the rows that keep any position (R,), their emissions (R', L, K) and mask (R', L).
+    Returns the rows that select any position (R,), and for those rows the source column of
+    each front position (R', L) and which front positions are real (R', L).
     """
     keep = select.any(1)
     select = select[keep]
     counts = select.sum(1)
     width = int(counts.max()) if counts.numel() else 0
     order = torch.argsort((~select).to(torch.int8), dim=1, stable=True)[:, :width]  # selected first, in order
-    compact = emissions[keep].gather(1, order[..., None].expand(-1, -1, emissions.shape[-1]))
     mask = torch.arange(width, device=select.device)[None, :] < counts[:, None]
-    return keep, compact, mask
+    return keep, order, mask
 
 
-def _gather(values: torch.Tensor, select: torch.Tensor, keep: torch.Tensor, width: int) -> torch.Tensor:
-    """`values` (R, T) at the positions `_compact` moved to the front (0 past each row's end)."""
-    select = select[keep]
-    order = torch.argsort((~select).to(torch.int8), dim=1, stable=True)[:, :width]
-    out = values[keep].gather(1, order)
-    mask = torch.arange(width, device=select.device)[None, :] < select.sum(1)[:, None]
-    return torch.where(mask, out, torch.zeros_like(out))
+def _compact(emissions: torch.Tensor, labels: torch.Tensor | None, select: torch.Tensor) -> tuple[Any, ...]:
+    """The CRF's view of a batch: (rows kept (R,), emissions (R', L, K), tags (R', L) or None, mask (R', L))."""
+    keep, order, mask = _to_front(select)
+    compact = emissions[keep].gather(1, order[..., None].expand(-1, -1, emissions.shape[-1]))
+    tags = None if labels is None else torch.where(mask, labels[keep].gather(1, order), 0)
+    return keep, compact, tags, mask
 
 
 def _viterbi(crf: Any, emissions: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
     """The CRF's best path over each row's selected positions, written back in place: (R, T), -1 elsewhere."""
     out = torch.full(select.shape, -1, dtype=torch.long, device=select.device)
-    keep, compact, mask = _compact(emissions.float(), select)
+    keep, compact, _, mask = _compact(emissions.float(), None, select)
     if not keep.any():
         return out
     paths = crf.decode(compact, mask)
