@@ -291,6 +291,18 @@ def test_a_word_without_subwords_keeps_its_own_prediction():
     assert all(0.0 < s <= 1.0 for s in out["scores"])
 
 
+@pytest.mark.parametrize("tokenizer", ["word", "wordpiece"])
+def test_an_empty_sentence_decodes_to_nothing(tokenizer):
+    task = TokenClassificationTask(tokenizer=tokenizer, vocab_size=60)
+    task.setup(TRAIN)
+    model = CRFTagger(**task.model_kwargs()).eval()
+    task.init_model(model)
+    items = task.encode([{"tokens": []}, {"tokens": ["Bob"]}, {"tokens": "  "}])
+    with torch.no_grad():
+        out = task.decode(task.forward(model, task.collate(items)))
+    assert [o["tags"] for o in out][::2] == [[], []] and out[0]["entities"] == [] and len(out[1]["tags"]) == 1
+
+
 def test_long_sentences_become_windows_that_tag_every_word_once():
     task = subword_task(max_length=6)  # 4 sub-words per window besides [CLS] and [SEP]
     words = ["Johnson", "lives", "in", "New", "York", "Paris", "in", "Johnson"]

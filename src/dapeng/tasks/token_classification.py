@@ -201,10 +201,10 @@ class TokenOptions(BaseModel):
 # ---------------------------------------------------------------- records
 
 
-def _words(record: Record, i: int) -> tuple[list[str], list[tuple[int, int]], str]:
+def _words(record: Record, i: int) -> tuple[list[str], list[tuple[int, int]] | None, str | None]:
     """The record's words, their character offsets and the text the offsets point into.
 
-    A word list without offsets is taken as written with single spaces between words.
+    A word list without offsets gets None for both (`_offsets` makes them when they are needed).
     """
     from dapeng.data.tokenizers import split_words
 
@@ -222,11 +222,16 @@ def _words(record: Record, i: int) -> tuple[list[str], list[tuple[int, int]], st
             raise DataError(f"{where(record, i)}: {len(words)} tokens but {len(record['offsets'])} offsets",
                             "give one (start, end) per token, or no offsets")
         return words, [(int(s), int(e)) for s, e in record["offsets"]], record["sentence"]
+    return words, None, None
+
+
+def _offsets(words: Sequence[str]) -> tuple[list[tuple[int, int]], str]:
+    """Offsets of words as if written with single spaces between them, and that text."""
     offsets, position = [], 0
     for word in words:
         offsets.append((position, position + len(word)))
         position += len(word) + 1
-    return words, offsets, " ".join(words)
+    return offsets, " ".join(words)
 
 
 def _tags(record: Record, i: int, n_words: int, required: bool) -> list[str] | None:
@@ -398,9 +403,13 @@ class TokenClassificationTask:
                 pieces[word].append(token)
         return [p or [self.unk_id] for p in pieces]
 
+    def _budget(self) -> int:
+        """Sub-words per window: `max_length` less [CLS] and [SEP]."""
+        return self.options.max_length - (2 if self.cls_id is not None else 0)
+
     def _windows(self, pieces: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
         """Consecutive runs of whole words `[start, end)` that fit in `max_length` positions each."""
-        budget = self.options.max_length - (2 if self.cls_id is not None else 0)
+        budget = self._budget()
         windows, start, used = [], 0, 0
         for w, word in enumerate(pieces):
             size = min(len(word), budget)
@@ -411,10 +420,11 @@ class TokenClassificationTask:
         windows.append((start, len(pieces)))
         return windows
 
-    def _item(self, words: list[str], offsets: list[tuple[int, int]], text: str, tag_ids: list[int] | None,
+    def _item(self, words: list[str], offsets: list[tuple[int, int]] | None, text: str | None,
+              tag_ids: list[int] | None,
               encoding: Any) -> dict[str, Any]:
         pieces = self._pieces(len(words), encoding)
-        budget = self.options.max_length - (2 if self.cls_id is not None else 0)
+        budget = self._budget()
         rows = []
         for start, end in self._windows(pieces):
             ids: list[int] = [] if self.cls_id is None else [self.cls_id]
@@ -430,34 +440,32 @@ class TokenClassificationTask:
                 ids, word_ids = [self.unk_id], [-1]
             rows.append((ids, word_ids))
         length = max(len(ids) for ids, _ in rows)
+        # lists padded here and made tensors once: per-row tensor writes cost more than the tokenizer
         item: dict[str, Any] = {
-            "input_ids": torch.full((len(rows), length), self.pad_id, dtype=torch.long),
-            "word_ids": torch.full((len(rows), length), -1, dtype=torch.long),
+            "input_ids": _tensor([ids + [self.pad_id] * (length - len(ids)) for ids, _ in rows]),
+            "word_ids": _tensor([of + [-1] * (length - len(of)) for _, of in rows]),
             "lengths": torch.tensor([len(ids) for ids, _ in rows]),
             "words": words, "offsets": offsets, "sentence": text,
         }
-        for r, (ids, word_ids) in enumerate(rows):
-            item["input_ids"][r, : len(ids)] = torch.tensor(ids)
-            item["word_ids"][r, : len(ids)] = torch.tensor(word_ids)
         if tag_ids is not None:
             item["word_tags"] = torch.tensor(tag_ids, dtype=torch.long)
-            item["labels"] = self._labels(item["word_ids"], tag_ids)
+            labels = [self._labels(of, tag_ids) for _, of in rows]
+            item["labels"] = _tensor([row + [IGNORE] * (length - len(row)) for row in labels])
         if self.chars:
-            item["char_ids"] = self._char_ids(words, item["word_ids"])
+            item["char_ids"] = self._char_ids(words, [of + [-1] * (length - len(of)) for _, of in rows])
         return item
 
-    def _labels(self, word_ids: torch.Tensor, tag_ids: list[int]) -> torch.Tensor:
-        """Word tags on the positions `subword_labels` picks; IGNORE elsewhere. (N, T)"""
-        labels = torch.full(word_ids.shape, IGNORE, dtype=torch.long)
-        if self.options.subword_labels != "all":
-            rows, cols = np.nonzero(_read_positions(word_ids.numpy(), self.options.subword_labels))
-            labels[rows, cols] = torch.tensor([tag_ids[w] for w in word_ids[rows, cols].tolist()], dtype=torch.long)
+    def _labels(self, of: list[int], tag_ids: list[int]) -> list[int]:
+        """One window's labels: word tags on the positions `subword_labels` picks, IGNORE elsewhere."""
+        policy = self.options.subword_labels
+        if policy == "all":
+            cols = [t for t, w in enumerate(of) if w >= 0]
+            labels = [IGNORE] * len(of)
+            for t, tag in zip(cols, self._piece_tags([of[t] for t in cols], tag_ids) if cols else []):
+                labels[t] = tag
             return labels
-        for r, row in enumerate(word_ids.tolist()):
-            cols = [t for t, w in enumerate(row) if w >= 0]
-            if cols:
-                labels[r, cols] = torch.tensor(self._piece_tags([row[t] for t in cols], tag_ids), dtype=torch.long)
-        return labels
+        neighbour = [-1, *of[:-1]] if policy == "first" else [*of[1:], -1]
+        return [tag_ids[w] if w >= 0 and w != n else IGNORE for w, n in zip(of, neighbour)]
 
     def _piece_tags(self, of: list[int], tag_ids: list[int]) -> list[int]:
         """`subword_labels: all`: the tag of every sub-word of one window, `of` giving each one's word.
@@ -476,13 +484,16 @@ class TokenClassificationTask:
         chunks = [(kind, first[low + s], last[low + e - 1] + 1) for kind, s, e in spans(words)]
         return [self.index[t] for t in from_spans(chunks, len(of), self.scheme)]
 
-    def _char_ids(self, words: list[str], word_ids: torch.Tensor) -> torch.Tensor:
-        width = max([min(len(w), self.options.max_word_chars) for w in words] + [1])
-        chars = torch.full((*word_ids.shape, width), _PAD_CHAR, dtype=torch.long)  # (N, T, C)
-        for r, t in zip(*np.nonzero(word_ids.numpy() >= 0)):
-            word = words[int(word_ids[r, t])][: self.options.max_word_chars]
-            chars[r, t, : len(word)] = torch.tensor([self.char_index.get(c, _UNK_CHAR) for c in word], dtype=torch.long)
-        return chars
+    def _char_ids(self, words: list[str], word_ids: list[list[int]]) -> torch.Tensor:
+        """(N, T, C) character ids of the word at each position (0: padding, 1: unseen in training)."""
+        limit = self.options.max_word_chars
+        width = max([min(len(w), limit) for w in words] + [1])
+        get = self.char_index.get
+        codes = [get(c, _UNK_CHAR) for w in words for c in w[:limit]]
+        table = np.zeros((len(words) + 1, width), dtype=np.int64)  # the last row: no word (word id -1)
+        filled = np.arange(width)[None, :] < np.minimum([len(w) for w in words], limit)[:, None]
+        table[:-1][filled] = codes  # row-major order of `filled` is the order of `codes`
+        return torch.from_numpy(table[np.asarray(word_ids)])
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         """Every item's windows as rows, padded to the longest: input_ids, attention_mask, word_ids,
@@ -573,6 +584,8 @@ class TokenClassificationTask:
             else:
                 result["tags"] = convert(names, self.scheme)  # conlleval's repair; a no-op on CRF paths
                 offsets, text = outputs["offsets"][j], outputs["sentence"][j]
+                if offsets is None:
+                    offsets, text = _offsets(result["tokens"])
                 result["entities"] = [
                     {"type": kind, "text": text[offsets[s][0] : offsets[e - 1][1]], "start": offsets[s][0],
                      "end": offsets[e - 1][1], "score": float(np.mean(scores[s:e]))}
@@ -613,6 +626,11 @@ class TokenClassificationTask:
 
 
 # ---------------------------------------------------------------- rows ↔ words
+
+
+def _tensor(rows: list[list[int]]) -> torch.Tensor:
+    # numpy reads nested lists of ints several times faster than torch.tensor does
+    return torch.from_numpy(np.array(rows, dtype=np.int64))
 
 
 def _stack(parts: Sequence[torch.Tensor], longest: int, fill: int) -> torch.Tensor:
