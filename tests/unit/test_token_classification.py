@@ -6,6 +6,7 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from seqeval.metrics import f1_score
@@ -336,6 +337,23 @@ def test_word_tokenizer_gives_one_position_per_word_and_character_ids():
     assert batch["char_ids"][0, 2, 1].item() == 1  # "ü" never seen in training
     with pytest.raises(ConfigError, match="chars"):
         TokenClassificationTask(tokenizer="wordpiece", chars=True)
+
+
+def test_glove_vectors_and_vocabulary_for_the_word_tokenizer(monkeypatch):
+    from dapeng.data import glove
+
+    vectors = np.arange(3 * 50, dtype=np.float32).reshape(3, 50)
+    monkeypatch.setattr(glove, "load_glove", lambda: ({"paris": 0, "oslo": 1, "lima": 2}, vectors))
+    task = TokenClassificationTask(tokenizer="word", glove=True, glove_vocab=2)  # "oslo" gets an id, "lima" not
+    task.setup(TRAIN)
+    [item] = task.encode([{"tokens": ["Oslo", "Lima", "Paris"]}])
+    ids = item["input_ids"][0].tolist()
+    assert ids[0] == task.tokenizer.token_to_id("oslo") and ids[1] == task.tokenizer.token_to_id("[UNK]")
+    model = nn.Embedding(task.model_kwargs()["vocab_size"], 50, padding_idx=0)
+    model.get_input_embeddings = lambda: model
+    task.init_model(model)
+    assert torch.equal(model.weight[ids[2]], torch.from_numpy(vectors[0]))
+    assert torch.equal(model.weight[ids[0]], torch.from_numpy(vectors[1]))
 
 
 # ---------------------------------------------------------------- model side
