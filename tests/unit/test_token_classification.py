@@ -313,6 +313,11 @@ def test_long_sentences_become_windows_that_tag_every_word_once():
     labelled = item["labels"] != IGNORE
     assert sorted(item["word_ids"][labelled].tolist()) == list(range(len(words)))
     assert names(task, item["labels"][labelled].tolist()) == tags
+    # a chunk cut by a window's edge restarts with B- in the next window
+    [cut] = task.encode([{"tokens": ["in", "New", "York", "York", "York"], "tags": ["O", "B-LOC", "I-LOC", "I-LOC", "I-LOC"]}])
+    assert [names(task, row[row != IGNORE].tolist()) for row in cut["labels"]] == [
+        ["O", "B-LOC", "I-LOC", "I-LOC"], ["B-LOC"]]
+    assert names(task, cut["word_tags"].tolist())[-1] == "I-LOC"  # the gold the metric scores is the sentence's
     model = tiny_transformer(task).eval()
     with torch.no_grad():
         [out] = task.decode(task.forward(model, task.collate([item])))

@@ -425,8 +425,8 @@ class TokenClassificationTask:
               encoding: Any) -> dict[str, Any]:
         pieces = self._pieces(len(words), encoding)
         budget = self._budget()
-        rows = []
-        for start, end in self._windows(pieces):
+        rows, windows = [], self._windows(pieces)
+        for start, end in windows:
             ids: list[int] = [] if self.cls_id is None else [self.cls_id]
             word_ids: list[int] = [-1] * len(ids)
             for w in range(start, end):
@@ -449,11 +449,21 @@ class TokenClassificationTask:
         }
         if tag_ids is not None:
             item["word_tags"] = torch.tensor(tag_ids, dtype=torch.long)
-            labels = [self._labels(of, tag_ids) for _, of in rows]
+            labels = [self._labels(of, self._window_tags(tag_ids, start, end) if len(windows) > 1 else tag_ids)
+                      for (_, of), (start, end) in zip(rows, windows)]
             item["labels"] = _tensor([row + [IGNORE] * (length - len(row)) for row in labels])
         if self.chars:
             item["char_ids"] = self._char_ids(words, [of + [-1] * (length - len(of)) for _, of in rows])
         return item
+
+    def _window_tags(self, tag_ids: list[int], start: int, end: int) -> list[int]:
+        """The tags with words `start:end` read as a sentence of their own: a chunk cut by a window's
+        edge restarts with B- in the next window, so each window's tag sequence stays valid (a CRF
+        that forbids O → I-X at a sequence start would otherwise be trained on an impossible path)."""
+        if self.scheme == "none":
+            return tag_ids
+        window = convert([self.labels[t] for t in tag_ids[start:end]], self.scheme)
+        return [*tag_ids[:start], *(self.index[t] for t in window), *tag_ids[end:]]
 
     def _labels(self, of: list[int], tag_ids: list[int]) -> list[int]:
         """One window's labels: word tags on the positions `subword_labels` picks, IGNORE elsewhere."""
