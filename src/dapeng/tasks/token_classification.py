@@ -36,6 +36,7 @@ entity type.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import re
@@ -86,6 +87,7 @@ TAGS_OUTPUT = {
 # ---------------------------------------------------------------- tag schemes
 
 
+@functools.lru_cache(maxsize=4096)  # a tag set is small, and spans() splits every tag of every sentence
 def _split(tag: str) -> tuple[str, str]:
     """("B", "PER") for "B-PER"; ("O", "") for "O"."""
     if tag == "O":
@@ -410,6 +412,8 @@ class TokenClassificationTask:
     def _windows(self, pieces: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
         """Consecutive runs of whole words `[start, end)` that fit in `max_length` positions each."""
         budget = self._budget()
+        if sum(map(len, pieces)) <= budget:  # nearly every sentence
+            return [(0, len(pieces))]
         windows, start, used = [], 0, 0
         for w, word in enumerate(pieces):
             size = min(len(word), budget)
@@ -592,14 +596,15 @@ class TokenClassificationTask:
             if self.scheme == "none":
                 result["tags"] = names
             else:
-                result["tags"] = convert(names, self.scheme)  # conlleval's repair; a no-op on CRF paths
+                chunks = spans(names)  # conlleval's repair; a no-op on a constrained CRF's paths
+                result["tags"] = from_spans(chunks, len(names), self.scheme)
                 offsets, text = outputs["offsets"][j], outputs["sentence"][j]
                 if offsets is None:
                     offsets, text = _offsets(result["tokens"])
                 result["entities"] = [
                     {"type": kind, "text": text[offsets[s][0] : offsets[e - 1][1]], "start": offsets[s][0],
-                     "end": offsets[e - 1][1], "score": float(np.mean(scores[s:e]))}
-                    for kind, s, e in spans(result["tags"])
+                     "end": offsets[e - 1][1], "score": sum(scores[s:e]) / (e - s)}
+                    for kind, s, e in chunks
                 ]
             results.append(result)
         return results
