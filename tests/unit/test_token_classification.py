@@ -329,7 +329,11 @@ def test_long_sentences_become_windows_that_tag_every_word_once():
 
 
 def test_word_tokenizer_gives_one_position_per_word_and_character_ids():
-    task = TokenClassificationTask(tokenizer="word", vocab_size=100)
+    plain = TokenClassificationTask(tokenizer="word", vocab_size=100)
+    plain.setup(TRAIN)
+    assert set(plain.model_kwargs()) == {"vocab_size", "num_labels", "pad_id"}  # any model takes these
+    assert "char_ids" not in plain.collate(plain.encode(TRAIN))
+    task = TokenClassificationTask(tokenizer="word", vocab_size=100, chars=True)
     task.setup(TRAIN)
     assert task.model_kwargs()["char_vocab_size"] == len(task.chars) + 2
     [item] = task.encode([{"tokens": ["John", "doesn't", "Zürich"]}])
@@ -386,7 +390,7 @@ def test_cross_entropy_over_tagged_positions_trains_a_transformer():
 
 
 def test_a_crf_model_is_trained_on_its_nll_and_decoded_by_viterbi():
-    task = TokenClassificationTask(tokenizer="word", vocab_size=100)
+    task = TokenClassificationTask(tokenizer="word", vocab_size=100, chars=True)
     task.setup(TRAIN)
     model = CRFTagger(**task.model_kwargs())
     task.init_model(model)  # the CRF learns which transitions BIO forbids
@@ -413,7 +417,7 @@ def test_a_crf_model_is_trained_on_its_nll_and_decoded_by_viterbi():
 
 
 def test_only_arguments_the_model_takes_are_passed():
-    task = TokenClassificationTask(tokenizer="word", vocab_size=100)
+    task = TokenClassificationTask(tokenizer="word", vocab_size=100, chars=True)
     task.setup(TRAIN)
     model = tiny_transformer(task)  # forward(input_ids, attention_mask, token_type_ids): no char_ids
     batch = task.collate(task.encode(TRAIN))
@@ -451,7 +455,7 @@ def test_trainer_evaluates_with_the_tagging_metric_and_explain_gives_a_row_per_w
 
 
 def test_state_round_trips_through_json():
-    task = TokenClassificationTask(tokenizer="word", vocab_size=100, scheme="BIOES")
+    task = TokenClassificationTask(tokenizer="word", vocab_size=100, scheme="BIOES", chars=True)
     task.setup(TRAIN)
     again = TokenClassificationTask.from_state(json.loads(json.dumps(task.state())))
     assert (again.labels, again.scheme, again.chars) == (task.labels, task.scheme, task.chars)

@@ -7,8 +7,9 @@ each word's character offsets, so entities point into the text as it was written
 `setup` learns the tag set, the tag scheme and a tokenizer, chosen by `tokenizer`:
 
 * `word`: one position per word, a word vocabulary of the training tokens (optionally
-  GloVe-initialised, `glove_vocab` as in text-classification), and character ids (B, T, C)
-  for a character CNN (`chars`);
+  GloVe-initialised, `glove_vocab` as in text-classification), and with `chars: true`
+  character ids (B, T, C) for a character CNN (and `char_vocab_size` among `model_kwargs`,
+  opt-in because a model without a character CNN rejects that argument);
 * `wordpiece` / `bpe` (trained on the training tokens), a tokenizer.json (`tokenizer_path`)
   or a pretrained model's own tokenizer (`model.init`, handed over by `use_tokenizer`):
   several sub-words per word. Word tags go onto sub-words by `subword_labels`: `first`
@@ -178,7 +179,8 @@ class TokenOptions(BaseModel):
     )
     scheme: Literal["auto", "none", "BIO", "BIOES"] = Field("auto", description="auto: detected from the tags")
     tag_map: Literal["universal"] | None = Field(None, description="also score tags mapped to the universal tagset")
-    chars: bool | None = Field(None, description="character ids for a character CNN; default: with tokenizer word")
+    chars: bool = Field(False, description="character ids (char_ids) for a character CNN, and char_vocab_size for "
+                        "the model; tokenizer word only")
     max_word_chars: int = Field(20, gt=0, description="characters per word in char_ids")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     glove: bool = Field(False, description="initialise word embeddings from GloVe-6B-50d (embed_dim 50)")
@@ -187,7 +189,7 @@ class TokenOptions(BaseModel):
 
     @field_validator("chars")
     @classmethod
-    def _chars_need_words(cls, chars: bool | None, info: ValidationInfo) -> bool | None:
+    def _chars_need_words(cls, chars: bool, info: ValidationInfo) -> bool:
         if chars and (info.data.get("tokenizer") != "word" or info.data.get("tokenizer_path")):
             raise ValueError("chars needs tokenizer: word (character ids line up with whole words)")
         return chars
@@ -287,7 +289,7 @@ class TokenClassificationTask:
             sentences.append(words)
         self._set_labels(tag_lists)
         self._train_tokenizer(sentences)
-        if self._use_chars():
+        if self.options.chars and self.word_level:
             counts = Counter(c for words in sentences for word in words for c in word)
             self.chars = [c for c, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
             self.char_index = {c: i + 2 for i, c in enumerate(self.chars)}
@@ -350,9 +352,6 @@ class TokenClassificationTask:
         wrap = self.options.special_tokens if self.options.special_tokens is not None else not self.word_level
         cls, sep = self.tokenizer.token_to_id(CLS), self.tokenizer.token_to_id(SEP)
         self.cls_id, self.sep_id = (cls, sep) if wrap and cls is not None and sep is not None else (None, None)
-
-    def _use_chars(self) -> bool:
-        return self.word_level if self.options.chars is None else self.options.chars
 
     def model_kwargs(self) -> dict[str, Any]:
         kwargs = {"vocab_size": self.tokenizer.get_vocab_size(), "num_labels": len(self.labels), "pad_id": self.pad_id}
