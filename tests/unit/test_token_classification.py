@@ -414,6 +414,9 @@ def test_a_crf_model_is_trained_on_its_nll_and_decoded_by_viterbi():
     metric = task.metric()
     metric.update(outputs, batch)
     assert set(metric.compute()) == {"accuracy", "entity_precision", "entity_recall", "entity_f1"}
+    fine_tuned = CRFTagger(**task.model_kwargs())  # built without init_model, as `model.init` builds it
+    task.loss(fine_tuned, batch)
+    assert not fine_tuned.crf.allowed[task.index["O"], task.index["I-PER"]]
 
 
 def test_only_arguments_the_model_takes_are_passed():

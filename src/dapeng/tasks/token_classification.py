@@ -275,6 +275,7 @@ class TokenClassificationTask:
         self.pad_id = self.unk_id = 0
         self.cls_id: int | None = None
         self.sep_id: int | None = None
+        self._constrained: set[int] = set()  # id() of the CRFs constrained (a plain set: the task pickles)
 
     # -- setup ----------------------------------------------------------------------------
 
@@ -366,8 +367,14 @@ class TokenClassificationTask:
 
             self.glove_coverage = glove_init(model, self.tokenizer, self.options.freeze_embeddings)
         crf = getattr(model, "crf", None)
-        if crf is not None and self.scheme != "none":
+        if crf is not None:
+            self._constrain(crf)
+
+    def _constrain(self, crf: nn.Module) -> None:
+        """Forbid the CRF the transitions the scheme rules out, once per CRF (its buffers keep them)."""
+        if self.scheme != "none" and id(crf) not in self._constrained:
             crf.constrain_bio(self.labels, self.scheme)
+            self._constrained.add(id(crf))
 
     # -- records → tensors ----------------------------------------------------------------
 
@@ -567,6 +574,8 @@ class TokenClassificationTask:
         emissions, labels = outputs["logits"], batch["labels"]
         crf = getattr(model, "crf", None)
         if crf is not None:
+            # also for a model that skipped `init_model` (fine-tuning from `model.init`)
+            self._constrain(crf)
             keep, compact, tags, mask = _compact(emissions.float(), labels, batch["label_mask"])
             if not keep.any():
                 return emissions.sum() * 0.0, outputs
