@@ -160,7 +160,9 @@ class Pipeline:
         """Turn raw inputs into task records, checking each one.
 
         Texts are strings (or `{"text": ...}` records); images are file paths, encoded bytes,
-        `{"b64": ...}`, numpy arrays or nested lists of pixel values (H, W[, C]).
+        `{"b64": ...}`, numpy arrays or nested lists of pixel values (H, W[, C]); tokens are
+        lists of words, or a sentence, split into words with their character offsets into it
+        (`{"tokens": words, "offsets": [(start, end), ...], "sentence": text}`).
 
         Args:
             max_chars: longest text accepted.
@@ -178,9 +180,18 @@ class Pipeline:
                 raise InputError(f"input {index} has no {field!r} field", f"send {{{field!r}: ...}}", (index,))
             # Gold labels (e.g. from an evaluation file) are not inputs: the task would look them up.
             record = {k: v for k, v in raw.items() if k not in _TARGET_KEYS}
-            record[field] = self._value(raw[field], (index, field), max_chars, allow_paths)
-            return record
-        return {field: self._value(raw, (index,), max_chars, allow_paths)}
+            value = self._value(raw[field], (index, field), max_chars, allow_paths)
+        else:
+            record, value = {}, self._value(raw, (index,), max_chars, allow_paths)
+        if field == "tokens" and isinstance(value, str):
+            from dapeng.data.tokenizers import split_words
+
+            # a sentence as written: its words, and where each one sits in it (entity offsets)
+            sentence = value
+            value, offsets = split_words(sentence)
+            record.update(sentence=sentence, offsets=offsets)
+        record[field] = value
+        return record
 
     def _value(self, raw: Any, loc: tuple[Any, ...], max_chars: int | None, allow_paths: bool) -> Any:
         if self.input_field == "image":
@@ -191,7 +202,7 @@ class Pipeline:
             raise InputError(f"input {_where(loc)} must be a string, not {_kind(raw)}", None, loc)
         if max_chars is not None and len(raw) > max_chars:
             raise InputError(f"input {_where(loc)} has {len(raw)} characters", f"the limit is {max_chars}", loc)
-        return raw.split() if self.input_field == "tokens" else raw
+        return raw
 
     # -- predict --------------------------------------------------------------------------
 

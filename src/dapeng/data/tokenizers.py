@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -23,6 +24,9 @@ SPECIAL_TOKENS = [PAD, UNK, CLS, SEP, MASK]
 KINDS = ("wordpiece", "bpe", "word")
 # contractions split off as GloVe's training text did; then words, then single symbols
 _PRETOKENIZE = r"\w+(?=n't)|n't|'(?:s|re|ve|ll|d|m)\b|\w+|[^\w\s]"
+# words for taggers: URLs, @mentions and #hashtags whole, words with inner - ' . (e-mail, don't,
+# U.S, 3.14), else one symbol per token
+_WORD = re.compile(r"https?://\S+|[@#]?\w+(?:[-'’.]\w+)*|[^\w\s]")
 
 
 def train_tokenizer(
@@ -82,6 +86,28 @@ def train_tokenizer(
         pair=f"{CLS} $A {SEP} $B:1 {SEP}:1",
         special_tokens=[(CLS, tok.token_to_id(CLS)), (SEP, tok.token_to_id(SEP))],
     )
+    return tok
+
+
+def train_word_tokenizer(
+    words: Iterable[str], vocab_size: int = 20000, lowercase: bool = True, min_frequency: int = 1
+):
+    """A word vocabulary for text that comes already split into words (taggers: one id per word).
+
+    Unlike `train_tokenizer(kind="word")` there is no pre-tokenization: encoded with
+    `is_pretokenized=True`, every word is one token ("doesn't" stays one), [UNK] when unseen.
+    The special tokens are `train_tokenizer`'s; no [CLS]/[SEP] template.
+    """
+    from tokenizers import Tokenizer, models, normalizers, trainers
+
+    tok = Tokenizer(models.WordLevel(unk_token=UNK))
+    steps = [normalizers.NFKC()]
+    if lowercase:  # as GloVe-6B's vocabulary
+        steps += [normalizers.NFD(), normalizers.StripAccents(), normalizers.Lowercase()]
+    tok.normalizer = normalizers.Sequence(steps)
+    trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                        special_tokens=SPECIAL_TOKENS)
+    tok.train_from_iterator(words, trainer=trainer)
     return tok
 
 
@@ -238,3 +264,9 @@ def vocab_words(tokenizer) -> dict[str, int]:
 def describe(tokenizer) -> str:
     model = json.loads(tokenizer.to_str())["model"]["type"]
     return f"{model} tokenizer, {tokenizer.get_vocab_size():,} tokens"
+
+
+def split_words(text: str) -> tuple[list[str], list[tuple[int, int]]]:
+    """The words of a raw sentence and their `(start, end)` character offsets in it (for taggers)."""
+    matches = list(_WORD.finditer(text))
+    return [m.group() for m in matches], [m.span() for m in matches]

@@ -9,6 +9,7 @@ TASKS: Registry = Registry("task")
 # The one explicit list of tasks: name -> "module:class" (imported on first use).
 for _name, _target in {
     "text-classification": "dapeng.tasks.text_classification:TextClassificationTask",
+    "token-classification": "dapeng.tasks.token_classification:TokenClassificationTask",
     "image-classification": "dapeng.tasks.image_classification:ImageClassificationTask",
     "sentence-embedding": "dapeng.tasks.embedding:SentenceEmbedding",
     "causal-lm": "dapeng.tasks.causal_lm:CausalLM",

@@ -52,7 +52,8 @@ class Capabilities:
 
     Args:
         input: the record field raw inputs go into: "text" (a string), "image" (pixels, a
-            file, base64) or "tokens" (a list of words, or a string split on whitespace).
+            file, base64) or "tokens" (a list of words, or a sentence split into words with their
+            character offsets, `dapeng.data.tokenizers.split_words`).
         output: what `predict` gives per input: "label" (`{"label", "score", "probabilities"}`),
             "tags" (`{"tokens", "tags", ...}`), "vector" (an embedding) or "text" (generation).
         verbs: which of `VERBS` the task supports.
@@ -96,7 +97,7 @@ class Capabilities:
             return {"anyOf": [{"type": "object", "properties": {"b64": {"type": "string"}}, "required": ["b64"]},
                               {"type": "array", "description": "pixel values 0..255, (H, W) or (H, W, C)"}]}
         if self.input == "tokens":
-            return {"anyOf": [{"type": "string", "description": "split on whitespace"},
+            return {"anyOf": [{"type": "string", "description": "a sentence, split into words"},
                               {"type": "array", "items": {"type": "string"}}]}
         return {"type": "string"}
 

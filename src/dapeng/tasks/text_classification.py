@@ -62,6 +62,32 @@ class TextOptions(Options):
         return n
 
 
+def glove_init(model: nn.Module, tokenizer: Any, freeze: bool = False) -> float:
+    """Copy GloVe-6B-50d vectors into the model's word embeddings; returns the share of ids GloVe covers.
+
+    Raises:
+        ConfigError: the model's embeddings are not 50-d.
+    """
+    from dapeng.data.glove import GLOVE_DIM, glove_matrix
+    from dapeng.data.tokenizers import vocab_words
+
+    embedding = model.get_input_embeddings()
+    if embedding.embedding_dim != GLOVE_DIM:
+        raise ConfigError(
+            f"task_options.glove needs 50-d embeddings, the model's are {embedding.embedding_dim}-d",
+            "set model.kwargs.embed_dim: 50, or glove: false",
+        )
+    vectors, found = glove_matrix(vocab_words(tokenizer), embedding.num_embeddings)
+    with torch.no_grad():
+        rows = torch.from_numpy(np.flatnonzero(found))
+        embedding.weight[rows] = torch.from_numpy(vectors[found]).to(embedding.weight.dtype)
+        if embedding.padding_idx is not None:
+            embedding.weight[embedding.padding_idx].zero_()
+    if freeze:
+        embedding.weight.requires_grad_(False)
+    return float(found.sum()) / max(1, embedding.num_embeddings)
+
+
 class TextClassificationTask(ClassificationTask):
     """Text in, one label out. Options: see `TextOptions` (all keyword arguments)."""
 
@@ -127,24 +153,7 @@ class TextClassificationTask(ClassificationTask):
         """Copy GloVe vectors into the model's word embeddings (when `glove: true`); the runner calls this."""
         if not self.options.glove:
             return
-        from dapeng.data.glove import GLOVE_DIM, glove_matrix
-        from dapeng.data.tokenizers import vocab_words
-
-        embedding = model.get_input_embeddings()
-        if embedding.embedding_dim != GLOVE_DIM:
-            raise ConfigError(
-                f"task_options.glove needs 50-d embeddings, the model's are {embedding.embedding_dim}-d",
-                "set model.kwargs.embed_dim: 50, or glove: false",
-            )
-        vectors, found = glove_matrix(vocab_words(self.tokenizer), embedding.num_embeddings)
-        with torch.no_grad():
-            rows = torch.from_numpy(np.flatnonzero(found))
-            embedding.weight[rows] = torch.from_numpy(vectors[found]).to(embedding.weight.dtype)
-            if embedding.padding_idx is not None:
-                embedding.weight[embedding.padding_idx].zero_()
-        if self.options.freeze_embeddings:
-            embedding.weight.requires_grad_(False)
-        self.glove_coverage = float(found.sum()) / max(1, embedding.num_embeddings)
+        self.glove_coverage = glove_init(model, self.tokenizer, self.options.freeze_embeddings)
 
     # -- records → tensors ----------------------------------------------------------------
 
