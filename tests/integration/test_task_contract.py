@@ -74,6 +74,13 @@ CASES: dict[str, Case] = {
         lambda: [{"text": t, "positive": TEXTS[(i + 1) % len(TEXTS)]} for i, t in enumerate(TEXTS)],
         "transformer", {**TINY_ENCODER, "pooling": "mean"}, ["a good film", "a dull plot"],
     ),
+    "token-classification": Case(
+        {"tokenizer": "word", "chars": True, "max_length": 16},
+        lambda: [{"tokens": t.split(), "tags": [("B-X" if j == 0 else "I-X") if w in ("film", "plot", "movie")
+                                                else "O" for j, w in enumerate(t.split())]} for t in TEXTS],
+        "bilstm-crf", {"embed_dim": 8, "hidden": 8, "dropout": 0.0, "char_embed_dim": 4, "char_filters": 4},
+        ["the film was good", ["a", "dull", "plot"]],
+    ),
     "causal-lm": Case(
         {"vocab_size": 300, "block_size": 8, "chat_template": CHAT, "max_length": 32},
         lambda: [{"text": " ".join(TEXTS)}],

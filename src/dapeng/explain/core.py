@@ -196,6 +196,35 @@ def _forward(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None) -> 
     return model(ids) if mask is None else model(ids, mask)
 
 
+class _WithInputs(nn.Module):
+    """The model with the batch's other per-sequence inputs bound (a tagger's `char_ids`).
+
+    Attribution methods run the model on many copies of one sequence (one per target and
+    IG step); the bound inputs are expanded to however many rows come.
+    """
+
+    def __init__(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.model = model
+        self.inputs = inputs
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        rows = input_ids.shape[0]
+        bound = {k: v.expand(rows, *v.shape[1:]) for k, v in self.inputs.items()}
+        return self.model(input_ids, attention_mask, **bound)
+
+
+def _bind_inputs(model: nn.Module, batch: dict[str, Any]) -> nn.Module:
+    import inspect
+
+    accepted = set(inspect.signature(model.forward).parameters) - {"input_ids", "attention_mask"}
+    extra = {k: v[:1] for k, v in batch.items() if k in accepted and torch.is_tensor(v)}
+    return _WithInputs(model, extra) if extra else model
+
+
 def _pad_id(task: Any, alignment: WordAlignment) -> int:
     for source in (getattr(task, "pad_id", None), _kwarg(task, "pad_id"), alignment.pad_id):
         if source is not None:
@@ -214,7 +243,11 @@ def _explain_text(
     pipeline: Any, record: dict[str, Any], batch: dict[str, Any], method: str, target: Any, budget: float,
     steps: tuple[int, int], tags: bool = False,
 ) -> Explanation:
-    model, task = pipeline.model, pipeline.task
+    task = pipeline.task
+    if batch["input_ids"].shape[0] > 1:  # a tagger's sentence longer than one window
+        raise DapengError(f"the input is longer than the model's window ({batch['input_ids'].shape[1]} tokens)",
+                          "explain a shorter text")
+    model = _bind_inputs(pipeline.model, batch)
     ids: torch.Tensor = batch["input_ids"][:1]  # (1, T)
     mask = batch.get("attention_mask")
     mask = None if mask is None else mask[:1]
@@ -229,7 +262,7 @@ def _explain_text(
     keep = torch.tensor([w is not None for w in alignment.word_of_token], device=ids.device)
     baseline = torch.where(keep, torch.full_like(ids, _pad_id(task, alignment)), ids)
     if tags:  # a tagger: (1, T, K), one explanation row per word
-        return _explain_tags(pipeline, ids, mask, baseline, out, alignment, method, budget, steps)
+        return _explain_tags(pipeline, model, ids, mask, baseline, out, alignment, method, budget, steps)
     probs = out[0].softmax(-1)
     labels = _label_names(pipeline, probs.numel())
     k = resolve_target(labels, target, probs)
@@ -245,17 +278,22 @@ def _explain_text(
 
 
 def _explain_tags(
-    pipeline: Any, ids: torch.Tensor, mask: torch.Tensor | None, baseline: torch.Tensor, out: torch.Tensor,
-    alignment: WordAlignment, method: str, budget: float, steps: tuple[int, int],
+    pipeline: Any, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, baseline: torch.Tensor,
+    out: torch.Tensor, alignment: WordAlignment, method: str, budget: float, steps: tuple[int, int],
 ) -> Explanation:
     probs = out[0].softmax(-1)  # (T, K)
     labels = _label_names(pipeline, probs.shape[-1])
     firsts = alignment.first_tokens()
     if not firsts:
         raise DapengError("nothing to explain: the input has no words", "pass a non-empty text")
-    tags = [int(probs[t].argmax()) for t in firsts]
+    crf = getattr(pipeline.model, "crf", None)
+    if crf is not None:  # the tags the model predicts are the CRF's best path, not each word's argmax
+        words = out[:, firsts]
+        tags = crf.decode(words, torch.ones(words.shape[:2], dtype=torch.bool, device=words.device))[0]
+    else:
+        tags = [int(probs[t].argmax()) for t in firsts]
     targets = [(t, k) for t, k in zip(firsts, tags)]
-    result = text_attributions(pipeline.model, ids, mask, baseline, targets, method, *steps, budget)
+    result = text_attributions(model, ids, mask, baseline, targets, method, *steps, budget)
     matrix = np.stack([merge_tokens(row, alignment) for row in result.scores])  # (W, W)
     tag_probs = [float(probs[t, k]) for t, k in targets]
     mean = float(np.mean(tag_probs))
