@@ -267,6 +267,9 @@ class TokenClassificationTask:
         self.options: TokenOptions = parse_options(TokenOptions, self.name, options)
         self.labels: list[str] = []
         self.index: dict[str, int] = {}
+        # gold tags of evaluation data that training never saw (Brown has 472 tags, some of them once):
+        # ids after the labels', never predicted, so they count as errors and the loss skips them
+        self.unseen: dict[str, int] = {}
         self.scheme = "none"
         self.tokenizer: Any = None
         self.word_level = self.options.tokenizer == "word" and not self.options.tokenizer_path
@@ -394,14 +397,25 @@ class TokenClassificationTask:
 
     def _tag_ids(self, tags: list[str], record: Record, i: int) -> list[int]:
         odd = [t for t in tags if self.scheme != "none" and t != "O" and not _ENTITY_TAG.fullmatch(t)]
-        try:
-            if odd:
-                raise KeyError(odd[0])
-            return [self.index[t] for t in convert(tags, self.scheme)]
-        except KeyError as err:
+        if odd:
             shown = ", ".join(self.labels[:20]) + (" …" if len(self.labels) > 20 else "")
-            raise DataError(f"{where(record, i)}: unknown tag {err.args[0]!r}",
-                            f"tags seen in training: {shown}") from None
+            raise DataError(f"{where(record, i)}: tag {odd[0]!r} is not B-/I-/E-/S-TYPE or O",
+                            f"tags seen in training: {shown}")
+        return [self._tag_id(t) for t in convert(tags, self.scheme)]
+
+    def _tag_id(self, tag: str) -> int:
+        """The id of a tag: its label index, or for a tag training never saw one after all the labels."""
+        found = self.index.get(tag)
+        if found is None:
+            found = self.unseen.setdefault(tag, len(self.labels) + len(self.unseen))
+        return found
+
+    def _tag_name(self, tag_id: int) -> str:
+        return self.labels[tag_id] if tag_id < len(self.labels) else self.tag_names()[tag_id]
+
+    def tag_names(self) -> list[str]:
+        """The labels, then the gold tags seen only in evaluation data (never predicted)."""
+        return [*self.labels, *sorted(self.unseen, key=self.unseen.__getitem__)]
 
     def _pieces(self, n_words: int, encoding: Any) -> list[list[int]]:
         """The token ids of each word; [UNK] for a word the tokenizer turned into nothing (#10263)."""
@@ -461,7 +475,9 @@ class TokenClassificationTask:
             item["word_tags"] = torch.tensor(tag_ids, dtype=torch.long)
             labels = [self._labels(of, self._window_tags(tag_ids, start, end) if len(windows) > 1 else tag_ids)
                       for (_, of), (start, end) in zip(rows, windows)]
-            item["labels"] = _tensor([row + [IGNORE] * (length - len(row)) for row in labels])
+            known = len(self.labels)  # a tag training never saw is no training target
+            item["labels"] = _tensor([[t if t < known else IGNORE for t in row] + [IGNORE] * (length - len(row))
+                                      for row in labels])
         if self.chars:
             item["char_ids"] = self._char_ids(words, [of + [-1] * (length - len(of)) for _, of in rows])
         return item
@@ -472,8 +488,8 @@ class TokenClassificationTask:
         that forbids O → I-X at a sequence start would otherwise be trained on an impossible path)."""
         if self.scheme == "none":
             return tag_ids
-        window = convert([self.labels[t] for t in tag_ids[start:end]], self.scheme)
-        return [*tag_ids[:start], *(self.index[t] for t in window), *tag_ids[end:]]
+        window = convert([self._tag_name(t) for t in tag_ids[start:end]], self.scheme)
+        return [*tag_ids[:start], *(self._tag_id(t) for t in window), *tag_ids[end:]]
 
     def _labels(self, of: list[int], tag_ids: list[int]) -> list[int]:
         """One window's labels: word tags on the positions `subword_labels` picks, IGNORE elsewhere."""
@@ -500,9 +516,9 @@ class TokenClassificationTask:
             first.setdefault(w, p)
             last[w] = p
         low = of[0]
-        words = [self.labels[tag_ids[w]] for w in range(low, of[-1] + 1)]
+        words = [self._tag_name(tag_ids[w]) for w in range(low, of[-1] + 1)]
         chunks = [(kind, first[low + s], last[low + e - 1] + 1) for kind, s, e in spans(words)]
-        return [self.index[t] for t in from_spans(chunks, len(of), self.scheme)]
+        return [self._tag_id(t) for t in from_spans(chunks, len(of), self.scheme)]
 
     def _char_ids(self, words: list[str], word_ids: list[list[int]]) -> torch.Tensor:
         """(N, T, C) character ids of the word at each position (0: padding, 1: unseen in training)."""
@@ -577,9 +593,10 @@ class TokenClassificationTask:
             # also for a model that skipped `init_model` (fine-tuning from `model.init`)
             self._constrain(crf)
             keep, compact, tags, mask = _compact(emissions.float(), labels, batch["label_mask"])
-            if not keep.any():
+            scored = ~((tags == IGNORE) & mask).any(1)  # a row with a tag training never saw has no path score
+            if not scored.any():
                 return emissions.sum() * 0.0, outputs
-            return crf.nll(compact, tags, mask), outputs
+            return crf.nll(compact[scored], tags[scored], mask[scored]), outputs
         if not (labels != IGNORE).any():  # only empty sentences: nothing to learn
             return emissions.sum() * 0.0, outputs
         loss = F.cross_entropy(emissions.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
@@ -592,7 +609,7 @@ class TokenClassificationTask:
             from dapeng.data.tagsets import to_universal
 
             universal = to_universal
-        return TaggingMetric(self.labels, self.scheme, universal, self.options.subword_labels)
+        return TaggingMetric(self.tag_names(), self.scheme, universal, self.options.subword_labels)
 
     def decode(self, outputs: dict[str, Any]) -> list[dict[str, Any]]:
         """Per input `{"tokens", "tags", "scores"}` (a probability per word) and, for BIO/BIOES, the
