@@ -9,6 +9,8 @@ from _tiny_decoder import CONTEXT, greedy_alone, tiny_model, tiny_task
 from dapeng.errors import ModelError
 from dapeng.tasks.causal_lm import CausalLM
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VOCAB = 300
 # (joins before step, prompt, tokens to decode): different lengths, joining at different steps,
 # two joining together (one right-padded prefill), leaving at different steps (rows move)
