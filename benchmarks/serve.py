@@ -29,8 +29,9 @@ concurrent `completions.create(max_tokens=32, temperature=0)` requests with the 
 `openai` client (`AsyncOpenAI`), each level's prompts all at once: to dapeng with continuous
 batching (`batched`), to the same server with batching off (`--max-batch-size 1`,
 `sequential`), and `Pipeline.generate` of the same prompts one after another in this process
-(`in_process`). tokens_per_s counts completion tokens (the servers' `usage`; in-process the
-same prompts' counts, the texts being checked equal). `same_text` counts the prompts whose
+(`in_process`); `in_process_batch` is the model's own `generate` of them as one left-padded
+batch, the bound batching aims at. tokens_per_s counts completion tokens (the servers' `usage`;
+in-process the same prompts' counts, the texts being checked equal). `same_text` counts the prompts whose
 greedy text was the same batched as sequential and as in-process; `decode` is the batched
 server's own account (from its metrics) of its decoding steps: mean sequences per step, mean
 step time, and the share of the wall time spent in steps (the rest: HTTP, detokenizing,
@@ -467,9 +468,30 @@ def generate_all(pipeline: Any, prompts: list[str]) -> tuple[float, list[str]]:
     return time.perf_counter() - start, texts
 
 
+def generate_batch(pipeline: Any, prompts: list[str]) -> float:
+    """The model's own batched `generate` of `prompts` (left-padded, greedy): wall seconds.
+
+    The bound a server's batching aims at: one padded batch from start to end, no joins, no HTTP.
+    """
+    import torch
+
+    task, model = pipeline.task, pipeline.model
+    ids = [task.prompt_ids(p) for p in prompts]
+    width = max(len(i) for i in ids)
+    batch = torch.full((len(ids), width), task.pad_id, dtype=torch.long)
+    mask = torch.zeros(len(ids), width, dtype=torch.bool)
+    for row, prompt in enumerate(ids):
+        batch[row, width - len(prompt):] = torch.tensor(prompt)
+        mask[row, width - len(prompt):] = True
+    start = time.perf_counter()
+    model.generate(batch, max_new_tokens=LLM_MAX_TOKENS, temperature=0.0, stop_ids=task.stop_ids or (),
+                   attention_mask=mask)
+    return time.perf_counter() - start
+
+
 def measure_llm(servers: dict[str, Server], pipeline: Any, prompts: list[str], rounds: int) -> dict[str, Any]:
     """Each system at each level, `rounds` times, interleaved as in `measure`; only the measured one runs."""
-    systems = [*servers, "in_process"]
+    systems = [*servers, "in_process", "in_process_batch"]
     for name, server in servers.items():  # warm-up: first-call costs out of the way
         only(servers, name)
         asyncio.run(complete_all(server.base, prompts[:2]))
@@ -487,6 +509,8 @@ def measure_llm(servers: dict[str, Server], pipeline: Any, prompts: list[str], r
                 only(servers, name)
                 if name == "in_process":
                     seconds, texts[name] = generate_all(pipeline, batch)
+                elif name == "in_process_batch":
+                    seconds = generate_batch(pipeline, batch)
                 else:
                     before = decode_stats(servers[name].base) if name == "batched" else None
                     seconds, texts[name], tokens[name] = asyncio.run(complete_all(servers[name].base, batch))
@@ -496,7 +520,7 @@ def measure_llm(servers: dict[str, Server], pipeline: Any, prompts: list[str], r
                             decode[key] += after[key] - before[key]
                 wall[name] += seconds
         # Greedy decoding gives the in-process run the same tokens: it is counted with the server's usage.
-        tokens["in_process"] = tokens["sequential"]
+        tokens["in_process"] = tokens["in_process_batch"] = tokens["sequential"]
         level: dict[str, Any] = {
             name: {"tokens_per_s": round(sum(tokens[name]) * rounds / wall[name], 2),
                    "wall_s": round(wall[name] / rounds, 3), "completion_tokens": sum(tokens[name])}
@@ -542,7 +566,7 @@ def llm_section(args: argparse.Namespace, threads: int, env: dict[str, str]) -> 
     ratios = {}
     for c in LLM_LEVELS:
         level = results[f"c{c}"]
-        for other in ("sequential", "in_process"):
+        for other in ("sequential", "in_process", "in_process_batch"):
             ratios[f"llm_batched_vs_{other}_c{c}"] = round(
                 level["batched"]["tokens_per_s"] / level[other]["tokens_per_s"], 3)
     info = {
