@@ -1,7 +1,7 @@
 """Serving throughput and latency: dapeng's dynamic batching against no batching, LitServe
 and the Pipeline called in-process, all in one run on the same model and inputs.
 
-    python benchmarks/serve.py                  # full run (a few minutes): classifier, then LLM
+    python benchmarks/serve.py                  # full run: classifier (minutes), then LLM (~20 min on busy cores)
     python benchmarks/serve.py --quick          # small version for CI
     python benchmarks/serve.py --section llm    # only the LLM section
 
