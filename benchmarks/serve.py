@@ -1,8 +1,9 @@
 """Serving throughput and latency: dapeng's dynamic batching against no batching, LitServe
 and the Pipeline called in-process, all in one run on the same model and inputs.
 
-    python benchmarks/serve.py            # full run (a few minutes)
-    python benchmarks/serve.py --quick    # small version for CI
+    python benchmarks/serve.py                  # full run: classifier (minutes), then LLM (~20 min on busy cores)
+    python benchmarks/serve.py --quick          # small version for CI
+    python benchmarks/serve.py --section llm    # only the LLM section
 
 The model is the text classifier of `examples/rotten-tomatoes-bilstm.yaml` (a bidirectional
 LSTM over GloVe-50 word vectors, ~1.1M parameters: the most accurate of the classification
@@ -21,6 +22,20 @@ it by much: on an AVX2 CPU in fp32 the 10M encoder is compute-bound already at b
 (gain ~2–3×, so batched ÷ unbatched stays near 2 whatever the server does). The examples'
 small models gain more (~3–6×); there HTTP — client and servers share the cores — keeps
 every server below the in-process rate, and the unbatched server pays it once per item.
+
+The LLM section (`results.llm`, `ratios.llm_*`) serves a causal LM (the built-in
+`smollm2-135m`; `--quick` a tiny random one, `--llm-model` another) and sends it 8 and 32
+concurrent `completions.create(max_tokens=32, temperature=0)` requests with the official
+`openai` client (`AsyncOpenAI`), each level's prompts all at once: to dapeng with continuous
+batching (`batched`), to the same server with batching off (`--max-batch-size 1`,
+`sequential`), and `Pipeline.generate` of the same prompts one after another in this process
+(`in_process`); `in_process_batch` is the model's own `generate` of them as one left-padded
+batch, the bound batching aims at. tokens_per_s counts completion tokens (the servers' `usage`;
+in-process the same prompts' counts, the texts being checked equal). `same_text` counts the prompts whose
+greedy text was the same batched as sequential and as in-process; `decode` is the batched
+server's own account (from its metrics) of its decoding steps: mean sequences per step, mean
+step time, and the share of the wall time spent in steps (the rest: HTTP, detokenizing,
+waiting).
 
 Each server runs in its own process on loopback; this process is the client: aiohttp,
 `concurrency` coroutines sharing one connection pool, a fixed number of requests per
@@ -377,8 +392,198 @@ def in_process(pipeline: Any, texts: list[str], mean_batch: float, items: int, t
     tally.latencies.extend([0.0] * done)  # items, counted like requests
 
 
-def environment(pipeline: Any, model: Path, threads: int, args: argparse.Namespace,
-                load_at_start: list[float]) -> dict[str, Any]:
+# -- the LLM section ------------------------------------------------------------------------
+
+LLM_LEVELS = (8, 32)
+LLM_MAX_TOKENS = 32
+LLM_PROMPT_CHARS = 160  # review openings: prompts of different lengths, a few dozen tokens each
+
+
+def build_tiny_lm(threads: int) -> Path:
+    """A small random causal LM (2 layers, hidden 64, BPE learned on the reviews) as an Artifact (cached), for --quick."""
+    import torch
+
+    from dapeng.config import DataConfig
+    from dapeng.data import load_splits
+    from dapeng.hub.artifact import save_artifact
+    from dapeng.hub.store import dapeng_home
+    from dapeng.models import MODELS
+    from dapeng.tasks import TASKS
+
+    path = dapeng_home() / "bench" / "serve-tiny-lm"
+    if (path / "dapeng.json").is_file():
+        return path
+    torch.set_num_threads(threads)
+    task = TASKS.create("causal-lm", vocab_size=2000, block_size=64, max_length=256)
+    task.setup(load_splits(DataConfig(dataset="rotten-tomatoes")).train[:2000])
+    kwargs = {**task.model_kwargs(), "hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 128,
+              "max_positions": 256}
+    torch.manual_seed(0)
+    model = MODELS.create("lm", **kwargs)
+    card = {"summary": "Untrained weights: a stand-in for serving benchmarks only."}
+    return save_artifact(path, model=model, model_name="lm", model_kwargs=kwargs, task_name="causal-lm",
+                         task_state=task.state(), card=card)
+
+
+def llm_command(model: str, port: int, threads: int, max_batch: int) -> list[str]:
+    # A generous time limit: the last of 32 requests to the unbatched server waits for the other 31.
+    return [sys.executable, "-m", "dapeng", "serve", f"bench={model}", "--port", str(port), "--threads",
+            str(threads), "--max-batch-size", str(max_batch), "--log-level", "warning", "--timeout", "900"]
+
+
+def decode_stats(base: str) -> dict[str, float]:
+    """Sums and counts of the dapeng server's decode-step metrics so far."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
+    names = ("dapeng_decode_step_seconds_sum", "dapeng_decode_step_seconds_count", "dapeng_decode_batch_size_sum")
+    values = dict.fromkeys(names, 0.0)
+    for line in text.splitlines():
+        name = line.split("{")[0].split(" ")[0]
+        if name in values:
+            values[name] = float(line.rsplit(" ", 1)[1])
+    return values
+
+
+async def complete_all(base: str, prompts: list[str]) -> tuple[float, list[str], list[int]]:
+    """All `prompts` sent at once through the official client: (wall seconds, texts, completion tokens)."""
+    import openai
+
+    async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=900) as client:
+
+        async def one(prompt: str) -> Any:
+            return await client.completions.create(model="bench", prompt=prompt, max_tokens=LLM_MAX_TOKENS,
+                                                   temperature=0)
+
+        start = time.perf_counter()
+        answers = await asyncio.gather(*(one(p) for p in prompts))
+        wall = time.perf_counter() - start
+    return wall, [a.choices[0].text for a in answers], [a.usage.completion_tokens for a in answers]
+
+
+def generate_all(pipeline: Any, prompts: list[str]) -> tuple[float, list[str]]:
+    """`Pipeline.generate` of `prompts`, one after another: (wall seconds, texts)."""
+    start = time.perf_counter()
+    texts = [pipeline.generate(p, max_new_tokens=LLM_MAX_TOKENS, temperature=0.0) for p in prompts]
+    return time.perf_counter() - start, texts
+
+
+def generate_batch(pipeline: Any, prompts: list[str]) -> float:
+    """The model's own batched `generate` of `prompts` (left-padded, greedy): wall seconds.
+
+    The bound a server's batching aims at: one padded batch from start to end, no joins, no HTTP.
+    """
+    import torch
+
+    task, model = pipeline.task, pipeline.model
+    ids = [task.prompt_ids(p) for p in prompts]
+    width = max(len(i) for i in ids)
+    batch = torch.full((len(ids), width), task.pad_id, dtype=torch.long)
+    mask = torch.zeros(len(ids), width, dtype=torch.bool)
+    for row, prompt in enumerate(ids):
+        batch[row, width - len(prompt):] = torch.tensor(prompt)
+        mask[row, width - len(prompt):] = True
+    start = time.perf_counter()
+    model.generate(batch, max_new_tokens=LLM_MAX_TOKENS, temperature=0.0, stop_ids=task.stop_ids or (),
+                   attention_mask=mask)
+    return time.perf_counter() - start
+
+
+def measure_llm(servers: dict[str, Server], pipeline: Any, prompts: list[str], rounds: int) -> dict[str, Any]:
+    """Each system at each level, `rounds` times, interleaved as in `measure`; only the measured one runs."""
+    systems = [*servers, "in_process", "in_process_batch"]
+    for name, server in servers.items():  # warm-up: first-call costs out of the way
+        only(servers, name)
+        asyncio.run(complete_all(server.base, prompts[:2]))
+    generate_all(pipeline, prompts[:1])
+    results: dict[str, Any] = {}
+    for c in LLM_LEVELS:
+        batch = prompts[:c]
+        wall = dict.fromkeys(systems, 0.0)
+        texts: dict[str, list[str]] = {}
+        tokens: dict[str, list[int]] = {}
+        decode = dict.fromkeys(("dapeng_decode_step_seconds_sum", "dapeng_decode_step_seconds_count",
+                                "dapeng_decode_batch_size_sum"), 0.0)
+        for round_ in range(rounds):
+            for name in systems[round_ % len(systems):] + systems[:round_ % len(systems)]:
+                only(servers, name)
+                if name == "in_process":
+                    seconds, texts[name] = generate_all(pipeline, batch)
+                elif name == "in_process_batch":
+                    seconds = generate_batch(pipeline, batch)
+                else:
+                    before = decode_stats(servers[name].base) if name == "batched" else None
+                    seconds, texts[name], tokens[name] = asyncio.run(complete_all(servers[name].base, batch))
+                    if before is not None:
+                        after = decode_stats(servers[name].base)
+                        for key in decode:
+                            decode[key] += after[key] - before[key]
+                wall[name] += seconds
+        # Greedy decoding gives the in-process run the same tokens: it is counted with the server's usage.
+        tokens["in_process"] = tokens["in_process_batch"] = tokens["sequential"]
+        level: dict[str, Any] = {
+            name: {"tokens_per_s": round(sum(tokens[name]) * rounds / wall[name], 2),
+                   "wall_s": round(wall[name] / rounds, 3), "completion_tokens": sum(tokens[name])}
+            for name in systems
+        }
+        level["same_text"] = {
+            "of": c,
+            "sequential": sum(a == b for a, b in zip(texts["batched"], texts["sequential"])),
+            "in_process": sum(a == b for a, b in zip(texts["batched"], texts["in_process"])),
+        }
+        steps = decode["dapeng_decode_step_seconds_count"]
+        level["decode"] = {
+            "steps": int(steps / rounds),
+            "mean_batch": round(decode["dapeng_decode_batch_size_sum"] / steps, 2) if steps else 0.0,
+            "mean_step_ms": round(1000 * decode["dapeng_decode_step_seconds_sum"] / steps, 2) if steps else 0.0,
+            "step_share_of_wall": round(decode["dapeng_decode_step_seconds_sum"] / wall["batched"], 3),
+        }
+        results[f"c{c}"] = level
+        print(f"llm c={c:<3d} {level}", file=sys.stderr, flush=True)
+    only(servers, None)
+    return results
+
+
+def llm_section(args: argparse.Namespace, threads: int, env: dict[str, str]) -> tuple[dict, dict, dict]:
+    """The LLM servers against each other and in-process generation: (results, ratios, env)."""
+    import openai
+    import torch
+
+    import dapeng
+
+    model = args.llm_model or (str(build_tiny_lm(threads)) if args.quick else "smollm2-135m")
+    prompts = [t[:LLM_PROMPT_CHARS] for t in test_texts(max(LLM_LEVELS))]
+    torch.set_num_threads(threads)
+    pipeline = dapeng.load(model)
+    with contextlib.ExitStack() as stack:
+        servers = {}
+        for name, max_batch in (("batched", MAX_BATCH), ("sequential", 1)):
+            port = free_port()
+            proc = stack.enter_context(running(llm_command(model, port, threads, max_batch), port, env,
+                                               args.log_dir / f"llm_{name}.log"))
+            servers[name] = Server(f"http://127.0.0.1:{port}", "/v1/completions", proc)
+        results = measure_llm(servers, pipeline, prompts, args.llm_rounds)
+    ratios = {}
+    for c in LLM_LEVELS:
+        level = results[f"c{c}"]
+        for other in ("sequential", "in_process", "in_process_batch"):
+            ratios[f"llm_batched_vs_{other}_c{c}"] = round(
+                level["batched"]["tokens_per_s"] / level[other]["tokens_per_s"], 3)
+    info = {
+        "model": {"name": pipeline.meta.get("model", {}).get("name"), "source": model,
+                  "params": sum(p.numel() for p in pipeline.model.parameters())},
+        "precision": pipeline.precision,
+        "max_batch_size": MAX_BATCH,
+        "max_tokens": LLM_MAX_TOKENS,
+        "prompt_chars": LLM_PROMPT_CHARS,
+        "client": f"openai {openai.__version__} AsyncOpenAI, all of a level's requests at once",
+        "rounds": args.llm_rounds,
+    }
+    return results, ratios, info
+
+
+def machine(threads: int, load_at_start: list[float]) -> dict[str, Any]:
+    """The software and hardware a run measured on, and the machine's other load."""
     import torch
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -386,12 +591,19 @@ def environment(pipeline: Any, model: Path, threads: int, args: argparse.Namespa
     return {
         "torch": torch.__version__,
         "threads": threads,
-        "precision": pipeline.precision,
         "cpu": cpu,
         "cores": os.cpu_count(),
         # 1, 5 and 15-minute load averages when the run started and ended: the other work on the machine.
         "load_average_start": load_at_start,
         "load_average_end": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def environment(pipeline: Any, model: Path, threads: int, args: argparse.Namespace,
+                load_at_start: list[float]) -> dict[str, Any]:
+    return {
+        **machine(threads, load_at_start),
+        "precision": pipeline.precision,
         "model": {"name": pipeline.meta.get("model", {}).get("name"), "params": sum(p.numel() for p in pipeline.model.parameters()),
                   "path": str(model)},
         "max_batch_size": MAX_BATCH,
@@ -411,6 +623,9 @@ def main() -> None:
     source.add_argument("--encoder-10m", action="store_true",
                         help="serve a ~10M-parameter encoder (hidden 256, 6 layers) instead of an example's model")
     source.add_argument("--model", type=Path, help="serve this run/Artifact instead")
+    parser.add_argument("--section", choices=("all", "classifier", "llm"), default="all",
+                        help="which part to run (default all: the classifier, then the LLM)")
+    parser.add_argument("--llm-model", help="LLM to serve: hub name or Artifact (default smollm2-135m; quick: a tiny one)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: half the cores)")
     parser.add_argument("--time-limit", type=float, default=None,
                         help="seconds per system and level (default 40, quick 20)")
@@ -427,6 +642,7 @@ def main() -> None:
     args.time_limit = args.time_limit or (20.0 if args.quick else 40.0)
     args.rounds = 2 if args.quick else 8  # short interleaved slices: the other load drifts over seconds
     args.warmup = 64 if args.quick else 200
+    args.llm_rounds = 1 if args.quick else 2
     args.log_dir.mkdir(parents=True, exist_ok=True)
     plan = {1: 150, 8: 400, 64: 800} if args.quick else {1: 1000, 8: 2000, 64: 4000}
 
@@ -436,6 +652,21 @@ def main() -> None:
     # servers' one (its thread waited ~13% of the time for those helpers).
     os.environ.update({"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"})
     env = dict(os.environ)
+    results: dict[str, Any] = {}
+    ratios: dict[str, float] = {}
+    report = machine(threads, load_at_start)
+    if args.section in ("all", "classifier"):
+        results, ratios, report = classifier_section(args, threads, env, plan, load_at_start)
+    if args.section in ("all", "llm"):
+        results["llm"], llm_ratios, report["llm"] = llm_section(args, threads, env)
+        ratios.update(llm_ratios)
+        report["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    print(json.dumps({"results": results, "ratios": ratios, "env": report}))
+
+
+def classifier_section(args: argparse.Namespace, threads: int, env: dict[str, str], plan: dict[int, int],
+                       load_at_start: list[float]) -> tuple[dict, dict, dict]:
+    """The classifier servers, LitServe and in-process predict: (results, ratios, env)."""
     model = args.model or (build_model(threads) if args.encoder_10m else build_example(args.example, threads))
     texts = test_texts(2000)
     commands = {
@@ -471,8 +702,7 @@ def main() -> None:
     base = results["in_process"]["c1"]["items_per_s"]
     results["in_process_batch_gain"] = {
         f"c{c}": round(results["in_process"][f"c{c}"]["items_per_s"] / base, 3) for c in LEVELS if c != 1}
-    env = environment(pipeline, model, threads, args, load_at_start)
-    print(json.dumps({"results": results, "ratios": ratios, "env": env}))
+    return results, ratios, environment(pipeline, model, threads, args, load_at_start)
 
 
 if __name__ == "__main__":

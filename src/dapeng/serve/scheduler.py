@@ -205,6 +205,8 @@ class GenerationScheduler:
     def _step(self, batch: Any, joining: list[Sequence]) -> None:
         start = time.perf_counter()
         self._drop_cancelled(batch)
+        if not self._running and not joining:
+            return  # every running sequence was cancelled: no step ran, none to count in the metrics
         events: list[tuple[Sequence, Event]] = []
         if self._running:
             logits = batch.step([s.decoding.tokens[-1] for s in self._running])
