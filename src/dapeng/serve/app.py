@@ -166,20 +166,20 @@ class ModelSlot:
             raise _invalid(("method",), f"model {self.name!r} (task {self.task_name!r}) has no {method!r} "
                            f"explanations; choose one of: {', '.join(self.capabilities.explain)}")
 
-    def records(self, instances: list[Any], config: ServeConfig, verb: str = "predict") -> list[Any]:
-        """Validated records for `instances` to `verb` (422 naming the bad one, or the verb)."""
+    def records(
+        self, instances: list[Any], config: ServeConfig, verb: str = "predict", param: str = "instances"
+    ) -> list[Any]:
+        """Validated records for `instances` to `verb` (422 naming `param`'s bad one, or the verb)."""
         self.require(verb, "name", where="path")
         to_records = getattr(self.pipeline, "to_records", None)
         try:
             if callable(to_records):
                 return to_records(instances, max_chars=config.max_input_chars, allow_paths=False)
         except DapengError as err:
-            raise _invalid(("instances", *getattr(err, "loc", ())), str(err)) from None
+            raise _invalid((param, *getattr(err, "loc", ())), str(err)) from None
         for i, value in enumerate(instances):
             if isinstance(value, str) and len(value) > config.max_input_chars:
-                raise _invalid(
-                    ("instances", i), f"input {i} is longer than {config.max_input_chars} characters"
-                )
+                raise _invalid((param, i), f"input {i} is longer than {config.max_input_chars} characters")
         return instances
 
     @property
@@ -718,7 +718,7 @@ def _add_v2_routes(app: _GatedApp, router: APIRouter, state: ServeState, lean: C
             instances = v2.instances_from(body.inputs, slot.capabilities, state.config.max_items)
         except DapengError as err:
             raise _invalid(("inputs",), str(err)) from None
-        predictions = await _submit(state, slot, slot.records(instances, state.config))
+        predictions = await _submit(state, slot, slot.records(instances, state.config, param="inputs"))
         try:
             outputs = v2.outputs_from(predictions, slot.capabilities, slot.labels, requested)
         except DapengError as err:
