@@ -112,6 +112,42 @@ def test_image_pixels_and_vectors(client, models):
     np.testing.assert_allclose(vectors.as_numpy("embedding"), models["minilm"].embed(["a film", "a dog"]), atol=1e-5)
 
 
+def test_the_clients_defaults_send_binary_tensors(client, models):
+    """`set_data_from_numpy` without `binary_data=False` and no requested outputs: the binary extension."""
+    import io
+
+    from PIL import Image
+
+    texts = ["good film", "awful plot"]
+    tensor = httpclient.InferInput("text", [2], "BYTES")
+    tensor.set_data_from_numpy(np.array(texts, dtype=object))
+    result = client.infer("tiny", [tensor])
+    local = models["tiny"].predict(texts)
+    assert [x.decode() if isinstance(x, bytes) else x for x in result.as_numpy("label")] == [p["label"] for p in local]
+    images = np.random.default_rng(2).integers(0, 256, (3, 8, 8), dtype=np.uint8)
+    pixels = httpclient.InferInput("image", list(images.shape), "UINT8")
+    pixels.set_data_from_numpy(images)
+    np.testing.assert_allclose(client.infer("img", [pixels]).as_numpy("score"),
+                               [p["score"] for p in models["img"].predict(list(images))], atol=1e-5)
+    png = io.BytesIO()
+    Image.fromarray(images[0]).save(png, format="PNG")
+    files = httpclient.InferInput("image", [1], "BYTES")
+    files.set_data_from_numpy(np.array([png.getvalue()], dtype=object))
+    np.testing.assert_allclose(client.infer("img", [files]).as_numpy("score"),
+                               [models["img"].predict([images[0]])[0]["score"]], atol=1e-5)
+
+
+def test_binary_data_that_does_not_add_up_is_a_400(base):
+    header = json.dumps({"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES",
+                                     "parameters": {"binary_data_size": 50}}]}).encode()
+    for length, blob in ((len(header), b"\x03\x00\x00\x00abc"), (len(header) + 99, b""), (len(header), b"")):
+        request = urllib.request.Request(f"{base}/v2/models/tiny/infer", data=header + blob, headers={
+            "Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(length)})
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(request, timeout=10)
+        assert err.value.code == 400 and set(json.loads(err.value.read())) == {"error"}
+
+
 @pytest.mark.parametrize(
     ("model", "inputs", "message"),
     [

@@ -43,6 +43,7 @@ from starlette.routing import Match
 
 from dapeng import __version__
 from dapeng.errors import DapengError
+from dapeng.serve import v2
 from dapeng.serve.batcher import BatcherStopped, DynamicBatcher, QueueFull
 from dapeng.serve.config import ServeConfig
 from dapeng.serve.metrics import Metrics
@@ -521,25 +522,41 @@ class _LeanRoute(APIRoute):
     shapes, as on every other route. Auth, draining and metrics are the gate's.
     """
 
-    def __init__(self, path: str, endpoint: Callable[..., Any], *, limit: int, **kwargs: Any) -> None:
+    def __init__(self, path: str, endpoint: Callable[..., Any], *, limit: int,
+                 binary: Callable[[Any, bytes], Any] | None = None, **kwargs: Any) -> None:
         super().__init__(path, endpoint, methods=["POST"], **kwargs)
         self.body_model = inspect.signature(endpoint).parameters["body"].annotation
         self.limit = limit
+        self.binary = binary
         self.app = self.serve
+
+    def parse(self, raw: bytes, headers: list[tuple[bytes, bytes]]) -> Any:
+        """The body: JSON, or (V2's binary extension) JSON of the header's length, then binary data."""
+        size = next((v for k, v in headers if k == v2.BINARY_HEADER), None) if self.binary else None
+        if size is not None and not (size.isdigit() and int(size) <= len(raw)):
+            raise _invalid((), f"{v2.BINARY_HEADER.decode()} {size.decode('latin-1')!r} is not a length within the body")
+        end = len(raw) if size is None else int(size)
+        try:
+            body = self.body_model.model_validate_json(raw[:end])
+        except ValidationError as err:
+            # A body that is not JSON (or not UTF-8) comes back as its raw bytes: don't echo them.
+            raise RequestValidationError([
+                {**e, "loc": ("body", *e["loc"]), "input": None if isinstance(e["input"], bytes) else e["input"]}
+                for e in err.errors(include_url=False)
+            ]) from None
+        if size is None or self.binary is None:
+            return body
+        try:
+            return self.binary(body, raw[end:])
+        except DapengError as err:
+            raise _invalid((), str(err)) from None
 
     async def serve(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
         try:
             raw = await _read_body(scope, receive, self.limit)
             if raw is None:  # the client went away
                 return
-            try:
-                body = self.body_model.model_validate_json(raw)
-            except ValidationError as err:
-                # A body that is not JSON (or not UTF-8) comes back as its raw bytes: don't echo them.
-                raise RequestValidationError([
-                    {**e, "loc": ("body", *e["loc"]), "input": None if isinstance(e["input"], bytes) else e["input"]}
-                    for e in err.errors(include_url=False)
-                ]) from None
+            body = self.parse(raw, scope["headers"])
             content = await self.endpoint(**scope["path_params"], body=body)
         except (_ApiError, RequestValidationError) as err:
             await _reply(send, *_error_response(scope["path"], err))
@@ -612,10 +629,12 @@ def _add_model_routes(app: _GatedApp, router: APIRouter, state: ServeState, bodi
     errors = {**_NOT_FOUND, **_TOO_LARGE, **_BUSY, **_TIMEOUT, **guarded.get("responses", {})}
     schemas = [s.capabilities.output_schema for s in state.slots.values() if s.capabilities.supports("predict")]
 
-    def lean(path: str, response_model: Any, tags: list[str], responses: dict[Any, Any]) -> Callable[..., Any]:
+    def lean(path: str, response_model: Any, tags: list[str], responses: dict[Any, Any],
+             binary: Callable[[Any, bytes], Any] | None = None) -> Callable[..., Any]:
         def register(endpoint: Callable[..., Any]) -> Callable[..., Any]:
-            route = _LeanRoute(path, endpoint, limit=config.max_body_bytes, response_model=response_model,
-                               responses=responses, tags=tags, dependencies=guarded.get("dependencies"))
+            route = _LeanRoute(path, endpoint, limit=config.max_body_bytes, binary=binary,
+                               response_model=response_model, responses=responses, tags=tags,
+                               dependencies=guarded.get("dependencies"))
             app.router.routes.append(route)
             app.lean_routes.append(route)
             return endpoint
@@ -664,8 +683,6 @@ def _add_model_routes(app: _GatedApp, router: APIRouter, state: ServeState, bodi
 def _add_v2_routes(app: _GatedApp, router: APIRouter, state: ServeState, lean: Callable[..., Any],
                    errors: dict[Any, Any]) -> None:
     """KServe V2 / Open Inference Protocol: health, metadata and `infer` through the V1 batcher."""
-    from dapeng.serve import v2
-
     v2_errors = {code: {**spec, "model": V2Error} for code, spec in errors.items()}
     v2_errors[400] = {"model": V2Error, "description": "a bad request (the Open Inference Protocol's 400)"}
 
@@ -709,7 +726,7 @@ def _add_v2_routes(app: _GatedApp, router: APIRouter, state: ServeState, lean: C
             return JSONResponse({"name": slot.name, "ready": False}, status_code=503)
         return V2ModelReady(name=slot.name, ready=True)
 
-    @lean("/v2/models/{name}/infer", V2InferResponse, ["v2"], v2_errors)
+    @lean("/v2/models/{name}/infer", V2InferResponse, ["v2"], v2_errors, binary=v2.with_binary_data)
     async def infer(name: str, body: V2InferRequest) -> dict[str, Any]:
         """Predict for each row of the input tensor, batched with the V1 requests to the model."""
         slot = predicting(name)

@@ -182,7 +182,8 @@ class V2Tensor(_Strict):
     shape: list[Annotated[int, Field(ge=0)]]
     datatype: Literal["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16",
                       "FP32", "FP64", "BYTES"]
-    data: list[Any] = Field(description="the elements, flat or nested in row-major order")
+    data: list[Any] | None = Field(None, description="the elements, flat or nested in row-major order (none "
+                                   "with the binary extension's parameters.binary_data_size)")
     parameters: dict[str, Any] | None = None
 
 

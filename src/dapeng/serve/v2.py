@@ -5,8 +5,8 @@ after the task's input field (`text` and `tokens` as BYTES `[N]`; `image` as UIN
 `[N, H, W]` / `[N, H, W, C]` pixels, or BYTES `[N]` of base64 image files), and outputs by
 what `predict` gives (`label`: BYTES `label`, FP32 `score` and, with known labels, FP32
 `probabilities` `[N, labels]`; `vector`: FP32 `embedding` `[N, D]`; `tags` and `text`: one
-BYTES element per input, tags as the prediction's JSON). Only JSON tensor data is read
-and written; the binary tensor extension is not.
+BYTES element per input, tags as the prediction's JSON). Inputs come as JSON data or in
+the binary tensor extension (`tritonclient`'s default); outputs are always JSON.
 """
 
 from __future__ import annotations
@@ -17,7 +17,10 @@ from typing import Any, NamedTuple
 
 from dapeng.errors import DapengError
 
-__all__ = ["TensorSpec", "input_specs", "instances_from", "output_specs", "outputs_from"]
+__all__ = ["TensorSpec", "input_specs", "instances_from", "output_specs", "outputs_from", "with_binary_data"]
+
+# The binary extension's header: the length of the JSON part of the body; binary tensors follow it.
+BINARY_HEADER = b"inference-header-content-length"
 
 
 class TensorSpec(NamedTuple):
@@ -65,15 +68,22 @@ def instances_from(inputs: Sequence[Any], capabilities: Any, max_items: int) -> 
     shape = list(tensor.shape)
     if not shape or not 1 <= shape[0] <= max_items:
         raise DapengError(f"inputs[0].shape: the first dimension is the batch size, 1 to {max_items}, not {shape}")
+    if tensor.data is None:
+        raise DapengError("inputs[0].data is missing", "send the elements, or binary data with binary_data_size")
     data = _flatten(tensor.data)
     if len(data) != _product(shape):
         raise DapengError(f"inputs[0].data: {len(data)} elements for shape {shape}")
     if tensor.datatype == "BYTES":
         if len(shape) > 2 or _product(shape[1:]) != 1:
             raise DapengError(f"inputs[0].shape: BYTES inputs are [N] or [N, 1], not {shape}")
-        if not all(isinstance(x, str) for x in data):
+        if not all(isinstance(x, str | bytes) for x in data):
             raise DapengError("inputs[0].data: BYTES elements must be strings")
-        return [{"b64": x} for x in data] if spec.datatype == "UINT8" else data
+        if spec.datatype == "UINT8":  # encoded image files: base64 in JSON, the bytes themselves in binary
+            return [{"b64": x} if isinstance(x, str) else x for x in data]
+        try:
+            return [x.decode() if isinstance(x, bytes) else x for x in data]
+        except UnicodeDecodeError:
+            raise DapengError("inputs[0].data: BYTES text must be UTF-8") from None
     if spec.datatype != "UINT8" or tensor.datatype != "UINT8":
         raise DapengError(f"inputs[0].datatype: {spec.name!r} is {spec.datatype}, not {tensor.datatype}")
     if len(shape) not in (3, 4):
@@ -118,6 +128,45 @@ def outputs_from(
         shape = [n] if len(spec.shape) == 1 else [n, width]
         out.append({"name": spec.name, "datatype": spec.datatype, "shape": shape, "data": data})
     return out
+
+
+def with_binary_data(request: Any, blob: bytes) -> Any:
+    """`request` with the data of its binary inputs (`parameters.binary_data_size`) read from `blob`.
+
+    Raises:
+        DapengError: for sizes past the end of the body, or bytes left over.
+    """
+    offset, inputs = 0, []
+    for i, tensor in enumerate(request.inputs):
+        size = (tensor.parameters or {}).get("binary_data_size")
+        if size is None:
+            inputs.append(tensor)
+            continue
+        if not isinstance(size, int) or size < 0 or offset + size > len(blob):
+            raise DapengError(f"inputs[{i}].parameters.binary_data_size: {size!r} runs past the end of the body")
+        inputs.append(tensor.model_copy(update={"data": _decode(blob[offset : offset + size], tensor.datatype, i)}))
+        offset += size
+    if offset != len(blob):
+        raise DapengError(f"{len(blob) - offset} bytes of binary data belong to no input")
+    return request.model_copy(update={"inputs": inputs})
+
+
+def _decode(chunk: bytes, datatype: str, index: int) -> list[Any]:
+    """A binary tensor's elements: UINT8 bytes, or BYTES as 4-byte little-endian lengths each followed by its bytes."""
+    if datatype == "UINT8":
+        return list(chunk)
+    if datatype != "BYTES":
+        raise DapengError(f"inputs[{index}].datatype: binary {datatype} data is not read", "send UINT8 or BYTES")
+    items, at = [], 0
+    while at < len(chunk):
+        if at + 4 > len(chunk):
+            raise DapengError(f"inputs[{index}]: a BYTES element's length is cut off")
+        length = int.from_bytes(chunk[at : at + 4], "little")
+        if at + 4 + length > len(chunk):
+            raise DapengError(f"inputs[{index}]: a BYTES element runs past its binary_data_size")
+        items.append(chunk[at + 4 : at + 4 + length])
+        at += 4 + length
+    return items
 
 
 def _flatten(data: list[Any]) -> list[Any]:
