@@ -3,12 +3,19 @@
     app = create_app({"rt": dapeng.load("runs/rt")}, ServeConfig(max_batch_size=32))
 
 Every model gets a `DynamicBatcher` and one worker thread; the event loop only parses,
-validates and answers. Bad input is a 4xx that says what is wrong (422 naming the field,
-404 for an unknown model, 413 for a body too large); a full queue is a 503 with
-`Retry-After`; a request over its time limit is a 504. A 500 means a bug, never bad input.
-The OpenAI routes answer errors in OpenAI's shape (`{"error": {"message", "type", "param",
-"code"}}`), so its clients show the message; generation on them is continuously batched
-(`scheduler.GenerationScheduler`) for models that support it.
+validates and answers. Which routes serve a model follows its task's declared
+`Capabilities` (a verb it lacks is a 4xx naming the routes it has). Bad input is a 4xx that
+says what is wrong (422 naming the field, 404 for an unknown model, 413 for a body too
+large); a full queue is a 503 with `Retry-After`; a request over its time limit is a 504.
+A 500 means a bug, never bad input. The OpenAI routes answer errors in OpenAI's shape
+(`{"error": {"message", "type", "param", "code"}}`), so its clients show the message, and
+the V2 routes in V2's (`{"error": "..."}`, 400 for a bad request). Generation is
+continuously batched (`scheduler.GenerationScheduler`) for models that support it.
+
+Each route is one piece of code, whatever its way in: `_Gate` checks the API key, refuses
+work while draining and records metrics for all of them; the model POST routes are
+`_LeanRoute`s, documented in the OpenAPI spec from their endpoints and dispatched to
+directly by the gate, past FastAPI's per-request machinery.
 
 (No `from __future__ import annotations` here: FastAPI reads the request-body classes,
 which `build_request_models` makes at run time, from the handlers' live annotations.)
@@ -42,7 +49,7 @@ from pydantic import ValidationError
 from starlette.routing import Match
 
 from dapeng import __version__
-from dapeng.errors import DapengError
+from dapeng.errors import DapengError, NotFoundError
 from dapeng.serve import v2
 from dapeng.serve.batcher import BatcherStopped, DynamicBatcher, QueueFull
 from dapeng.serve.config import ServeConfig
@@ -246,7 +253,7 @@ class ServeState:
             on_batch=lambda size, seconds: self.metrics.observe_batch(name, size, seconds),
         )
         scheduler = None
-        if can_schedule(pipeline):
+        if capabilities.supports("generate") and can_schedule(pipeline):
             scheduler = GenerationScheduler(
                 pipeline, executor, max_batch_size=batch_size, max_queue=self.config.max_queue,
                 on_step=lambda size, seconds: self.metrics.observe_decode_step(name, size, seconds),
@@ -609,7 +616,7 @@ def _busy(config: ServeConfig, detail: str) -> _ApiError:
     return _ApiError(503, detail, {"Retry-After": str(config.retry_after_s)})
 
 
-async def _submit(state: ServeState, slot: ModelSlot, records: list[Any]) -> list[Any]:
+async def _submit(state: ServeState, slot: ModelSlot, records: list[Any], param: str = "instances") -> list[Any]:
     try:
         return await slot.batcher.submit(records, timeout=state.config.timeout_s)
     except QueueFull as err:
@@ -619,7 +626,7 @@ async def _submit(state: ServeState, slot: ModelSlot, records: list[Any]) -> lis
     except TimeoutError:
         raise _ApiError(504, f"no answer within {state.config.timeout_s:g} s") from None
     except DapengError as err:
-        raise _invalid(("instances",), str(err)) from None
+        raise _invalid((param,), str(err)) from None
 
 
 def _add_model_routes(app: _GatedApp, router: APIRouter, state: ServeState, bodies: Any,
@@ -673,7 +680,9 @@ def _add_model_routes(app: _GatedApp, router: APIRouter, state: ServeState, bodi
         def run() -> Any:
             return to_json(slot.pipeline.explain(inputs, method=body.method, target=body.target))  # type: ignore[attr-defined]
 
-        result = await _in_worker(state, slot, run, ("target",))
+        # The method is checked above; explain's NotFoundError is a target the model doesn't have.
+        result = await _in_worker(state, slot, run,
+                                  lambda err: ("target",) if isinstance(err, NotFoundError) else ("method",))
         items = result if isinstance(result, list) else [result]
         return {"explanations": [x if isinstance(x, dict) else {"value": x} for x in items]}
 
@@ -735,7 +744,7 @@ def _add_v2_routes(app: _GatedApp, router: APIRouter, state: ServeState, lean: C
             instances = v2.instances_from(body.inputs, slot.capabilities, state.config.max_items)
         except DapengError as err:
             raise _invalid(("inputs",), str(err)) from None
-        predictions = await _submit(state, slot, slot.records(instances, state.config, param="inputs"))
+        predictions = await _submit(state, slot, slot.records(instances, state.config, param="inputs"), "inputs")
         try:
             outputs = v2.outputs_from(predictions, slot.capabilities, slot.labels, requested)
         except DapengError as err:
@@ -743,8 +752,12 @@ def _add_v2_routes(app: _GatedApp, router: APIRouter, state: ServeState, lean: C
         return {"model_name": slot.name, "model_version": "1", "id": body.id, "outputs": outputs}
 
 
-async def _in_worker(state: ServeState, slot: ModelSlot, fn: Callable[[], Any], loc: tuple[str, ...]) -> Any:
-    """Run `fn` in the model's worker thread (outside the batcher), with the time limit."""
+async def _in_worker(state: ServeState, slot: ModelSlot, fn: Callable[[], Any],
+                     loc: tuple[str, ...] | Callable[[DapengError], tuple[str, ...]]) -> Any:
+    """Run `fn` in the model's worker thread (outside the batcher), with the time limit.
+
+    A DapengError it raises is a 422 naming `loc` (or the field `loc(error)` names).
+    """
     if state.draining:
         raise _busy(state.config, "shutting down")
     loop = asyncio.get_running_loop()
@@ -753,7 +766,7 @@ async def _in_worker(state: ServeState, slot: ModelSlot, fn: Callable[[], Any], 
     except TimeoutError:
         raise _ApiError(504, f"no answer within {state.config.timeout_s:g} s") from None
     except DapengError as err:
-        raise _invalid(loc, str(err)) from None
+        raise _invalid(loc(err) if callable(loc) else loc, str(err)) from None
 
 
 def _options(body: Any, config: ServeConfig) -> dict[str, Any]:
