@@ -46,7 +46,6 @@ from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
-from starlette.routing import Match
 
 from dapeng import __version__
 from dapeng.errors import DapengError, NotFoundError
@@ -83,8 +82,7 @@ __all__ = ["ServeState", "create_app"]
 log = logging.getLogger("dapeng.serve")
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,99}$")
-_MODEL_PATH = re.compile(r"^(/v1/models/)([^/:]+)(:\w+)?$")
-_V2_MODEL_PATH = re.compile(r"^(/v2/models/)([^/]+)(/ready|/infer)?$")
+_MODEL_PATH = re.compile(r"^(/v1/models/|/v2/models/)([^/:]+)(:\w+|/ready|/infer)?$")
 _UNGUARDED = ("/health", "/ready", "/metrics", "/v2/health/live", "/v2/health/ready")
 _OPENAI_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings")
 # How long a thread may hold the GIL while another waits for it (Python's default: 5 ms).
@@ -510,9 +508,10 @@ class _Gate:
     async def _dispatch(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
         if scope["method"] == "POST":
             for route in self.lean_routes:
-                match, child = route.matches(scope)
-                if match is Match.FULL:
-                    await route.handle({**scope, **child}, receive, send)
+                # The route's own pattern; its parameters are plain strings, as the router would give them.
+                if match := route.path_regex.match(scope["path"]):
+                    scope["path_params"] = match.groupdict()
+                    await route.serve(scope, receive, send)
                     return
         await self.app(scope, receive, send)
 
@@ -603,7 +602,7 @@ async def _reply(
 
 def _labels(path: str, state: ServeState) -> tuple[str, str]:
     """Metric labels for `path`, bounded: unknown models and paths share one label each."""
-    match = _MODEL_PATH.match(path) or _V2_MODEL_PATH.match(path)
+    match = _MODEL_PATH.match(path)
     if match:
         model = match.group(2) if match.group(2) in state.slots else "unknown"
         return f"{match.group(1)}{{name}}{match.group(3) or ''}", model
