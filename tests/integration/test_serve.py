@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from dapeng.tasks.base import Capabilities
+
 # One xdist worker runs them all, in order: they share the module's server.
 pytestmark = pytest.mark.xdist_group("serve")
 
@@ -38,6 +40,7 @@ class Echo:
 
     task_name = "echo"
     labels = None
+    capabilities = Capabilities(input="text", output="tags", verbs=frozenset({"predict"}))
 
     def __init__(self, delay: float = 0.0) -> None:
         self.delay = delay
@@ -73,10 +76,7 @@ class Talker:
 
     task_name = "causal-lm"
     labels = None
-    can_generate = True
-
-    def predict(self, items: list, batch_size: int = 32) -> list:
-        return [{"length": len(str(x))} for x in items]
+    capabilities = Capabilities(input="text", output="text", verbs=frozenset({"generate"}))
 
     def generate(self, prompt: str, stream: bool = False, max_new_tokens: int = 16, **kwargs):
         words = [w + " " for w in prompt.split()[::-1][:max_new_tokens]]

@@ -13,16 +13,19 @@ EXAMPLE = """example:
   dapeng serve sentiment=runs/rt minilm-l6 --port 9000 --max-batch-size 64
   DAPENG_API_KEY=secret dapeng serve runs/rt --host 0.0.0.0 --workers 2
 
-  curl -s localhost:8000/v1/models/rt:predict -d '{"instances": ["a gripping film"]}'"""
+  curl -s localhost:8000/v1/models/rt:predict -d '{"instances": ["a gripping film"]}'
+  curl -s localhost:8000/v2/models/rt/infer \\
+    -d '{"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a gripping film"]}]}'"""
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "serve",
-        help="serve models over HTTP (KServe V1, OpenAI completions) with dynamic batching",
+        help="serve models over HTTP (KServe V1 and V2, OpenAI completions and embeddings) with dynamic batching",
         description=(
             "Serve one or more models: run directories, Artifact folders or hub names. "
-            "Each is served under its folder or hub name, or NAME=SOURCE to choose. "
+            "Each is served under its folder or hub name, or NAME=SOURCE to choose, on the routes its task "
+            "supports (GET /v1/models/NAME lists its capabilities). "
             "SIGINT/SIGTERM finish in-flight requests before exiting."
         ),
         epilog=EXAMPLE,

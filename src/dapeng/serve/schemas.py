@@ -1,4 +1,4 @@
-"""Request and response bodies: the KServe / TF-Serving V1 protocol and OpenAI completions.
+"""Request and response bodies: KServe / TF-Serving V1, KServe V2 (Open Inference Protocol), OpenAI.
 
 The request models forbid unknown fields, so a misspelt field is a 422 that names it.
 Limits that depend on the server's settings (items per request, tokens per completion)
@@ -27,8 +27,18 @@ class ErrorBody(BaseModel):
     detail: str
 
 
-class PredictResponse(BaseModel):
-    predictions: list[Any] = Field(description="one output per instance, in order")
+def predict_response(output_schemas: list[dict[str, Any]]) -> type[BaseModel]:
+    """The `:predict` answer, each prediction described by the served tasks' output schemas."""
+    unique = [s for i, s in enumerate(output_schemas) if s not in output_schemas[:i]]
+    if not unique or not all(unique):  # a model without a schema may answer anything
+        items: dict[str, Any] = {}
+    else:
+        items = unique[0] if len(unique) == 1 else {"anyOf": unique}
+    return create_model(
+        "PredictResponse",
+        predictions=(list[Any], Field(description="one output per instance, in order",
+                                      json_schema_extra={"items": items})),
+    )
 
 
 class ExplainResponse(BaseModel):
@@ -52,6 +62,8 @@ class ModelInfo(BaseModel):
     task: str
     labels: list[str] | None
     precision: str | None
+    capabilities: dict[str, Any] = Field(description="what the task does: input, output, verbs, explanation "
+                                         "methods, batching")
     generates: bool = Field(description="whether /v1/completions and /v1/chat/completions serve it")
     embeds: bool = Field(False, description="whether /v1/embeddings serves it")
     batching: Batching
@@ -157,6 +169,81 @@ class OpenAIErrorBody(BaseModel):
     """Every error of the /v1/completions, /v1/chat/completions and /v1/embeddings routes (OpenAI's shape)."""
 
     error: OpenAIError
+
+
+class V2Error(BaseModel):
+    """Every error of the /v2 routes (the Open Inference Protocol's shape)."""
+
+    error: str
+
+
+class V2Tensor(_Strict):
+    name: str
+    shape: list[Annotated[int, Field(ge=0)]]
+    datatype: Literal["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16",
+                      "FP32", "FP64", "BYTES"]
+    data: list[Any] | None = Field(None, description="the elements, flat or nested in row-major order (none "
+                                   "with the binary extension's parameters.binary_data_size)")
+    parameters: dict[str, Any] | None = None
+
+
+class V2RequestedOutput(_Strict):
+    name: str
+    parameters: dict[str, Any] | None = None
+
+
+class V2InferRequest(_Strict):
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: list[V2Tensor] = Field(min_length=1)
+    outputs: list[V2RequestedOutput] | None = Field(None, description="the outputs to send; default all")
+
+
+class V2OutputTensor(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+    data: list[Any]
+
+
+class V2InferResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = None
+    outputs: list[V2OutputTensor]
+
+
+class V2TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int] = Field(description="-1 for a dimension of any size")
+
+
+class V2ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[V2TensorMetadata]
+    outputs: list[V2TensorMetadata]
+
+
+class V2ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class V2Live(BaseModel):
+    live: bool
+
+
+class V2Ready(BaseModel):
+    ready: bool
+
+
+class V2ModelReady(BaseModel):
+    name: str
+    ready: bool
 
 
 class StreamOptions(_Strict):
