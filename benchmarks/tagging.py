@@ -1,7 +1,13 @@
 """Sequence labelling on real text: POS tagging on Brown, NER on WNUT-16, against peers measured in the same run.
 
-    python benchmarks/tagging.py              # the canonical test splits in full (16 minutes on 2 busy cores)
-    python benchmarks/tagging.py --quick      # 300-sentence slices of every split (a smoke run, 1 minute)
+    python benchmarks/tagging.py              # the canonical test splits in full
+    python benchmarks/tagging.py --quick      # 300-sentence slices, a few training steps (a smoke run)
+
+dapeng's models are the four example configs (`examples/brown-pos-*.yaml`, `examples/wnut16-ner-*.yaml`),
+trained by `dapeng.runner.train` into `--runs` (a finished run whose config is the same is reused, so
+the training, ~1 hour on 2 cores, can be done once: `dapeng train examples/… --out RUNS/<name>`), then
+loaded with `dapeng.load` and run over the canonical test split through `Pipeline.predict`, batch 64,
+on the same threads as the peers. Their tags are scored by the same functions as the peers'.
 
 Both data sets come with their canonical seeded splits from the catalog (`dapeng data info
 brown-pos`: whole documents, stratified by genre; `wnut16-ner`: tweets, repeated ones kept
@@ -38,6 +44,7 @@ import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from dapeng.data.catalog import load_dataset
@@ -228,6 +235,89 @@ def crf_baseline(
 # ---------------------------------------------------------------- main
 
 
+# ---------------------------------------------------------------- dapeng's models
+
+MODELS = {  # results key -> (data set, example config)
+    "brown-pos": {"bilstm_crf": "brown-pos-bilstm-crf", "minilm": "brown-pos-minilm"},
+    "wnut16-ner": {"bilstm_crf": "wnut16-ner-bilstm-crf", "minilm": "wnut16-ner-minilm"},
+}
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def trained_run(example: str, runs: Path, quick: bool) -> tuple[Path, float | None]:
+    """The run directory of `example` (trained now unless a finished run of the same config is there)
+    and the training time in seconds (None when reused)."""
+    from dapeng.config import dump_config, load_config
+    from dapeng.runner import train
+
+    overrides = ["train.max_steps=20", "train.epochs=1", "data.limit=300"] if quick else []
+    config = load_config(EXAMPLES / f"{example}.yaml", overrides)
+    out = runs / (f"{example}-quick" if quick else example)
+    saved = out / "config.yaml"
+    if (out / "model" / "dapeng.json").is_file() and saved.is_file() and saved.read_text() == dump_config(config):
+        log(f"{example}: reusing {out}")
+        return out, None
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    log(f"{example}: training into {out}")
+    start = time.perf_counter()
+    train(config, out, progress=False)
+    return out, time.perf_counter() - start
+
+
+def dapeng_tagger(run: Path, test: Sequence[Record], ner: bool, threads: int) -> dict[str, Any]:
+    """A trained run's test scores and inference speed through `dapeng.load(run).predict`, batch 64."""
+    import torch
+
+    import dapeng
+
+    pipe = dapeng.load(run, precision="fp32")
+    torch.set_num_threads(threads)
+    inputs = [{"tokens": r["tokens"]} for r in test]
+    pipe.predict(inputs[:BATCH], batch_size=BATCH)  # warm-up
+    start = time.perf_counter()
+    predicted = [out["tags"] for out in pipe.predict(inputs, batch_size=BATCH)]
+    seconds = time.perf_counter() - start
+    facts = json.loads((run / "metrics.json").read_text())["train"]
+    out: dict[str, Any] = {"words_per_s": n_words(test) / seconds, "seconds": seconds,
+                           "trained_steps": facts.get("steps"), "train_precision": facts.get("precision")}
+    if ner:
+        from seqeval.metrics import f1_score, precision_score, recall_score
+        from seqeval.scheme import IOB2
+
+        gold = [r["tags"] for r in test]
+        for key, metric in (("entity_f1", f1_score), ("entity_precision", precision_score),
+                            ("entity_recall", recall_score)):
+            out[key] = float(metric(gold, predicted, mode="strict", scheme=IOB2))
+    else:
+        out["accuracy"] = tag_accuracy(test, predicted, universal=False)
+        out["universal_accuracy"] = tag_accuracy(test, [[to_universal(t) for t in tags] for tags in predicted],
+                                                 universal=True)
+    return out
+
+
+def tagging_ratios(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """dapeng ÷ peer, above 1 when dapeng is better."""
+    brown, wnut = results["brown-pos"], results["wnut16-ner"]
+    spacy = brown["spacy_sm"]
+    ours = {k: brown[k] for k in MODELS["brown-pos"] if k in brown}
+    ratios: dict[str, Any] = {}
+    if ours:
+        ratios["best_vs_spacy_accuracy"] = max(m["universal_accuracy"] for m in ours.values()) / spacy[
+            "universal_accuracy"]
+        at_least = [m["words_per_s"] for m in ours.values() if m["universal_accuracy"] >= spacy["universal_accuracy"]]
+        ratios["fastest_at_spacy_accuracy_vs_spacy_words_per_s"] = (
+            max(at_least) / spacy["words_per_s"] if at_least else None)
+    crf = wnut["crf_baseline"]["entity_f1"]
+    for key in MODELS["wnut16-ner"]:
+        if key in wnut:
+            ratios[f"wnut16_{key}_vs_crf_baseline_entity_f1"] = wnut[key]["entity_f1"] / crf if crf else None
+            wnut[key]["points_over_crf_baseline"] = 100 * (wnut[key]["entity_f1"] - crf)
+    return ratios
+
+
 def env_info(threads: int) -> dict[str, Any]:
     import torch
 
@@ -257,15 +347,30 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="300 sentences of each split, one CRF setting")
     parser.add_argument("--threads", type=int, default=1, help="threads for every model and peer")
+    parser.add_argument("--runs", type=Path, default=Path("runs/bench-tagging"),
+                        help="where dapeng's models are trained (finished runs of the same config are reused)")
+    parser.add_argument("--train-threads", type=int, default=None, help="threads for training (default: torch's)")
     args = parser.parse_args(argv)
 
     import torch
     from threadpoolctl import threadpool_limits
 
-    torch.set_num_threads(args.threads)
     n = 300 if args.quick else None
     results: dict[str, dict[str, Any]] = {"brown-pos": {}, "wnut16-ner": {}}
+    runs: dict[tuple[str, str], Path] = {}
+    for dataset, models in MODELS.items():  # training first, on as many threads as it likes
+        for key, example in models.items():
+            if args.train_threads:
+                torch.set_num_threads(args.train_threads)
+            runs[dataset, key], seconds = trained_run(example, args.runs, args.quick)
+            if seconds is not None:
+                results[dataset].setdefault(key, {})["train_seconds"] = seconds
+    torch.set_num_threads(args.threads)
     with threadpool_limits(args.threads):
+        for (dataset, key), run in runs.items():
+            test = limit(load_dataset(dataset), n)["test"]
+            results[dataset].setdefault(key, {}).update(dapeng_tagger(run, test, dataset == "wnut16-ner", args.threads))
+            log(f"{dataset} {key}: {results[dataset][key]}")
         brown = limit(load_dataset("brown-pos"), n)
         log(f"brown-pos: {len(brown['train'])} train / {len(brown['test'])} test sentences")
         results["brown-pos"]["most_frequent_tag"] = most_frequent_tag(brown["train"], brown["test"])
@@ -276,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         grid = [(0.1, 0.1)] if args.quick else [(c1, c2) for c1 in (0.05, 0.1, 0.25) for c2 in (0.01, 0.05, 0.1)]
         results["wnut16-ner"]["crf_baseline"] = crf_baseline(wnut["train"], wnut["eval"], wnut["test"], grid)
         log(f"crf_baseline: {results['wnut16-ner']['crf_baseline']}")
-    print(json.dumps({"results": results, "ratios": {}, "env": env_info(args.threads)}))
+    print(json.dumps({"results": results, "ratios": tagging_ratios(results), "env": env_info(args.threads)}))
     return 0
 
 

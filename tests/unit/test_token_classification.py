@@ -532,3 +532,45 @@ def test_a_gold_tag_training_never_saw_counts_as_an_error_and_is_no_loss_target(
     metric = task.metric()
     metric.update(outputs, batch)
     assert "B-DATE" in metric.labels and metric.compute()["accuracy"] < 1.0
+
+
+def _invalid_bio(tags: list[str]) -> int:
+    """I-X after O, after another type's tag, or at the start: transitions BIO forbids."""
+    bad, before = 0, "O"
+    for tag in tags:
+        if tag.startswith("I-") and before[2:] != tag[2:]:
+            bad += 1
+        before = tag
+    return bad
+
+
+@pytest.mark.parametrize("steps", [0, 30])
+def test_the_crf_makes_decoded_ner_output_valid_bio(steps):
+    """The same BiLSTM tagger decoded per word (softmax) walks invalid BIO paths; with its CRF it walks none."""
+    from dapeng.tasks.token_classification import word_predictions
+
+    rng = np.random.default_rng(0)
+    vocab = sorted({w for r in TRAIN for w in r["tokens"]}) + [f"w{i}" for i in range(10)]
+    held_out = [{"tokens": list(rng.choice(vocab, size=int(rng.integers(4, 12))))} for _ in range(40)]
+    invalid = {}
+    for crf in (False, True):
+        torch.manual_seed(0)
+        task = TokenClassificationTask(tokenizer="word", chars=True)
+        task.setup(TRAIN)
+        model = MODELS.create("bilstm-crf", **task.model_kwargs(), embed_dim=16, hidden=16, dropout=0.0,
+                              char_embed_dim=4, char_filters=4, crf=crf)
+        task.init_model(model)
+        opt = torch.optim.Adam(model.parameters(), 1e-2)
+        batch = task.collate(task.encode(TRAIN))
+        model.train()
+        for _ in range(steps):
+            loss, _ = task.loss(model, batch)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+        with torch.no_grad():
+            outputs = task.forward(model, task.collate(task.encode(held_out)))
+        invalid[crf] = sum(_invalid_bio([task.labels[t] for t in tags])
+                           for tags, _ in word_predictions(outputs, task.options.subword_labels))
+    assert invalid[False] > 0 and invalid[True] == 0, invalid
