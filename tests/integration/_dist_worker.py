@@ -2,7 +2,9 @@
 
 Registers the toy task/model, serves the toy splits (TOY_RECORDS of them, default 160),
 pins one thread per rank and, with TOY_STEP_DELAY, sleeps after each step so the parent
-can kill a rank mid-run; with TOY_FAIL_RANK, that rank fails before it joins the others.
+can kill a rank mid-run (each rank writes its pid to TOY_PID_DIR/rank{R}); with TOY_STOP_AT,
+training stops cleanly after that step (a run to resume); with TOY_FAIL_RANK, that rank
+fails before it joins the others.
 """
 
 import os
@@ -20,6 +22,7 @@ import _trainer_toy as toy  # noqa: E402
 
 import dapeng.runner as runner  # noqa: E402
 from dapeng.cli.main import main  # noqa: E402
+from dapeng.train.trainer import StopTraining  # noqa: E402
 
 
 class Slow:
@@ -28,6 +31,15 @@ class Slow:
 
     def on_step_end(self, trainer: object) -> None:
         time.sleep(self.delay)
+
+
+class StopAt:
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, trainer: object) -> None:
+        if trainer.state.step == self.step:
+            raise StopTraining(f"stopped at step {self.step}")
 
 
 def splits(cfg: object = None) -> object:
@@ -39,15 +51,21 @@ def splits(cfg: object = None) -> object:
     return Splits(records[:train], records[train:eval_], records[eval_:])
 
 
-def slow_train(*args, _train=runner.train, **kwargs):
-    return _train(*args, callbacks=[Slow(float(os.environ["TOY_STEP_DELAY"]))], **kwargs)
+def train_with_callbacks(*args, _train=runner.train, **kwargs):
+    callbacks = []
+    if os.environ.get("TOY_STEP_DELAY"):
+        callbacks.append(Slow(float(os.environ["TOY_STEP_DELAY"])))
+    if os.environ.get("TOY_STOP_AT"):
+        callbacks.append(StopAt(int(os.environ["TOY_STOP_AT"])))
+    return _train(*args, callbacks=callbacks, **kwargs)
 
 
 if __name__ == "__main__":
     if "TOY_FAIL_RANK" in os.environ and os.environ["TOY_FAIL_RANK"] == os.environ.get("RANK"):
         sys.exit("rank failed to start")
+    if os.environ.get("TOY_PID_DIR"):
+        Path(os.environ["TOY_PID_DIR"], f"rank{os.environ['RANK']}").write_text(str(os.getpid()))
     toy.register()
     runner.load_splits = splits
-    if os.environ.get("TOY_STEP_DELAY"):
-        runner.train = slow_train
+    runner.train = train_with_callbacks
     sys.exit(main(sys.argv[1:]))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -85,29 +86,45 @@ def _launch(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="dapeng-ranks-") as errors:
         env = {**os.environ, ERROR_DIR: errors}
         proc = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
-        launcher = threading.Thread(target=_forward_rank_lines, args=(proc.stderr,), daemon=True)
-        launcher.start()
+        report: list[str] = []
+        forward = threading.Thread(target=_forward_stderr, args=(proc.stderr, report, args.debug), daemon=True)
+        forward.start()
         code = proc.wait()
-        launcher.join()
+        forward.join()
         if code == 0:
             return 0
-        failures = sorted(Path(errors).glob("rank*"), key=lambda f: f.stat().st_mtime)
-        cause = failures[0].read_text().strip() if failures else f"torchrun exited with status {code}"
+        cause = _root_cause(report, code, Path(errors))
     raise ConfigError(f"{cause} (the other processes were stopped)",
-                      "rerun with --debug for the traceback" if not args.debug else None)
+                      None if args.debug else "rerun with --debug for the tracebacks")
 
 
 ERROR_DIR = "DAPENG_RANK_ERRORS"  # where each rank's one-line failure goes, for the launching command
+_LOG_LINE = re.compile(r"^[WEIF]\d{4} \d\d:\d\d:\d\d")  # torchrun's own (glog-style) log lines
 
 
-def _forward_rank_lines(stream: Any) -> None:
-    """Pass the processes' own stderr through; drop torchrun's multi-line failure report (one line follows)."""
-    noise = False
+def _forward_stderr(stream: Any, report: list[str], raw: bool) -> None:
+    """Pass the processes' stderr through; keep torchrun's own log and failure report aside (one line
+    replaces it) unless `raw`."""
+    in_report = False
     for line in stream:
-        if line.startswith(("Traceback", "[W", "W1", "W0", "E1", "E0", "I1", "I0", "torch.distributed.elastic")):
-            noise = True
-        elif line.startswith("dapeng train: error:") or not noise:
+        in_report = in_report or line.startswith("Traceback") or "torch.distributed.elastic" in line
+        if raw or not (in_report or _LOG_LINE.match(line) or line.startswith("*****")):
             sys.stderr.write(line)
+        else:
+            report.append(line)
+
+
+def _root_cause(report: list[str], code: int, errors: Path) -> str:
+    """The first failure: torchrun's root-cause rank, in that rank's own words where it left them."""
+    root = "".join(report).split("Root Cause", 1)[-1]
+    rank, status = re.search(r"rank\s*:\s*(\d+)", root), re.search(r"exitcode\s*:\s*(-?\d+)", root)
+    if rank is not None and (errors / f"rank{rank[1]}").is_file():
+        return (errors / f"rank{rank[1]}").read_text().strip()
+    if rank is not None and status is not None:
+        signal = f" (signal {-int(status[1])})" if int(status[1]) < 0 else ""
+        return f"rank {rank[1]} exited with code {status[1]}{signal} before it could report an error"
+    reported = sorted(errors.glob("rank*"), key=lambda f: f.stat().st_mtime)
+    return reported[0].read_text().strip() if reported else f"torchrun exited with status {code}"
 
 
 def _run_rank(args: argparse.Namespace) -> int:

@@ -27,6 +27,7 @@ import dataclasses
 import os
 import shutil
 import sys
+import uuid
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -331,18 +332,15 @@ def torchrun_command(args: Sequence[str], *, nproc: int, nnodes: str = "1", node
                      rdzv_endpoint: str | None = None, max_restarts: int = 0, run_id: str | None = None) -> list[str]:
     """The torchrun command line that runs `python -m dapeng ARGS` on `nproc` processes per node.
 
-    One node: a standalone rendezvous on a free local port. Several: the c10d rendezvous at
-    `rdzv_endpoint` (`host:port`, the same on every node), each node started with the same arguments.
+    One node: a rendezvous on a free port of 127.0.0.1 (nothing listens beyond this machine).
+    Several: the c10d rendezvous at `rdzv_endpoint` (`host:port`, the same on every node), each
+    node started with the same arguments.
     """
+    if rdzv_endpoint is None and nnodes != "1":
+        raise ConfigError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT", "the same on every node")
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-               f"--max-restarts={max_restarts}"]
-    if rdzv_endpoint is None and nnodes == "1":
-        command.append("--standalone")
-    else:
-        if rdzv_endpoint is None:
-            raise ConfigError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT", "the same on every node")
-        command += [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}",
-                    f"--rdzv-id={run_id or 'dapeng'}"]
-        if node_rank is not None:
-            command.append(f"--node-rank={node_rank}")
+               f"--max-restarts={max_restarts}", f"--nnodes={nnodes}", "--rdzv-backend=c10d",
+               f"--rdzv-endpoint={rdzv_endpoint or '127.0.0.1:0'}", f"--rdzv-id={run_id or (rdzv_endpoint and 'dapeng') or uuid.uuid4().hex}"]  # the same on every node
+    if node_rank is not None:
+        command.append(f"--node-rank={node_rank}")
     return [*command, "-m", "dapeng", *args]
