@@ -22,6 +22,7 @@ import _trainer_toy as toy  # noqa: E402
 
 import dapeng.runner as runner  # noqa: E402
 from dapeng.config import load_config  # noqa: E402
+from dapeng.hub.artifact import load_artifact  # noqa: E402
 from dapeng.track import read_log  # noqa: E402
 from dapeng.train.checkpoint import load_checkpoint  # noqa: E402
 from dapeng.train.sampler import ResumableBatchSampler  # noqa: E402
@@ -124,11 +125,12 @@ def test_ddp_two_ranks_match_one_process(ddp_run, tmp_path, monkeypatch):
 
 def test_fsdp_sharded_checkpoints_resume_on_another_world_size(tmp_path, monkeypatch):
     cfg = str(write_config(tmp_path / "fsdp.yaml", strategy="fsdp"))
+    # stops (a clean StopTraining ends a step before its evaluation) at steps 2 and 5: evaluations are at 3 and 6
     out = tmp_path / "run"
-    run_ranks(1, "train", cfg, "--out", str(out), TOY_STOP_AT="3")  # 1 process: a group of one
+    run_ranks(1, "train", cfg, "--out", str(out), TOY_STOP_AT="2")  # 1 process: a group of one
     shards = sorted(p.name for p in (out / "checkpoints" / "last").iterdir())
     assert shards == [".metadata", "__0_0.distcp", "trainer.pt"]
-    run_ranks(2, "train", cfg, "--out", str(out), "--resume", TOY_STOP_AT="6")  # 1 → 2
+    run_ranks(2, "train", cfg, "--out", str(out), "--resume", TOY_STOP_AT="5")  # 1 → 2
     assert sorted(p.name for p in (out / "checkpoints" / "last").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     run_ranks(1, "train", cfg, "--out", str(out), "--resume")  # 2 → 1
     assert load_checkpoint(out / "checkpoints" / "last" / "trainer.pt")["trainer"]["step"] == STEPS
@@ -138,9 +140,7 @@ def test_fsdp_sharded_checkpoints_resume_on_another_world_size(tmp_path, monkeyp
     assert len(a) == len(b) == STEPS
     assert max(abs(x - y) / abs(x) for x, y in zip(a, b, strict=True)) < 1e-5
     # model/ is a plain Artifact (full tensors, no DTensor), loadable and equal to the reference's
-    import dapeng
-
-    artifact = dapeng.load(out)
+    artifact = load_artifact(out / "model")
     reference = load_file(one / "model/model.safetensors")
     assert all(torch.allclose(v, reference[k], rtol=1e-5, atol=1e-6) for k, v in artifact.model.state_dict().items())
 
@@ -166,7 +166,6 @@ def test_unequal_data_neither_deadlocks_nor_double_counts_evaluation(tmp_path, m
     assert metrics["train"]["steps"] == 15  # ceil(119 / 8): both ranks took every step
 
     # the test figures are those of one pass over each of the 26 test items
-    import dapeng
     from dapeng.train.trainer import Trainer
 
     monkeypatch.setenv("TOY_RECORDS", "170")
@@ -174,7 +173,7 @@ def test_unequal_data_neither_deadlocks_nor_double_counts_evaluation(tmp_path, m
     import _dist_worker
 
     toy.register()
-    artifact = dapeng.load(out)
+    artifact = load_artifact(out / "model")
     test_items = artifact.task.encode(_dist_worker.splits().test)
     assert len(test_items) == 26
     expected = Trainer(artifact.model, artifact.task, precision="fp32", batch_size=4).evaluate(test_items, "test")
@@ -215,8 +214,8 @@ def test_a_rank_that_fails_to_start_ends_in_one_line(tmp_path, monkeypatch, caps
 
     def toy_torchrun(args, **kwargs):  # the launcher's command, running the toy worker instead of `-m dapeng`
         command = real(args, **kwargs)
-        at = command.index("-m", 1)
-        return [*command[:at], str(WORKER), *command[at + 2:]]
+        at = command.index("dapeng")
+        return [*command[:at - 1], str(WORKER), *command[at + 1:]]
 
     monkeypatch.setattr(distributed, "torchrun_command", toy_torchrun)
     for key, value in env(TOY_FAIL_RANK="1").items():
@@ -234,23 +233,30 @@ DIGITS = {"task": "image-classification", "data": {"dataset": "digits", "limit":
           "train": {"epochs": 1, "batch_size": 16, "precision": "fp32", "log_every": 1}}
 
 
-def test_nproc_and_two_nodes_from_the_command_line(tmp_path):
+def test_two_nodes_from_the_command_line(tmp_path):
+    """`dapeng train --nproc 1 --nnodes 2` on two "nodes" (each its own torchrun, `-m dapeng train` in
+    each process) meeting at a c10d rendezvous on 127.0.0.1: one run of world size 2."""
     cfg = tmp_path / "digits.yaml"
     cfg.write_text(yaml.safe_dump(DIGITS))
-    dapeng = [sys.executable, "-m", "dapeng", "train", str(cfg)]
-    one_node = subprocess.run([*dapeng, "--out", str(tmp_path / "a"), "--nproc", "2", "--json"], env=env(),
-                              capture_output=True, text=True, timeout=300)
-    assert one_node.returncode == 0, one_node.stderr[-3000:]
-    assert json.loads(one_node.stdout.strip().splitlines()[-1])["metrics"]["train"]["world_size"] == 2
-
-    # two "nodes" of one process each, meeting at a c10d rendezvous on 127.0.0.1
     endpoint = f"127.0.0.1:{free_port()}"
-    nodes = [subprocess.Popen([*dapeng, "--out", str(tmp_path / "b"), "--nproc", "1", "--nnodes", "2",
-                               "--node-rank", str(rank), "--rdzv-endpoint", endpoint], env=env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    nodes = [subprocess.Popen([sys.executable, "-m", "dapeng", "train", str(cfg), "--out", str(tmp_path / "run"),
+                               "--json", "--nproc", "1", "--nnodes", "2", "--node-rank", str(rank),
+                               "--rdzv-endpoint", endpoint], env=env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    outputs = []
     for node in nodes:
-        _, stderr = node.communicate(timeout=300)
+        stdout, stderr = node.communicate(timeout=300)
         assert node.returncode == 0, stderr[-3000:]
-    metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
-    assert metrics["train"]["world_size"] == 2
-    assert (tmp_path / "b" / "model" / "model.safetensors").is_file()
+        outputs.append(stdout.strip())
+    reports = [out for out in outputs if out]  # only global rank 0 reports (c10d picks which node it is on)
+    assert len(reports) == 1 and json.loads(reports[0].splitlines()[-1])["metrics"]["train"]["world_size"] == 2
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["train"]["world_size"] == 2 and metrics["train"]["strategy"] == "ddp"
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
+def test_several_nodes_need_a_rendezvous_endpoint(tmp_path, capsys):
+    from dapeng.cli.main import main
+
+    assert main(["train", str(write_config(tmp_path / "toy.yaml")), "--nproc", "2", "--nnodes", "2"]) == 2
+    assert "--nnodes 2 needs --rdzv-endpoint HOST:PORT" in capsys.readouterr().err

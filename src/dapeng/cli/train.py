@@ -62,13 +62,23 @@ def add_run_arguments(p: argparse.ArgumentParser, default_out: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dapeng.errors import DapengError
     from dapeng.train import distributed
 
     if distributed.launched():
         distributed.shutdown(_run_rank(args))
     if args.nproc is not None or args.nnodes != "1":
         return _launch(args)
-    return _train(args)
+    try:
+        code = _train(args)
+    except DapengError as err:
+        if not distributed.initialized():
+            raise
+        print(f"dapeng train: error: {err}", file=sys.stderr)
+        code = 2
+    if distributed.initialized():  # FSDP/TP on one process made a group of one: leave it as ranks do
+        distributed.shutdown(code)
+    return code
 
 
 def _launch(args: argparse.Namespace) -> int:

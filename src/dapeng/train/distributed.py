@@ -126,6 +126,32 @@ def device_for(device: torch.device) -> torch.device:
     return device
 
 
+def initialized() -> bool:
+    """Whether this process is in a process group (torchrun's, or FSDP/TP's group of one)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def clip_grad_norm(parameters: Sequence[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip the gradients' global L2 norm, over every rank's shards (`clip_grad_norm_` with DTensors).
+
+    torch's own handles all-plain and all-DTensor gradients (DDP, FSDP); tensor parallelism
+    mixes sharded and replicated ones, which no multi-tensor kernel takes together: there
+    each norm is taken on its own, sharded ones reduced over their ranks.
+    """
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if len({isinstance(g, DTensor) for g in grads}) < 2:
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm, foreach=True)
+    norms = [g.detach().norm(2.0) for g in grads]
+    total = torch.stack([n.full_tensor() if isinstance(n, DTensor) else n for n in norms]).norm(2.0)
+    scale = min(1.0, max_norm / (total.item() + 1e-6))
+    if scale < 1.0:
+        for g in grads:
+            g.detach().mul_(scale)
+    return total
+
+
 def barrier() -> None:
     """Wait for every rank (nothing on one process)."""
     if dist.is_initialized() and dist.get_world_size() > 1:

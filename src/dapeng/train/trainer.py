@@ -278,6 +278,7 @@ class Trainer:
         self._handlers: dict[str, list[Any]] = {}
         self._plain: nn.Module | None = None  # the unsharded architecture, for export_model under FSDP/TP
         self._replicas = 1
+        self._wrapped: nn.Module | None = None  # the model under its strategy (DDP's wrapper, or sharded in place)
         self.train_model: nn.Module = self.model
 
     # ------------------------------------------------------------------ public API
@@ -314,7 +315,7 @@ class Trainer:
         sampler = ResumableBatchSampler(len(train), self.batch_size, shuffle=True, seed=self.seed,
                                         num_replicas=replicas, rank=rank)
         loader = self._loader(train, sampler)
-        self._wrap()
+        wrapped = self._wrap()
         self.steps_per_epoch = math.ceil(len(sampler) / self.grad_accum)
         self.total_steps = self.epochs * self.steps_per_epoch
         if self.max_steps:
@@ -324,7 +325,7 @@ class Trainer:
         # A constant rate without warm-up never changes: skip the per-step scheduler call.
         self._step_schedule = not (self.schedule_args["name"] == "constant" and not self.schedule_args["warmup_steps"])
         self.weight_average = WeightAverage(self.model, self.ema) if self.ema else None
-        self.train_model = maybe_compile(self.train_model, self.compile)
+        self.train_model = maybe_compile(wrapped, self.compile)
         self._l1_params = decayed_parameters(self.model) if self.l1 else []
         self._handlers = {event: [cb for cb in self.callbacks if hasattr(cb, event)] for event in EVENTS}
         rng = None
@@ -510,27 +511,31 @@ class Trainer:
         """DDP all-reduces gradients only on the micro-batch that ends an accumulation group."""
         if self.strategy != "ddp" or self.grad_accum == 1 or done % self.grad_accum == 0 or done == n_batches:
             return contextlib.nullcontext()
-        return self.train_model.no_sync()
+        return self._wrapped.no_sync()
 
     def _mean_loss(self, losses: list[torch.Tensor]) -> float:
         """The window's mean training loss over every rank (the one sync a log costs)."""
         return distributed.mean_over_ranks(torch.stack(losses).float().mean()).item()
 
-    def _wrap(self) -> None:
-        """Wrap the model for the strategy, once (a second `fit` trains the same wrapped model)."""
-        if self.train_model is not self.model or self._plain is not None or self.strategy == "none":
-            return
+    def _wrap(self) -> nn.Module:
+        """The model wrapped for the strategy, once (a second `fit` trains the same wrapped model)."""
+        if self._wrapped is not None:
+            return self._wrapped
         if self.strategy in distributed.SHARDED:
             names = {id(p): name for name, p in self.model.named_parameters()}
             self._plain = distributed.plain_copy(self.model)
-            self.train_model = distributed.wrap(self.model, self.strategy, self.device)
+            self._wrapped = distributed.wrap(self.model, self.strategy, self.device)
             self.param_groups = distributed.remap_groups(self.param_groups, names, self.model)
         else:
-            self.train_model = distributed.wrap(self.model, self.strategy, self.device)
+            self._wrapped = distributed.wrap(self.model, self.strategy, self.device)
+        return self._wrapped
 
     def _optimizer_step(self) -> None:
         if self.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip, foreach=True)
+            if self.strategy == "tp":
+                distributed.clip_grad_norm(list(self.model.parameters()), self.grad_clip)
+            else:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip, foreach=True)
         self.optimizer.step()
         if self.weight_average is not None:
             self.weight_average.update()
