@@ -223,7 +223,7 @@ def train(
     """Train the model a config describes and write the run directory (module docstring).
 
     The stages, in order, each usable on its own from a custom loop: check the run directory →
-    `load_splits` → `build_task` / `build_model` → `apply_finetune` → `encode_splits` →
+    `load_splits` → `build_task` (rank 0's, on many processes) / `build_model` → `apply_finetune` → `encode_splits` →
     `attach_wrappers` → `open_run_dir` → `Trainer.fit` → `evaluate_splits` → `save_run_artifact`.
 
     Args:
@@ -252,7 +252,9 @@ def train(
     check_names(config)
     seed_everything(config.train.seed)
     splits = load_splits(config)
-    task, model, model_kwargs = build_task_and_model(config, splits.train)
+    # every rank trains rank 0's task: label sets and tokenizers set up on each could differ in order
+    task = distributed.from_rank0(build_task(config.task, config.task_options, splits.train, init=config.model.init))
+    model, model_kwargs = build_model(task, config.model.name, config.model.kwargs, init=config.model.init)
     finetune_callbacks, param_groups = apply_finetune(model, **finetune_kwargs(config))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

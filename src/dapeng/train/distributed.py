@@ -158,6 +158,28 @@ def barrier() -> None:
         dist.barrier()
 
 
+def from_rank0(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (pickled over the process group; itself on one process).
+
+    For what each rank builds but must hold identically, such as a task set up on the data:
+    a tokenizer trained on each rank may break ties in its vocabulary differently.
+    """
+    if not initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def broadcast_module(model: nn.Module) -> None:
+    """Every parameter and buffer of `model` set to rank 0's: FSDP and TP shard what each rank holds."""
+    if not initialized() or dist.get_world_size() == 1:
+        return
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(tensor.data, src=0)
+
+
 def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
     """The mean of a scalar tensor over the ranks (itself on one process)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
@@ -200,6 +222,7 @@ def wrap(model: nn.Module, strategy: str, device: torch.device) -> nn.Module:
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     from torch.distributed.device_mesh import init_device_mesh
 
+    broadcast_module(model)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
