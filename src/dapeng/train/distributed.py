@@ -372,7 +372,7 @@ def shutdown(code: int) -> NoReturn:
     """
     sys.stdout.flush()
     sys.stderr.flush()
-    if dist.is_initialized():
+    if dist.is_initialized() and code == 0:  # after a failure the peers may be gone: leaving could wait on them
         dist.destroy_process_group()
     os._exit(code)
 
