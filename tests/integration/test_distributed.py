@@ -188,17 +188,22 @@ def test_sigkill_of_a_rank_restarts_and_resumes_to_the_same_weights(ddp_run, tmp
     log = (tmp_path / "stderr.txt").open("w")
     proc = subprocess.Popen([*torchrun_args(2, max_restarts=1), str(WORKER), "train", cfg, "--out", str(out)],
                             env=env(TOY_STEP_DELAY="0.3", TOY_PID_DIR=str(pids)), stdout=subprocess.DEVNULL,
-                            stderr=log, text=True)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        steps = [r["step"] for r in read_log(out / "metrics.jsonl")]
-        if steps and max(steps) >= 3:  # past the checkpoint at step 2, mid-epoch 1
-            break
-        time.sleep(0.05)
+                            stderr=log, text=True, start_new_session=True)
     stderr = (tmp_path / "stderr.txt").read_text
-    assert proc.poll() is None, f"the run ended before it could be killed: {stderr()[-2000:]}"
-    os.kill(int((pids / "rank1").read_text()), signal.SIGKILL)
-    assert proc.wait(timeout=300) == 0, stderr()[-3000:]  # torchrun restarted both ranks, which resumed
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            steps = [r["step"] for r in read_log(out / "metrics.jsonl")]
+            if steps and max(steps) >= 3:  # past the checkpoint at step 2, mid-epoch 1
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, f"the run ended before it could be killed: {stderr()[-2000:]}"
+        os.kill(int((pids / "rank1").read_text()), signal.SIGKILL)
+        assert proc.wait(timeout=300) == 0, stderr()[-3000:]  # torchrun restarted both ranks, which resumed
+    finally:
+        if proc.poll() is None:  # a failed test leaves no torchrun behind
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
     a, b = load_checkpoint(ddp_run / "checkpoints/last.pt"), load_checkpoint(out / "checkpoints/last.pt")
     assert a["trainer"]["step"] == b["trainer"]["step"] == STEPS
