@@ -7,7 +7,9 @@ training stops cleanly after that step (a run to resume); with TOY_FAIL_RANK, th
 fails before it joins the others.
 """
 
+import faulthandler
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -61,6 +63,7 @@ def train_with_callbacks(*args, _train=runner.train, **kwargs):
 
 
 if __name__ == "__main__":
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # a hung rank's stacks, on demand
     if "TOY_FAIL_RANK" in os.environ and os.environ["TOY_FAIL_RANK"] == os.environ.get("RANK"):
         sys.exit("rank failed to start")
     if os.environ.get("TOY_PID_DIR"):
