@@ -113,6 +113,11 @@ class TrainConfig(_Strict):
     checkpoint_every: int | None = Field(None, gt=0, description="steps between checkpoints (default: each epoch)")
     eval_every: int | None = Field(None, gt=0, description="steps between evaluations (default: each epoch)")
     log_every: int = Field(50, gt=0, description="steps between logged losses (each log costs one device sync)")
+    strategy: Literal["auto", "none", "ddp", "fsdp", "tp"] = Field(
+        "auto", description="on many processes (torchrun): ddp, fsdp (sharded) or tp (tensor parallel); "
+        "auto: ddp on more than one process",
+    )
+    dist_timeout: float = Field(300.0, gt=0.0, description="seconds a rank waits for the others before failing")
 
 
 class TransferConfig(_Strict):

@@ -10,6 +10,10 @@ RUN/tb/              TensorBoard events
 RUN/curves.png       training curves
 RUN/{eval,test}_*    the task's detailed reports, where its metric writes them (confusion matrix, per class)
 ```
+
+Under torchrun (`train.strategy`, `dapeng.train.distributed`) every rank runs every
+stage, and only rank 0 writes the run directory; with FSDP/TP the checkpoint is the
+sharded folder `RUN/checkpoints/last/` and `RUN/model/` the gathered plain Artifact.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ def trainer_kwargs(train: TrainConfig) -> dict[str, Any]:
         "early_stopping": train.early_stopping, "monitor": train.monitor, "mode": train.mode,
         "seed": train.seed, "deterministic": train.deterministic,
         "checkpoint_every": train.checkpoint_every, "eval_every": train.eval_every, "log_every": train.log_every,
+        "strategy": train.strategy, "dist_timeout": train.dist_timeout,
     }
 
 
@@ -184,10 +189,10 @@ def evaluate_splits(trainer: Any, items: dict[str, list[Any]], report_dir: Path 
             for split in ("eval", "test")}
 
 
-def save_run_artifact(out: Path, config: RunConfig, trainer: Any, task: Any, model_kwargs: dict[str, Any],
-                      metrics: dict[str, Any]) -> Path:
-    """Stage: metrics.json, the Artifact of the trained model (LoRA merged: it serves, exports and
-    quantizes as the plain architecture), and the training curves."""
+def save_run_artifact(out: Path, config: RunConfig, model: Any, precision: str, task: Any,
+                      model_kwargs: dict[str, Any], metrics: dict[str, Any]) -> Path:
+    """Stage: metrics.json, the Artifact of the trained model (`Trainer.export_model`; LoRA merged:
+    it serves, exports and quantizes as the plain architecture), and the training curves."""
     from dapeng._files import atomic_write
     from dapeng.hub.artifact import save_artifact
     from dapeng.track import plot_curves, read_log
@@ -195,13 +200,13 @@ def save_run_artifact(out: Path, config: RunConfig, trainer: Any, task: Any, mod
     if config.model.lora:
         from dapeng.layers.lora import merge_lora
 
-        merge_lora(trainer.model)
+        merge_lora(model)
     atomic_write(out / METRICS, lambda f: f.write((json.dumps(metrics, indent=2) + "\n").encode()))
     model_dir = save_artifact(
-        out / "model", model=trainer.model.to("cpu"), model_name=config.model.name, model_kwargs=model_kwargs,
+        out / "model", model=model.to("cpu"), model_name=config.model.name, model_kwargs=model_kwargs,
         task_name=config.task, task_state=task.state(), metrics={"eval": metrics["eval"], "test": metrics["test"]},
         card=_card_facts(config, metrics["train"]["trainable_fraction"]), parent=config.model.init,
-        precision=trainer.precision,
+        precision=precision,
     )
     plot_curves(read_log(out / METRICS_LOG), out / "curves.png", title=f"{config.model.name} on {_data_name(config)}")
     return model_dir
@@ -218,7 +223,7 @@ def train(
     """Train the model a config describes and write the run directory (module docstring).
 
     The stages, in order, each usable on its own from a custom loop: check the run directory →
-    `load_splits` → `build_task` / `build_model` → `apply_finetune` → `encode_splits` →
+    `load_splits` → `build_task` (rank 0's, on many processes) / `build_model` → `apply_finetune` → `encode_splits` →
     `attach_wrappers` → `open_run_dir` → `Trainer.fit` → `evaluate_splits` → `save_run_artifact`.
 
     Args:
@@ -236,26 +241,32 @@ def train(
         ConfigError: `out` already holds a run (without `resume`), or the config differs
             from the run's own on `resume`.
     """
+    from dapeng.train import distributed
     from dapeng.train.finetune import apply_finetune
     from dapeng.train.precision import seed_everything
-    from dapeng.train.trainer import LAST, Trainer
+    from dapeng.train.trainer import Trainer, checkpoint_exists
 
     out = Path(out)
-    _check_run_dir(config, out, out / "checkpoints" / LAST, resume)
+    here = distributed.init(config.train.strategy, config.train.device, config.train.dist_timeout)
+    _check_run_dir(config, out, checkpoint_exists(out / "checkpoints"), resume)
     check_names(config)
     seed_everything(config.train.seed)
     splits = load_splits(config)
-    task, model, model_kwargs = build_task_and_model(config, splits.train)
+    # every rank trains rank 0's task: label sets and tokenizers set up on each could differ in order
+    task = distributed.from_rank0(build_task(config.task, config.task_options, splits.train, init=config.model.init))
+    model, model_kwargs = build_model(task, config.model.name, config.model.kwargs, init=config.model.init)
     finetune_callbacks, param_groups = apply_finetune(model, **finetune_kwargs(config))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     items = encode_splits(task, splits)
     task, wrapper_facts = attach_wrappers(config, task, splits, items)
-    open_run_dir(out, config, resume)
+    if here.is_main:
+        open_run_dir(out, config, resume)
+    distributed.barrier()
 
+    trackers = run_trackers(out, f"train {config.model.name}", progress) if here.is_main else []
     trainer = Trainer(model, task, checkpoint_dir=out / "checkpoints", param_groups=param_groups,
-                      callbacks=[*finetune_callbacks, *run_trackers(out, f"train {config.model.name}", progress),
-                                 *callbacks], **trainer_kwargs(config.train))
+                      callbacks=[*finetune_callbacks, *trackers, *callbacks], **trainer_kwargs(config.train))
     summary = trainer.fit(items["train"], items["eval"] or None, resume=resume)
     trainer.load_best()
 
@@ -263,7 +274,11 @@ def train(
     metrics["train"].update(precision=trainer.precision, device=str(trainer.device), trainable_params=trainable,
                             trainable_fraction=trainable / max(total, 1),
                             **{k: v for k, v in wrapper_facts.items() if v is not None})
-    model_dir = save_run_artifact(out, config, trainer, task, model_kwargs, metrics)
+    trained = trainer.export_model()  # gathers FSDP/TP shards: every rank takes part
+    model_dir = out / "model"
+    if here.is_main:
+        save_run_artifact(out, config, trained, trainer.precision, task, model_kwargs, metrics)
+    distributed.barrier()  # the run directory is complete before any rank reports it
     return {"run": str(out), "model": str(model_dir), "metrics": metrics, "steps": summary["steps"],
             "stopped": summary["stopped"]}
 
@@ -352,9 +367,9 @@ def _card_facts(cfg: RunConfig, trainable_fraction: float = 1.0) -> dict[str, st
     return facts
 
 
-def _check_run_dir(cfg: RunConfig, out: Path, last: Path, resume: bool) -> None:
+def _check_run_dir(cfg: RunConfig, out: Path, has_checkpoint: bool, resume: bool) -> None:
     if resume:
-        if not last.is_file():
+        if not has_checkpoint:
             raise CheckpointError(f"nothing to resume in {str(out)!r}: no checkpoint yet",
                                   "run again without --resume")
         saved = out / CONFIG
@@ -365,7 +380,7 @@ def _check_run_dir(cfg: RunConfig, out: Path, last: Path, resume: bool) -> None:
             if changed:
                 raise ConfigError(f"--resume with a different config: {', '.join(changed[:5])} changed",
                                   "resume with the run's own config.yaml, or train into a new --out")
-    elif last.is_file():
+    elif has_checkpoint:
         raise ConfigError(f"{str(out)!r} already holds a run", "pass --resume to continue it, or choose another --out")
 
 

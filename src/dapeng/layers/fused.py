@@ -57,7 +57,8 @@ def linear_weight(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 def project_fused(x: torch.Tensor, layers: Sequence[nn.Module]) -> torch.Tensor | None:
     """The outputs of `layers` concatenated on the last dim, from one matmul; None when that doesn't pay or apply."""
-    if not all(type(layer) is nn.Linear for layer in layers):
+    # a hooked layer (tensor parallel's sharding, an explainer's capture) must run as itself
+    if not all(type(layer) is nn.Linear and not (layer._forward_hooks or layer._forward_pre_hooks) for layer in layers):
         return None
     biases = [layer.bias for layer in layers]
     if any(b is None for b in biases) and not all(b is None for b in biases):

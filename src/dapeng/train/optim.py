@@ -63,6 +63,9 @@ def _fast_kwargs(params: list[dict]) -> dict:
     """`fused=True` when every parameter lives on a device with a fused kernel (CPU and CUDA do)."""
     devices = {p.device.type for g in params for p in g["params"]}
     dtypes = {p.dtype for g in params for p in g["params"]}
+    if len({type(p) for g in params for p in g["params"]}) > 1:
+        # plain and DTensor parameters (tensor parallel): no multi-tensor kernel takes both in one list
+        return {"foreach": False}
     if devices <= {"cpu", "cuda"} and dtypes <= {torch.float32, torch.float16, torch.bfloat16, torch.float64}:
         return {"fused": True}
     return {"foreach": True}

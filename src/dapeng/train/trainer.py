@@ -16,10 +16,18 @@ stay on the device and is read (one sync) only every `log_every` steps, gradient
 are freed with `set_to_none`, the optimizer is fused, and events without listeners cost
 nothing. Every piece (`autocast`, `build_optimizer`, `save_checkpoint`, the trackers) can
 be used from your own loop too: see `examples/custom_loop.py`.
+
+On many processes (torchrun; `dapeng.train.distributed`) the same loop runs on every
+rank: `batch_size` is the global batch, split evenly over the data-parallel ranks by the
+sampler; the model is wrapped by `strategy` (DDP, FSDP2 or tensor parallel); logged
+training losses are the mean over the ranks; every rank evaluates every item once (the
+metrics are the same on all); only rank 0 writes checkpoints (FSDP/TP: each rank its
+shards) — give file-writing callbacks to rank 0 only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -32,6 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from dapeng.errors import CheckpointError, ConfigError
+from dapeng.train import distributed
 from dapeng.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from dapeng.train.ema import WeightAverage
 from dapeng.train.optim import build_optimizer, build_schedule, decayed_parameters, l1_penalty
@@ -58,6 +67,12 @@ EVENTS = (
 )
 LAST = "last.pt"
 BEST = "best.pt"
+
+
+def checkpoint_exists(checkpoint_dir: str | Path) -> bool:
+    """Whether `checkpoint_dir` holds a last checkpoint to resume from (`last.pt`, or FSDP/TP's sharded `last/`)."""
+    folder = Path(checkpoint_dir)
+    return (folder / LAST).is_file() or distributed.sharded_checkpoint(folder / Path(LAST).stem) is not None
 
 
 class StopTraining(Exception):  # noqa: N818 - a signal, not an error
@@ -165,6 +180,9 @@ class Trainer:
         callbacks: objects with `on_<event>` methods.
         param_groups: explicit optimizer parameter groups (e.g. layer-wise learning rates from
             `dapeng.train.finetune.layerwise_lr_groups`); built before a resume restores their state.
+        strategy: `auto`, `none`, `ddp`, `fsdp` or `tp` (`dapeng.train.distributed`); joins
+            torchrun's process group when launched by it.
+        dist_timeout: seconds any collective waits for the other ranks before failing.
     """
 
     def __init__(
@@ -206,8 +224,15 @@ class Trainer:
         log_every: int = 50,
         callbacks: Sequence[Any] = (),
         param_groups: Sequence[dict[str, Any]] | None = None,
+        strategy: str = "auto",
+        dist_timeout: float = 300.0,
     ) -> None:
-        self.device = resolve_device(device)
+        self.world = distributed.init(strategy, device, dist_timeout)
+        self.strategy = distributed.resolve_strategy(strategy, self.world.size)
+        if ema is not None and self.strategy in distributed.SHARDED:
+            raise ConfigError(f"config key train.ema: not supported with train.strategy {self.strategy}",
+                              "use ddp, or leave train.ema out")
+        self.device = distributed.device_for(resolve_device(device))
         self.precision = resolve_precision(precision, self.device)
         self.model = model.to(self.device)
         self.task = task
@@ -251,6 +276,10 @@ class Trainer:
         self.stop_reason: str | None = None
         self._best_weights: dict[str, torch.Tensor] | None = None
         self._handlers: dict[str, list[Any]] = {}
+        self._plain: nn.Module | None = None  # the unsharded architecture, for export_model under FSDP/TP
+        self._replicas = 1
+        self._wrapped: nn.Module | None = None  # the model under its strategy (DDP's wrapper, or sharded in place)
+        self.train_model: nn.Module = self.model
 
     # ------------------------------------------------------------------ public API
 
@@ -278,8 +307,15 @@ class Trainer:
             raise ConfigError("no training items", "check data.train / data.limit")
         set_deterministic(self.deterministic)
         seed_everything(self.seed)
-        sampler = ResumableBatchSampler(len(train), self.batch_size, shuffle=True, seed=self.seed)
+        replicas, rank = distributed.data_parallel_ranks(self.strategy)
+        if self.batch_size % replicas:
+            raise ConfigError(f"config key train.batch_size: {self.batch_size} does not split over {replicas} ranks",
+                              f"use a multiple of {replicas} (it is the global batch)")
+        self._replicas = replicas
+        sampler = ResumableBatchSampler(len(train), self.batch_size, shuffle=True, seed=self.seed,
+                                        num_replicas=replicas, rank=rank)
         loader = self._loader(train, sampler)
+        wrapped = self._wrap()
         self.steps_per_epoch = math.ceil(len(sampler) / self.grad_accum)
         self.total_steps = self.epochs * self.steps_per_epoch
         if self.max_steps:
@@ -289,7 +325,7 @@ class Trainer:
         # A constant rate without warm-up never changes: skip the per-step scheduler call.
         self._step_schedule = not (self.schedule_args["name"] == "constant" and not self.schedule_args["warmup_steps"])
         self.weight_average = WeightAverage(self.model, self.ema) if self.ema else None
-        self.train_model = maybe_compile(self.model, self.compile)
+        self.train_model = maybe_compile(wrapped, self.compile)
         self._l1_params = decayed_parameters(self.model) if self.l1 else []
         self._handlers = {event: [cb for cb in self.callbacks if hasattr(cb, event)] for event in EVENTS}
         rng = None
@@ -324,6 +360,8 @@ class Trainer:
             "best_step": self.state.best_step,
             "monitor": self.monitor,
             "stopped": self.stop_reason,
+            "world_size": self.world.size,
+            "strategy": self.strategy,
         }
         self._emit("on_fit_end", summary=summary)
         return summary
@@ -350,7 +388,7 @@ class Trainer:
                 metric.update(outputs, batch)
         results = {f"{prefix}/loss": total.item() / count}
         results.update({f"{prefix}/{name}": float(value) for name, value in metric.compute().items()})
-        if report_dir is not None and hasattr(metric, "write_report"):
+        if report_dir is not None and hasattr(metric, "write_report") and self.world.is_main:
             metric.write_report(report_dir, prefix=f"{prefix}_")
         return results
 
@@ -368,12 +406,14 @@ class Trainer:
         return predictions
 
     def save_checkpoint(self, path: str | Path | None = None) -> Path:
-        """Write the full training state (model, optimizer, schedule, RNGs, data position) atomically."""
+        """Write the full training state (model, optimizer, schedule, RNGs, data position) atomically.
+
+        Rank 0 writes it; under FSDP/TP every rank writes its shards into the folder `path`
+        without `.pt` (`dapeng.train.distributed.save_sharded`), which loads on any world size.
+        """
         path = Path(path) if path is not None else self._checkpoint_path(LAST)
         assert self.optimizer is not None and self.scheduler is not None, "save_checkpoint needs fit() to have started"
         state = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": rng_state(),
             "trainer": dataclasses.asdict(self.state),
@@ -381,18 +421,39 @@ class Trainer:
         }
         if self.weight_average is not None:
             state["ema"] = self.weight_average.state_dict()
-        save_checkpoint(path, state)
+        if self.strategy in distributed.SHARDED:
+            path = distributed.save_sharded(path.with_suffix(""), self.model, self.optimizer, state)
+        else:
+            if self.world.is_main:
+                save_checkpoint(path, {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                                       **state})
+            distributed.barrier()  # no rank runs ahead of (or resumes from) a half-written step
         self._emit("on_checkpoint", path=path)
         return path
 
+    def export_model(self) -> nn.Module:
+        """The trained model as a plain module with all its weights, on the CPU (for the Artifact).
+
+        Under FSDP/TP the shards are gathered: every rank must call it.
+        """
+        if self._plain is None:
+            return self.model.to("cpu")
+        self._plain.load_state_dict(distributed.full_state_dict(self.model), assign=True)
+        return self._plain
+
     def load_best(self) -> None:
         """Load the weights of the best evaluation into the model (no-op when there was none)."""
-        if self._best_weights is not None:
-            self.model.load_state_dict(self._best_weights)
-            return
         best = self.checkpoint_dir / BEST if self.checkpoint_dir is not None else None
-        if best is not None and best.is_file():
-            self.model.load_state_dict(load_checkpoint(best, map_location=self.device)["model"])
+        if self._best_weights is not None:
+            weights = self._best_weights
+        elif best is not None and best.is_file():
+            weights = load_checkpoint(best, map_location="cpu" if self._plain is not None else self.device)["model"]
+        else:
+            return
+        if self._plain is not None:
+            distributed.load_full_state_dict(self.model, weights)
+        else:
+            self.model.load_state_dict(weights)
 
     def lr(self) -> float:
         """The current learning rate of the first parameter group."""
@@ -409,18 +470,19 @@ class Trainer:
         for batch in loader:
             if not on_cpu:
                 batch = to_device(batch, device)
-            with self.autocast():
-                loss, _ = self.task.loss(self.train_model, batch)
-            if self.l1:
-                loss = loss + l1_penalty(self._l1_params, self.l1)
-            if accum > 1:
-                # the epoch's last group may hold fewer than `accum` micro-batches: average over those it has
-                group_start = state.batch - state.batch % accum
-                (loss / min(accum, n_batches - group_start)).backward()
-            else:
-                loss.backward()
+            with self._sync_gradients(state.batch + 1, n_batches):
+                with self.autocast():
+                    loss, _ = self.task.loss(self.train_model, batch)
+                if self.l1:
+                    loss = loss + l1_penalty(self._l1_params, self.l1)
+                if accum > 1:
+                    # the epoch's last group may hold fewer than `accum` micro-batches: average over those it has
+                    group_start = state.batch - state.batch % accum
+                    (loss / min(accum, n_batches - group_start)).backward()
+                else:
+                    loss.backward()
             losses.append(loss.detach())
-            size = batch_size_of(batch)
+            size = batch_size_of(batch) * self._replicas
             state.batch += 1
             state.samples += size
             window_samples += size
@@ -430,7 +492,7 @@ class Trainer:
             state.step += 1
             if state.step % self.log_every == 0:
                 now = time.perf_counter()
-                self._log_train(torch.stack(losses).float().mean().item(), window_samples / max(now - window_start, 1e-9))
+                self._log_train(self._mean_loss(losses), window_samples / max(now - window_start, 1e-9))
                 losses.clear()
                 window_start, window_samples = now, 0
             if has_step_end:
@@ -443,11 +505,37 @@ class Trainer:
                 raise StopTraining(f"reached max_steps={self.max_steps}")
         if losses:
             now = time.perf_counter()
-            self._log_train(torch.stack(losses).float().mean().item(), window_samples / max(now - window_start, 1e-9))
+            self._log_train(self._mean_loss(losses), window_samples / max(now - window_start, 1e-9))
+
+    def _sync_gradients(self, done: int, n_batches: int) -> Any:
+        """DDP all-reduces gradients only on the micro-batch that ends an accumulation group."""
+        if self.strategy != "ddp" or self.grad_accum == 1 or done % self.grad_accum == 0 or done == n_batches:
+            return contextlib.nullcontext()
+        return self._wrapped.no_sync()
+
+    def _mean_loss(self, losses: list[torch.Tensor]) -> float:
+        """The window's mean training loss over every rank (the one sync a log costs)."""
+        return distributed.mean_over_ranks(torch.stack(losses).float().mean()).item()
+
+    def _wrap(self) -> nn.Module:
+        """The model wrapped for the strategy, once (a second `fit` trains the same wrapped model)."""
+        if self._wrapped is not None:
+            return self._wrapped
+        if self.strategy in distributed.SHARDED:
+            names = {id(p): name for name, p in self.model.named_parameters()}
+            self._plain = distributed.plain_copy(self.model)
+            self._wrapped = distributed.wrap(self.model, self.strategy, self.device)
+            self.param_groups = distributed.remap_groups(self.param_groups, names, self.model)
+        else:
+            self._wrapped = distributed.wrap(self.model, self.strategy, self.device)
+        return self._wrapped
 
     def _optimizer_step(self) -> None:
         if self.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip, foreach=True)
+            if self.strategy == "tp":
+                distributed.clip_grad_norm(list(self.model.parameters()), self.grad_clip)
+            else:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip, foreach=True)
         self.optimizer.step()
         if self.weight_average is not None:
             self.weight_average.update()
@@ -504,19 +592,29 @@ class Trainer:
         return metrics
 
     def _save_best(self, metrics: dict[str, float]) -> None:
+        if self._plain is not None:
+            weights = distributed.full_state_dict(self.model)  # gathered on every rank
+        elif self.checkpoint_dir is None:
+            weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        else:
+            weights = self.model.state_dict()
         if self.checkpoint_dir is None:
-            self._best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self._best_weights = weights
             return
-        save_checkpoint(self._checkpoint_path(BEST), {"model": self.model.state_dict(), "step": self.state.step,
-                                                      "metrics": metrics})
+        if self.world.is_main:
+            save_checkpoint(self._checkpoint_path(BEST), {"model": weights, "step": self.state.step, "metrics": metrics})
+        distributed.barrier()
 
     def _restore(self) -> dict[str, Any] | None:
         path = self._checkpoint_path(LAST)
-        if not path.is_file():
-            raise CheckpointError(f"nothing to resume: {str(path)!r} not found", "run without --resume to start")
-        ckpt = load_checkpoint(path, map_location=self.device)
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.strategy in distributed.SHARDED:
+            ckpt = distributed.load_sharded(path.with_suffix(""), self.model, self.optimizer)
+        else:
+            if not path.is_file():
+                raise CheckpointError(f"nothing to resume: {str(path)!r} not found", "run without --resume to start")
+            ckpt = load_checkpoint(path, map_location=self.device)
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.state = TrainState(**ckpt["trainer"])
         if self.weight_average is not None:
