@@ -6,10 +6,12 @@
   with the smallest L2 norm (zeroed, not removed: the architecture stays the same).
 
 Embeddings and the classification head keep all their weights: the first are lookup tables
-(pruning a row deletes a word), the second is a few rows that every prediction reads. During
-fine-tuning the masks stay attached (pruned weights get no updates, `weight = weight_orig *
-mask`); `prune.remove` then makes them permanent, so the saved Artifact is an ordinary model
-with zeros in it (same `model.safetensors` size: dense storage).
+(pruning a row deletes a word), the second is a few rows that every prediction reads.
+`torch.nn.utils.prune` picks the masks and is made permanent at once (`prune.remove`): its
+`weight = weight_orig * mask` pre-hook only runs when a module is called, and dapeng's fused
+projections read `layer.weight` without calling the layer. During recovery fine-tuning a
+Trainer callback (`KeepMasks`) zeroes the pruned weights again after every optimizer step.
+The saved Artifact is an ordinary model with zeros in it (dense storage: the same size).
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from dapeng.errors import ConfigError
 
-__all__ = ["PRUNABLE", "finetune", "prune_artifact", "prune_model", "pruned_weights", "sparsity_of", "strip_pruning"]
+__all__ = ["PRUNABLE", "finetune", "prune_artifact", "KeepMasks", "prune_model", "pruned_weights", "sparsity_of"]
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.RNNBase)
 _RECURRENT_WEIGHT = re.compile(r"weight_(ih|hh)_l\d+(_reverse)?")
@@ -46,8 +49,8 @@ def pruned_weights(model: nn.Module) -> list[tuple[nn.Module, str, str]]:
     return found
 
 
-def prune_model(model: nn.Module, sparsity: float, structured: bool = False) -> nn.Module:
-    """A copy of `model` with pruning masks attached (still trainable; `strip_pruning` makes them permanent).
+def prune_model(model: nn.Module, sparsity: float, structured: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """A pruned copy of `model` (zeros made permanent) and its masks, {parameter name: bool mask}.
 
     Raises:
         ValueError: `sparsity` outside (0, 1), or nothing to prune.
@@ -56,25 +59,32 @@ def prune_model(model: nn.Module, sparsity: float, structured: bool = False) -> 
         raise ValueError(f"sparsity {sparsity} is not a fraction in (0, 1)")
     model = copy.deepcopy(model)
     targets = pruned_weights(model)
+    if structured:  # an RNN's gate rows are tied across its four blocks: zeroing rows breaks the cell
+        targets = [t for t in targets if not isinstance(t[0], nn.RNNBase)]
     if not targets:
         raise ValueError("the model has no Linear, Conv or recurrent weights to prune besides its head")
-    for module, param, _ in targets:
+    masks = {}
+    for module, param, qualified in targets:
         if structured:
-            if isinstance(module, nn.RNNBase):
-                continue  # a gate's rows are tied across four blocks: zeroing rows breaks the cell
             torch_prune.ln_structured(module, param, amount=sparsity, n=2, dim=0)
         else:
             torch_prune.l1_unstructured(module, param, amount=sparsity)
-    return model
+        masks[qualified] = getattr(module, f"{param}_mask").bool()
+        torch_prune.remove(module, param)
+    return model, masks
 
 
-def strip_pruning(model: nn.Module) -> nn.Module:
-    """Make every attached pruning mask permanent (`prune.remove`), in place."""
-    for module in model.modules():
-        for hook in list(module._forward_pre_hooks.values()):
-            if isinstance(hook, torch_prune.BasePruningMethod):
-                torch_prune.remove(module, hook._tensor_name)
-    return model
+class KeepMasks:
+    """Trainer callback: pruned weights back to zero after every optimizer step."""
+
+    def __init__(self, model: nn.Module, masks: dict[str, Any]) -> None:
+        params = dict(model.named_parameters())
+        self.pairs = [(params[name], mask) for name, mask in masks.items()]
+
+    def on_step_end(self, trainer: Any) -> None:
+        with torch.no_grad():
+            for param, mask in self.pairs:
+                param.mul_(mask.to(param.device))
 
 
 def sparsity_of(model: nn.Module, names: Sequence[str] | None = None) -> dict[str, float]:
@@ -89,17 +99,17 @@ def sparsity_of(model: nn.Module, names: Sequence[str] | None = None) -> dict[st
     return {"pruned_weights": zeros / max(total, 1), "all_parameters": all_zeros / max(all_total, 1)}
 
 
-def finetune(model: nn.Module, task: Any, train_items: Sequence[Any], eval_items: Sequence[Any],
-             trainer_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Recovery fine-tuning of a pruned model (masks attached) through the Trainer; returns its summary."""
+def finetune(model: nn.Module, masks: dict[str, Any], task: Any, train_items: Sequence[Any],
+             eval_items: Sequence[Any], trainer_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Recovery fine-tuning of a pruned model through the Trainer, its masks held; returns its summary."""
     from dapeng.train.trainer import Trainer
 
     trainer = Trainer(model, task, checkpoint_dir=None, **trainer_kwargs)
+    trainer.add_callback(KeepMasks(trainer.model, masks))
     summary = trainer.fit(train_items, eval_items or None)
     trainer.load_best()
     model.to("cpu")
     return {k: v for k, v in summary.items() if isinstance(v, int | float | str)}
-
 
 
 def prune_artifact(
@@ -136,10 +146,10 @@ def prune_artifact(
     if artifact.meta.get("quantization"):
         raise ConfigError(f"{str(artifact.path)!r} is quantized", "prune its float parent instead")
     try:
-        model = prune_model(artifact.model.cpu().float(), sparsity, structured)
+        model, masks = prune_model(artifact.model.cpu().float(), sparsity, structured)
     except ValueError as err:
         raise ConfigError(str(err), "choose e.g. --sparsity 0.5") from None
-    names = [q for _, _, q in pruned_weights(artifact.model)]
+    names = list(masks)
     figures: dict[str, float | None] = {"before": None, "pruned": None, "finetuned": None}
     if eval_items:
         figures["before"] = evaluate_model(artifact.model, artifact.task, eval_items)[metric]
@@ -148,9 +158,8 @@ def prune_artifact(
     if finetune_epochs > 0:
         if not train_items:
             raise ConfigError("recovery fine-tuning needs training items", "prune a run directory, or --finetune-epochs 0")
-        summary = finetune(model, artifact.task, train_items, eval_items,
+        summary = finetune(model, masks, artifact.task, train_items, eval_items,
                            {**(trainer_kwargs or {}), "epochs": finetune_epochs, "device": "cpu"})
-    strip_pruning(model)
     model.eval()
     final = evaluate_model(model, artifact.task, eval_items) if eval_items else {}
     if eval_items and finetune_epochs > 0:
