@@ -151,3 +151,63 @@ def test_pruned_weights_stay_zero_through_recovery_finetuning(text, tmp_path):
     assert set(result["accuracy"]) == {"before", "pruned", "finetuned"}
     reloaded = load_artifact(tmp_path / "p")
     assert sparsity_of(reloaded.model)["pruned_weights"] == pytest.approx(0.5, abs=0.02)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run directory as `dapeng train` leaves it: config.yaml over CSV files, and RUN/model."""
+    import csv
+
+    from dapeng.config import dump_config, validate_config
+
+    run = tmp_path_factory.mktemp("run")
+    for split, n in (("train", 64), ("eval", 32)):
+        with (run / f"{split}.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, ["text", "label"])
+            writer.writeheader()
+            writer.writerows(_records(n))
+    cfg = validate_config({
+        "task": "text-classification", "task_options": {"tokenizer": "word", "vocab_size": 300, "max_length": 32},
+        "data": {"train": str(run / "train.csv"), "eval": str(run / "eval.csv")},
+        "model": {"name": "textcnn", "kwargs": {"embed_dim": 16, "filters": 8}},
+        "train": {"epochs": 1, "batch_size": 16},
+    })
+    (run / "config.yaml").write_text(dump_config(cfg))
+    task = TASKS.create("text-classification", tokenizer="word", vocab_size=300, max_length=32)
+    task.setup(_records(64))
+    _save(run / "model", "textcnn", {"embed_dim": 16, "filters": 8}, "text-classification", task)
+    return run
+
+
+def test_cli_quantize_refuses_with_exit_2_and_one_line(run_dir, tmp_path, capsys):
+    from dapeng.cli.main import main
+
+    assert main(["quantize", str(run_dir), "--method", "int8-dynamic", "--max-drop", "-100",
+                 "--out", str(tmp_path / "q")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "more than --max-drop -100" in err and "→" in err
+    assert not (tmp_path / "q").exists()
+
+
+def test_cli_quantize_then_predict_and_prune(run_dir, tmp_path, capsys):
+    from dapeng.cli.main import main
+
+    assert main(["quantize", str(run_dir), "--method", "int8-weight-only", "--max-drop", "100",
+                 "--out", str(tmp_path / "q"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["method"] == "int8-weight-only" and 0.0 <= result["after"] <= 1.0
+    assert main(["predict", str(tmp_path / "q"), "--json", "good film"]) == 0
+    assert '"label"' in capsys.readouterr().out
+    assert main(["prune", str(run_dir), "--sparsity", "0.5", "--structured", "--finetune-epochs", "0",
+                 "--out", str(tmp_path / "p"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["structured"] and result["sparsity"]["pruned_weights"] == pytest.approx(0.5, abs=0.05)
+
+
+def test_cli_export_writes_a_checked_onnx_model(run_dir, tmp_path, capsys):
+    from dapeng.cli.main import main
+
+    assert main(["export", str(run_dir), "--format", "onnx", "--out", str(tmp_path / "e"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["checked"]["max_abs_diff"] <= 1e-4 and (tmp_path / "e" / "model.onnx").is_file()
+    assert (tmp_path / "e" / "dapeng.json").is_file() and (tmp_path / "e" / "tokenizer.json").is_file()
