@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from dapeng.compress.export import UnpackedRecurrent, export, exportable
-from dapeng.errors import ConfigError
 from dapeng.layers.recurrent import RecurrentEncoder
 from dapeng.models import MODELS
 from dapeng.tasks import TASKS
@@ -96,11 +95,12 @@ def test_torch_export_program_matches_pytorch(name, text_task, image_task, tmp_p
         torch.testing.assert_close(program(*args), model(*args), atol=1e-4, rtol=0)
 
 
-def test_torch_export_of_a_recurrent_model_is_refused_with_a_way_out(text_task, tmp_path):
+def test_torch_export_of_a_recurrent_model_has_a_static_padded_sequence(text_task, tmp_path):
     task, items = text_task
-    with pytest.raises(ConfigError, match="--format onnx"):
-        export(_model("lstm", TEXT_MODELS["lstm"], task), task, items, tmp_path / "out", "torch")
-    assert not (tmp_path / "out").exists()
+    model = _model("gru", TEXT_MODELS["gru"], task)
+    report = export(model, task, items, tmp_path / "out", "torch")
+    assert report["sequence_length"] == 32 and report["dynamic_axes"]["input_ids"] == {0: "batch"}
+    assert report["checked"]["max_abs_diff"] <= 1e-4  # padded inputs against the unpadded PyTorch outputs
 
 
 def test_exportable_leaves_the_model_alone(text_task):

@@ -16,6 +16,12 @@ its own length, which gives the packed outputs exactly (padding comes after a ro
 going forwards, and stays after it reversed). Every export is then run — by ONNX Runtime, or
 by the loaded program — on real encoded items in batches of other sizes and lengths than the
 one it was traced with, and refused above `tolerance` (1e-4) max absolute difference.
+
+Recurrent models: `torch.export` decomposes aten.lstm/gru/rnn into a loop unrolled over the
+traced length, so their ONNX export uses the TorchScript exporter (`dynamo=False`, ONNX's
+LSTM/GRU/RNN ops, dynamic sequence axis), and their `torch.export` program has a static
+sequence axis of the task's `max_length` (`export.json`'s `sequence_length`): callers pad
+inputs to it, which the masked recurrence ignores.
 """
 
 from __future__ import annotations
@@ -173,12 +179,29 @@ def _onnx_runner(path: Path) -> Any:
 
 
 def _torch(model: nn.Module, inputs: dict[str, torch.Tensor], path: Path) -> dict[str, Any]:
+    dims = _dims(inputs, getattr(model, "max_positions", None))
     if _recurrent(model):
-        raise ConfigError("torch.export fixes a recurrent model's sequence length (it unrolls aten.lstm/gru/rnn)",
-                          "export recurrent models with --format onnx")
-    program = torch.export.export(model, tuple(inputs.values()), dynamic_shapes=_dims(inputs, getattr(model, "max_positions", None)))
+        dims = tuple({axis: dim for axis, dim in spec.items() if axis != 1} for spec in dims)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nn.RNN re-assigns its _flat_weights while traced: harmless
+        program = torch.export.export(model, tuple(inputs.values()), dynamic_shapes=dims)
     torch.export.save(program, str(path))
     return {"exporter": "torch.export.export"}
+
+
+def _static_length(task: Any) -> int:
+    """The sequence length a recurrent program is traced at: the task's `max_length` (what it truncates to)."""
+    length = getattr(getattr(task, "options", None), "max_length", None)
+    if not isinstance(length, int):
+        raise ConfigError("torch.export fixes a recurrent model's sequence length (it unrolls aten.lstm/gru/rnn), "
+                          "and this task has no max_length to fix it at", "export recurrent models with --format onnx")
+    return length
+
+
+def _pad_to(inputs: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
+    """Right-pad the token inputs to `length` (masked positions: a recurrent model's outputs ignore them)."""
+    return {k: torch.nn.functional.pad(v, (0, length - v.shape[1])) if k in SEQUENCE_INPUTS else v
+            for k, v in inputs.items()}
 
 
 def _torch_runner(path: Path) -> Any:
@@ -218,19 +241,25 @@ def export(model: nn.Module, task: Any, items: Sequence[Any], out: str | Path, f
     tmp.mkdir(parents=True)
     try:
         path = tmp / FILES[fmt]
+        # a recurrent program's sequence axis is static: it reads inputs padded to the task's max_length
+        length = _static_length(task) if fmt == "torch" and _recurrent(graph) else None
+        fed = [_pad_to(b, length) for b in batches] if length else batches
         with torch.no_grad():
-            facts = (_onnx if fmt == "onnx" else _torch)(graph, batches[0], path)
+            facts = (_onnx if fmt == "onnx" else _torch)(graph, fed[0], path)
         run = _onnx_runner(path) if fmt == "onnx" else _torch_runner(path)
         diffs = []
         with torch.no_grad():
-            for inputs in batches[1:]:
+            for inputs, padded in zip(batches[1:], fed[1:]):
                 expected = reference(*inputs.values()).numpy()
-                diffs.append(float(np.abs(run(inputs) - expected).max()))
+                diffs.append(float(np.abs(run(padded) - expected).max()))
         report = {
             "format": fmt, "file": FILES[fmt], **facts, "torch": torch.__version__,
             "inputs": {name: {"dtype": str(t.dtype).removeprefix("torch."), "dims": len(t.shape)}
                        for name, t in batches[0].items()},
-            "outputs": ["logits"], "dynamic_axes": _dynamic_axes(batches[0]),
+            "outputs": ["logits"],
+            "dynamic_axes": {k: {a: n for a, n in v.items() if not (length and a == 1)}
+                             for k, v in _dynamic_axes(batches[0]).items()},
+            "sequence_length": length,
             "checked": {"batches": [int(next(iter(b.values())).shape[0]) for b in batches[1:]],
                         "max_abs_diff": max(diffs), "tolerance": tolerance},
         }
