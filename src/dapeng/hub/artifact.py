@@ -291,11 +291,16 @@ def trained_precision(meta: dict[str, Any]) -> str:
 def _prepare_quantized(model: Any, spec: dict[str, Any], path: Path) -> Any:
     """Swap in quantized layers before loading quantized weights.
 
-    Quantized layers are layers (`dapeng.layers`), so the hub can rebuild them without importing
-    the compress package above it; this version of dapeng has none yet.
+    Quantized layers are layers (`dapeng.layers.quantized`), so the hub rebuilds them without
+    importing the compress package above it.
     """
-    raise ModelError(f"artifact {str(path)!r} is quantized ({json.dumps(spec)}), which this version of dapeng "
-                     "can't load", "load the unquantized parent model instead")
+    from dapeng.layers.quantized import prepare_quantized
+
+    try:
+        return prepare_quantized(model, spec)
+    except ValueError as err:
+        raise ModelError(f"artifact {str(path)!r} is quantized in a way this dapeng can't rebuild: {err}",
+                         "load the unquantized parent model instead") from None
 
 
 def _load_weights(model: Any, weights: dict[str, Any], path: Path) -> None:

@@ -61,14 +61,15 @@ def _pad_keys(
     from 16 to 512 keys). fp32 rounds ~1e-7 apart and is left alone; masks are bool.
     """
     s = k.shape[2]
-    extra = -s % KEY_BLOCK
+    # the length test comes last: fp32 then never branches on S (torch.export keeps S dynamic)
     if (
-        extra == 0
-        or k.device.type != "cpu"
+        k.device.type != "cpu"
         or k.dtype not in (torch.bfloat16, torch.float16)
         or (mask is not None and mask.dtype != torch.bool)
+        or -s % KEY_BLOCK == 0
     ):
         return k, v, mask
+    extra = -s % KEY_BLOCK
     if mask is None:
         mask = torch.ones(1, 1, 1, s, dtype=torch.bool, device=k.device)
     mask = F.pad(mask.expand(*mask.shape[:-1], s), (0, extra), value=False)  # (…, S + extra)

@@ -63,7 +63,8 @@ def project_fused(x: torch.Tensor, layers: Sequence[nn.Module]) -> torch.Tensor 
     biases = [layer.bias for layer in layers]
     if any(b is None for b in biases) and not all(b is None for b in biases):
         return None
-    if x.numel() // x.shape[-1] < MIN_ROWS:
+    # an exported graph must not branch on the batch's size (torch.export would guard on it)
+    if torch.compiler.is_exporting() or x.numel() // x.shape[-1] < MIN_ROWS:
         return None
     weight = torch.cat([layer.weight for layer in layers]).to(x.dtype)
     bias = None if biases[0] is None else torch.cat(biases).to(x.dtype)
