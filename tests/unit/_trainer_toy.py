@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from dapeng.tasks.base import LABEL_OUTPUT, Capabilities
+
 
 def make_records(n: int = 96, dim: int = 8, classes: int = 3, seed: int = 0) -> list[dict[str, Any]]:
     """Points around `classes` random centres: separable enough to learn in a few steps."""
@@ -32,6 +34,7 @@ class ToyMetric:
 
 class ToyTask:
     name = "toy-classification"
+    capabilities = Capabilities(input="text", output="label", verbs=frozenset({"predict"}), output_schema=LABEL_OUTPUT)
 
     def __init__(self, scale: float = 1.0) -> None:
         self.scale = scale

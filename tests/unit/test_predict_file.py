@@ -206,6 +206,9 @@ ORDERS = {
     "hub": ("hub show m@2 --json", "hub show --json m@2"),
     "data": ("data info mnist --json", "data info --json mnist"),
     "models": ("models show cnn --set widths=[8] --json", "models show --json cnn --set widths=[8]"),
+    "export": ("export r --format onnx --out d --json", "export --format onnx --json r --out d"),
+    "quantize": ("quantize r --method int8-dynamic --max-drop 1 --json", "quantize --json --method int8-dynamic r --max-drop 1"),
+    "prune": ("prune r --sparsity 0.5 --structured --json", "prune --json --structured r --sparsity 0.5"),
 }
 
 

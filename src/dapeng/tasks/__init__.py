@@ -7,13 +7,14 @@ from dapeng.registry import Registry
 TASKS: Registry = Registry("task")
 
 # The one explicit list of tasks: name -> "module:class" (imported on first use).
-for _name, _target in {
+BUILTIN_TASKS: dict[str, str] = {
     "text-classification": "dapeng.tasks.text_classification:TextClassificationTask",
     "token-classification": "dapeng.tasks.token_classification:TokenClassificationTask",
     "image-classification": "dapeng.tasks.image_classification:ImageClassificationTask",
     "sentence-embedding": "dapeng.tasks.embedding:SentenceEmbedding",
     "causal-lm": "dapeng.tasks.causal_lm:CausalLM",
-}.items():
+}
+for _name, _target in BUILTIN_TASKS.items():
     TASKS.register(_name, _target)
 
-__all__ = ["TASKS"]
+__all__ = ["BUILTIN_TASKS", "TASKS"]
