@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
-import inspect
 import io
 import math
 from collections.abc import Iterator, Sequence
@@ -123,7 +122,6 @@ class Pipeline:
                                                                     self.device)
         self.capabilities = capabilities_of(task)
         self.input_field = self.capabilities.input
-        self._forward_params = _accepted_params(model)
 
     @property
     def labels(self) -> list[str] | None:
@@ -255,8 +253,9 @@ class Pipeline:
         task_forward = getattr(self.task, "forward", None)
         if callable(task_forward):
             return task_forward(self.model, batch)
-        kwargs = {k: v for k, v in batch.items() if k in self._forward_params}
-        out = self.model(**kwargs)
+        from dapeng.models import forward_inputs
+
+        out = self.model(**forward_inputs(self.model, batch))
         return out if isinstance(out, dict) else {"logits": out}
 
     @contextlib.contextmanager
@@ -331,11 +330,6 @@ def plan_batches(lengths: Sequence[int], max_size: int, overhead_tokens: int = 6
 def _item_length(item: dict[str, Any]) -> int:
     ids = item.get("input_ids") if isinstance(item, dict) else None
     return int(ids.shape[-1]) if torch.is_tensor(ids) else 0
-
-
-def _accepted_params(model: nn.Module) -> set[str]:
-    params = inspect.signature(model.forward).parameters
-    return set(params)
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

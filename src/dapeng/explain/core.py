@@ -218,10 +218,10 @@ class _WithInputs(nn.Module):
 
 
 def _bind_inputs(model: nn.Module, batch: dict[str, Any]) -> nn.Module:
-    import inspect
+    from dapeng.models import forward_inputs
 
-    accepted = set(inspect.signature(model.forward).parameters) - {"input_ids", "attention_mask"}
-    extra = {k: v[:1] for k, v in batch.items() if k in accepted and torch.is_tensor(v)}
+    taken = forward_inputs(model, {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")})
+    extra = {k: v[:1] for k, v in taken.items() if torch.is_tensor(v)}
     return _WithInputs(model, extra) if extra else model
 
 

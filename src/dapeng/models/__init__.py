@@ -63,6 +63,20 @@ for _name, _target in BUILTIN_MODELS.items():
 _BAD_VALUE = (ValueError, AssertionError, KeyError, IndexError, ZeroDivisionError, RuntimeError)
 
 
+def forward_inputs(model: Any, batch: Mapping[str, Any], names: Iterable[str] | None = None) -> dict[str, Any]:
+    """The entries of `batch` (of `names`, when given) that `model.forward` takes as keyword arguments.
+
+    A forward with `**kwargs` takes them all. The one place every caller (Pipeline, tasks,
+    explainers) learns which batch tensors a model reads, e.g. a tagger's `char_ids`.
+    """
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    keys = batch if names is None else [k for k in names if k in batch]
+    return {k: batch[k] for k in keys if takes_any or k in params}
+
+
 def create_model(name: str, kwargs: Mapping[str, Any], given: Iterable[str] = (), key: str = "model.kwargs.") -> Any:
     """`MODELS.create(name, **kwargs)`, with a bad argument as one ModelError line naming its key.
 

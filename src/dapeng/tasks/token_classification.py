@@ -38,7 +38,6 @@ entity type.
 from __future__ import annotations
 
 import functools
-import inspect
 import json
 import re
 from collections import Counter
@@ -49,12 +48,14 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 from torch import nn
 
 from dapeng.errors import DataError, ModelError
+from dapeng.models import forward_inputs
 from dapeng.records import Record
 from dapeng.tasks._classification import ClassificationMetric, _natural, parse_options, where
+from dapeng.tasks._words import WordOptions, glove_init
 from dapeng.tasks.base import Capabilities
 
 __all__ = ["TaggingMetric", "TokenClassificationTask", "convert", "detect_scheme", "spans"]
@@ -160,16 +161,11 @@ def _entity_labels(kinds: Sequence[str], scheme: str) -> list[str]:
 # ---------------------------------------------------------------- options
 
 
-class TokenOptions(BaseModel):
+class TokenOptions(WordOptions):
     """`task_options` of token-classification (names shared with text-classification where they apply)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    tokenizer: Literal["wordpiece", "bpe", "word"] = "wordpiece"
-    tokenizer_path: str | None = Field(None, description="a tokenizer.json to use instead of training one")
-    vocab_size: int = Field(20000, gt=5)
-    min_frequency: int = Field(1, ge=1)
-    lowercase: bool = True
     max_length: int = Field(256, gt=2, description="positions per window, special tokens included")
     special_tokens: bool | None = Field(
         None, description="wrap windows in [CLS] … [SEP]; default: for sub-word tokenizers, not for word"
@@ -183,9 +179,6 @@ class TokenOptions(BaseModel):
                         "the model; tokenizer word only")
     max_word_chars: int = Field(20, gt=0, description="characters per word in char_ids")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
-    glove: bool = Field(False, description="initialise word embeddings from GloVe-6B-50d (embed_dim 50)")
-    glove_vocab: int = Field(0, ge=0, description="with glove and tokenizer word, give GloVe's N most frequent words ids")
-    freeze_embeddings: bool = False
 
     @field_validator("chars")
     @classmethod
@@ -193,13 +186,6 @@ class TokenOptions(BaseModel):
         if chars and (info.data.get("tokenizer") != "word" or info.data.get("tokenizer_path")):
             raise ValueError("chars needs tokenizer: word (character ids line up with whole words)")
         return chars
-
-    @field_validator("glove_vocab")
-    @classmethod
-    def _glove_vocab_needs_glove_words(cls, n: int, info: ValidationInfo) -> int:
-        if n and (not info.data.get("glove") or info.data.get("tokenizer") != "word"):
-            raise ValueError("glove_vocab needs glove: true and tokenizer: word (or glove_vocab: 0)")
-        return n
 
 
 # ---------------------------------------------------------------- records
@@ -366,8 +352,6 @@ class TokenClassificationTask:
     def init_model(self, model: nn.Module) -> None:
         """GloVe word vectors (`glove: true`) and, for a CRF over BIO/BIOES tags, its allowed transitions."""
         if self.options.glove:
-            from dapeng.tasks.text_classification import glove_init
-
             self.glove_coverage = glove_init(model, self.tokenizer, self.options.freeze_embeddings)
         crf = getattr(model, "crf", None)
         if crf is not None:
@@ -565,10 +549,7 @@ class TokenClassificationTask:
     def forward(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
         """Emissions `logits` (R, T, K), plus Viterbi `predictions` (R, T) from a CRF outside training,
         and what `decode` and the metric need to map rows back to words."""
-        accepted = _accepted(model)
-        kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "char_ids")
-                  if k in batch and (accepted is None or k in accepted)}
-        emissions = model(**kwargs)  # (R, T, K)
+        emissions = model(**forward_inputs(model, batch, ("input_ids", "attention_mask", "char_ids")))  # (R, T, K)
         if emissions.dim() != 3:
             raise ModelError(f"token-classification needs a tag score per token (R, T, K), the model gives "
                              f"{tuple(emissions.shape)}", "set model.kwargs.pooling: none (or use a tagger model)")
@@ -711,14 +692,6 @@ def word_predictions(outputs: dict[str, Any], policy: str) -> list[tuple[list[in
     for row, word, tag, p in zip(rows[r], word_ids[r, t], chosen.numpy(), chosen_p):
         tags[row][word], scores[row][word] = tag, p
     return [(tag.tolist(), score.tolist()) for tag, score in zip(tags, scores)]
-
-
-def _accepted(model: nn.Module) -> set[str] | None:
-    """The keyword arguments `model.forward` takes; None when it takes any (**kwargs)."""
-    params = inspect.signature(model.forward).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return None
-    return set(params)
 
 
 def _to_front(select: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
