@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dapeng.errors import CheckpointError, DapengError
+from dapeng.errors import CheckpointError, ConfigError, DapengError
 from dapeng.tasks.base import UnsupportedError, capabilities_of
 
 __all__ = ["InputError", "Pipeline", "UnsupportedError", "load", "plan_batches", "to_json"]
@@ -41,23 +41,35 @@ class InputError(DapengError):
         self.loc = loc
 
 
-def load(name_or_path: str | Path, precision: str | None = None) -> Pipeline:
-    """Load a Pipeline from an Artifact folder, a run directory (its `model/`) or a hub name.
+def load(name_or_path: str | Path, precision: str | None = None, backend: str = "auto") -> Pipeline:
+    """Load a Pipeline from an Artifact folder, a run directory (its `model/`), an ONNX export or a hub name.
 
     Args:
-        name_or_path: a folder holding `dapeng.json`, a run directory, or a name in the
-            local hub (`my-model`, `my-model@2`, `minilm-l6`).
+        name_or_path: a folder holding `dapeng.json`, a run directory, a `dapeng export
+            --format onnx` folder, or a name in the local hub (`my-model`, `my-model@2`, `minilm-l6`).
         precision: "fp32", "bf16" (weights cast to bfloat16 too) or "auto" (bf16 autocast where
             the hardware runs it natively, else fp32); default: the precision the model was
-            trained in (recorded in its Artifact), else "auto".
+            trained in (recorded in its Artifact), else "auto". ONNX graphs run as exported.
+        backend: "torch", "onnxruntime" (the ONNX export of the folder, or the run's
+            `export-onnx/`: `dapeng.compress.runtime`) or "auto": ONNX Runtime for an export
+            folder, PyTorch otherwise.
 
     Raises:
-        CheckpointError: a folder that is neither an Artifact nor a run directory.
+        CheckpointError: a folder that is neither an Artifact, a run directory nor an export.
+        ConfigError: an unknown backend.
         NotFoundError: an unknown hub name.
     """
     from dapeng.hub.artifact import load_artifact
 
+    if backend not in ("auto", "torch", "onnxruntime"):
+        raise ConfigError(f"unknown backend {backend!r}", "choose one of auto, torch, onnxruntime")
     path = Path(name_or_path)
+    if backend == "onnxruntime" or (backend == "auto" and path.is_dir() and _is_onnx_export(path)):
+        from dapeng.compress.runtime import load_export
+
+        model, task, meta = load_export(path)
+        name = path.name if path.name not in ("model", "export-onnx") else path.resolve().parent.name
+        return Pipeline(model, task, name=name, meta=meta, path=model.path.parent, precision="fp32")
     if path.is_dir():
         artifact_dir = _artifact_dir(path)
         name = path.name if artifact_dir == path else path.resolve().name
@@ -69,6 +81,13 @@ def load(name_or_path: str | Path, precision: str | None = None) -> Pipeline:
     artifact = load_artifact(artifact_dir, precision="bf16" if precision == "bf16" else "fp32")
     return Pipeline(artifact.model, artifact.task, name=name, meta=artifact.meta, path=artifact.path,
                     precision=precision)
+
+
+def _is_onnx_export(path: Path) -> bool:
+    """A `dapeng export --format onnx` folder: the graph and no PyTorch weights."""
+    from dapeng.hub.artifact import WEIGHTS
+
+    return (path / "export.json").is_file() and (path / "model.onnx").is_file() and not (path / WEIGHTS).is_file()
 
 
 def _artifact_dir(path: Path) -> Path:
@@ -116,11 +135,17 @@ class Pipeline:
         self.name = name
         self.meta = meta or {}
         self.path = path
-        # Quantized weights run their own int8 kernels with fp32 activations: no autocast over them.
-        quantized = bool(self.meta.get("quantization"))
-        self.precision = "fp32" if quantized else resolve_precision(precision or trained_precision(self.meta),
-                                                                    self.device)
+        # The backend that runs the forward pass: PyTorch, or an exported graph (`dapeng.compress.runtime`).
+        self.backend: str = getattr(model, "backend", "torch")
+        # Quantized weights run their own int8 kernels with fp32 activations, and an exported graph
+        # its own kernels: no autocast over either.
+        fixed = bool(self.meta.get("quantization")) or self.backend != "torch"
+        self.precision = "fp32" if fixed else resolve_precision(precision or trained_precision(self.meta),
+                                                                self.device)
         self.capabilities = capabilities_of(task)
+        if self.backend != "torch":  # a graph has no gradients to explain with
+            self.capabilities = dataclasses.replace(
+                self.capabilities, verbs=self.capabilities.verbs - {"explain"}, explain=())
         self.input_field = self.capabilities.input
 
     @property

@@ -411,16 +411,7 @@ def test_dapeng_serve_command_serves_a_run_with_an_api_key_from_the_environment(
                                  "--threads", "1", "--log-level", "warning"], stdout=log, stderr=log, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, (tmp_path / "cli.log").read_text()
-            try:
-                if get(f"{base}/ready")[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        _wait_ready(proc, base, tmp_path / "cli.log")
         status, _, answer = post(f"{base}/v1/models/rt-run:predict", {"instances": ["good film"]}, AUTH)
         assert status == 200 and answer["predictions"][0]["label"] in ("neg", "pos")
         assert post(f"{base}/v1/models/rt-run:predict", {"instances": ["good film"]})[0] == 401
@@ -430,6 +421,57 @@ def test_dapeng_serve_command_serves_a_run_with_an_api_key_from_the_environment(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_dapeng_serve_runs_a_runs_onnx_export_with_onnxruntime(tmp_path):
+    import dapeng
+    from dapeng.cli.main import main
+
+    run = tmp_path / "rt-onnx"
+    tiny_text_artifact(run / "model")
+    pipe = dapeng.load(run)
+    from dapeng.compress.export import export
+
+    texts = ["good film", "the plot was awful and poor, a bad film", "unknown words here", "fine"]
+    export(pipe.model, pipe.task, pipe.task.encode([{"text": t} for t in texts]), run / "export-onnx", "onnx",
+           artifact_dir=run / "model")
+    with socket_port() as port:
+        pass
+    with open(tmp_path / "cli.log", "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "dapeng", "serve", str(run), "--port", str(port),
+                                 "--threads", "1", "--backend", "onnxruntime", "--log-level", "warning"],
+                                stdout=log, stderr=log, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(proc, base, tmp_path / "cli.log")
+        status, _, answer = post(f"{base}/v1/models/rt-onnx:predict", {"instances": texts})
+        assert status == 200
+        local = pipe.predict(texts)
+        assert [p["label"] for p in answer["predictions"]] == [p["label"] for p in local]
+        for remote, here in zip(answer["predictions"], local):
+            assert remote["score"] == pytest.approx(here["score"], abs=1e-5)
+        status, _, info = get(f"{base}/v1/models/rt-onnx")
+        assert status == 200 and "explain" not in json.loads(info)["capabilities"]["verbs"]
+        status, _, answer = post(f"{base}/v1/models/rt-onnx:explain", {"instances": ["good film"]})
+        assert 400 <= status < 500
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert main(["predict", str(run), "--backend", "onnxruntime", "--json", "good film"]) == 0
+
+
+def _wait_ready(proc: subprocess.Popen, base: str, log: Path) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        assert proc.poll() is None, log.read_text()
+        try:
+            if get(f"{base}/ready")[0] == 200:
+                return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
 
 
 @contextmanager

@@ -211,3 +211,21 @@ def test_cli_export_writes_a_checked_onnx_model(run_dir, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["checked"]["max_abs_diff"] <= 1e-4 and (tmp_path / "e" / "model.onnx").is_file()
     assert (tmp_path / "e" / "dapeng.json").is_file() and (tmp_path / "e" / "tokenizer.json").is_file()
+
+
+def test_cli_quantize_with_onnxruntime_exports_first_then_serves_the_graph(run_dir, tmp_path, capsys):
+    import shutil
+
+    from dapeng.cli.main import main
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    assert main(["quantize", str(run), "--backend", "onnxruntime", "--method", "int8-dynamic", "--max-drop", "100",
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["backend"] == "onnxruntime" and result["model"] == str(run / "onnx-int8-dynamic")
+    assert (run / "export-onnx" / "model.onnx").is_file()  # the float export it quantized, checked on real inputs
+    assert main(["predict", str(run / "onnx-int8-dynamic"), "--json", "good film"]) == 0
+    assert '"label"' in capsys.readouterr().out
+    assert main(["quantize", str(run), "--backend", "onnxruntime", "--method", "int8-weight-only"]) == 2
+    assert "--backend onnxruntime has no int8-weight-only" in capsys.readouterr().err

@@ -57,6 +57,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
                    help="forward-pass precision (default: the one the model was trained in, else auto)")
+    p.add_argument("--backend", choices=("auto", "torch", "onnxruntime"), default="auto",
+                   help="run the forward pass in PyTorch or ONNX Runtime (a run's `dapeng export` folder); "
+                        "auto: ONNX Runtime for export folders")
     p.add_argument("--json", action="store_true", help="print one JSON object per input")
     return p
 
@@ -81,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         raise DataError("nothing to predict", "give inputs on the command line or --file FILE")
     if args.file is not None:
         _check_file(args.file)
-    pipe = load(args.model, precision=args.precision)
+    pipe = load(args.model, precision=args.precision, backend=args.backend)
     bad = _BadRows(args.file, args.on_error)
     items = itertools.chain(_command_line_items(pipe, args.inputs), _file_items(pipe, args, bad.report))
     if args.out is not None:

@@ -12,6 +12,7 @@ EXAMPLE = """example:
   dapeng serve runs/rt                          # http://127.0.0.1:8000/v1/models/rt:predict
   dapeng serve sentiment=runs/rt minilm-l6 --port 9000 --max-batch-size 64
   DAPENG_API_KEY=secret dapeng serve runs/rt --host 0.0.0.0 --workers 2
+  dapeng export runs/rt --format onnx && dapeng serve runs/rt --backend onnxruntime
 
   curl -s localhost:8000/v1/models/rt:predict -d '{"instances": ["a gripping film"]}'
   curl -s localhost:8000/v2/models/rt/infer \\
@@ -48,6 +49,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="torch threads per worker (default: half the cores, shared among workers)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
                    help="forward-pass precision (default: each model's training precision, else auto)")
+    p.add_argument("--backend", choices=("auto", "torch", "onnxruntime"), default="auto",
+                   help="run the forward pass in PyTorch or ONNX Runtime (a run's `dapeng export` folder); "
+                        "auto: ONNX Runtime for export folders")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.add_argument("--access-log", action="store_true", help="log every request (costs throughput)")
     return p
@@ -70,7 +74,8 @@ def _default_name(source: str) -> str:
     path = Path(source)
     if path.is_dir():
         path = path.resolve()
-        return path.parent.name if path.name == "model" and (path / "dapeng.json").is_file() else path.name
+        inner = path.name in ("model", "export-onnx") and (path / "dapeng.json").is_file()
+        return path.parent.name if inner else path.name
     return source.partition("@")[0]
 
 
@@ -101,5 +106,5 @@ def run(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and config.api_key is None:
         print(f"dapeng serve: warning: listening on {args.host} without an API key", flush=True)
     serve(model_sources(args.models), config, host=args.host, port=args.port, workers=args.workers,
-          precision=args.precision, log_level=args.log_level, access_log=args.access_log)
+          precision=args.precision, backend=args.backend, log_level=args.log_level, access_log=args.access_log)
     return 0

@@ -6,7 +6,10 @@ OUT/
   export.json              format, exporter, opset, inputs/outputs, dynamic axes, max abs difference
   dapeng.json              the Artifact's own (labels, preprocessing), for the same pre/post-processing
   tokenizer.json           text models
+  crf.safetensors          a CRF tagger's transition scores (Viterbi decoding runs outside the graph)
 ```
+
+`dapeng.load(OUT)` runs such a folder with ONNX Runtime (`dapeng.compress.runtime`).
 
 Both formats go through `torch.export` (the ONNX one through `torch.onnx.export(dynamo=True)`).
 Neither can trace `pack_padded_sequence` (its lengths live on the CPU and decide shapes), so
@@ -46,10 +49,13 @@ __all__ = ["FORMATS", "UnpackedRecurrent", "export", "exportable", "model_inputs
 FORMATS = ("onnx", "torch")
 OPSET = 18
 FILES = {"onnx": "model.onnx", "torch": "model.pt2"}
-# what a task's capabilities.input feeds the model, in the model's argument order
-INPUTS = {"text": ("input_ids", "attention_mask"), "tokens": ("input_ids", "attention_mask"), "image": ("images",)}
+CRF_FILE = "crf.safetensors"
+# what a task's capabilities.input feeds the model, in the model's argument order; a tagger with a
+# character CNN also reads `char_ids` (B, T, C)
+INPUTS = {"text": ("input_ids", "attention_mask"), "tokens": ("input_ids", "attention_mask", "char_ids"),
+          "image": ("images",)}
 # axis 0 of every input is the batch, axis 1 of token inputs the sequence
-SEQUENCE_INPUTS = ("input_ids", "attention_mask")
+SEQUENCE_INPUTS = ("input_ids", "attention_mask", "char_ids")
 
 
 class UnpackedRecurrent(nn.Module):
@@ -107,22 +113,34 @@ def exportable(model: nn.Module) -> nn.Module:
     return model
 
 
-def model_inputs(task: Any, items: Sequence[Any]) -> dict[str, torch.Tensor]:
+def model_inputs(task: Any, items: Sequence[Any], model: nn.Module | None = None) -> dict[str, torch.Tensor]:
     """The model's named inputs for a batch of encoded items, as the task's capabilities declare them.
+
+    Args:
+        task: the model's task.
+        items: encoded items.
+        model: when given, only the inputs its forward takes (a tagger without a character CNN
+            ignores `char_ids`).
 
     Raises:
         ConfigError: a task whose outputs aren't logits of the model's forward (generation, embeddings).
     """
+    from dapeng.models import forward_inputs
+
     caps = task.capabilities
     if caps.output not in ("label", "tags") or caps.input not in INPUTS:
         raise ConfigError(f"export covers classifiers and taggers, not a {caps.input} → {caps.output} task",
                           "export a text/image classifier or a tagger")
     batch = task.collate(list(items))
-    return {name: batch[name] for name in INPUTS[caps.input]}
+    names = [name for name in INPUTS[caps.input] if name in batch]
+    return forward_inputs(model, batch, names) if model is not None else {name: batch[name] for name in names}
 
 
 def _dynamic_axes(inputs: dict[str, torch.Tensor]) -> dict[str, dict[int, str]]:
-    return {name: ({0: "batch", 1: "sequence"} if name in SEQUENCE_INPUTS else {0: "batch"}) for name in inputs}
+    axes = {name: ({0: "batch", 1: "sequence"} if name in SEQUENCE_INPUTS else {0: "batch"}) for name in inputs}
+    if "char_ids" in axes:  # (B, T, C): C is the longest word of the batch
+        axes["char_ids"][2] = "chars"
+    return axes
 
 
 def _dims(inputs: dict[str, torch.Tensor], max_sequence: int | None) -> tuple[dict[int, Any], ...]:
@@ -131,18 +149,19 @@ def _dims(inputs: dict[str, torch.Tensor], max_sequence: int | None) -> tuple[di
     A model with learned positions takes at most `max_sequence` tokens (its `max_positions`).
     """
     axes = _dynamic_axes(inputs)
-    dims = {"batch": torch.export.Dim("batch"), "sequence": torch.export.Dim("sequence", max=max_sequence)}
+    dims = {"batch": torch.export.Dim("batch"), "sequence": torch.export.Dim("sequence", max=max_sequence),
+            "chars": torch.export.Dim("chars")}
     return tuple({axis: dims[label] for axis, label in axes[name].items()} for name in inputs)
 
 
-def _batches(task: Any, items: Sequence[Any]) -> list[dict[str, torch.Tensor]]:
+def _batches(task: Any, items: Sequence[Any], model: nn.Module) -> list[dict[str, torch.Tensor]]:
     """The trace batch (up to 4 items) and check batches of other sizes: up to 32 items, and a single one."""
     if len(items) < 2:
         raise ConfigError(f"export needs at least 2 real inputs to check against, got {len(items)}",
                           "pass a run whose eval or test split has data")
     trace = list(items[:4]) if len(items) > 4 else list(items[:2])
     checks = [list(items[len(trace):len(trace) + 32]) or list(items), [items[-1]]]
-    return [model_inputs(task, b) for b in (trace, *checks)]
+    return [model_inputs(task, b, model) for b in (trace, *checks)]
 
 
 def _recurrent(model: nn.Module) -> bool:
@@ -199,9 +218,11 @@ def _static_length(task: Any) -> int:
 
 
 def _pad_to(inputs: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
-    """Right-pad the token inputs to `length` (masked positions: a recurrent model's outputs ignore them)."""
-    return {k: torch.nn.functional.pad(v, (0, length - v.shape[1])) if k in SEQUENCE_INPUTS else v
-            for k, v in inputs.items()}
+    """Right-pad the token inputs' sequence axis (1) to `length` (masked positions: a recurrent model's outputs ignore them)."""
+    def pad(v: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(v, (0, 0) * (v.dim() - 2) + (0, length - v.shape[1]))
+
+    return {k: pad(v) if k in SEQUENCE_INPUTS else v for k, v in inputs.items()}
 
 
 def _torch_runner(path: Path) -> Any:
@@ -232,8 +253,8 @@ def export(model: nn.Module, task: Any, items: Sequence[Any], out: str | Path, f
 
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}", f"choose one of {', '.join(FORMATS)}")
-    batches = _batches(task, items)
     reference = model.cpu().float().eval()
+    batches = _batches(task, items, reference)
     graph = exportable(reference)
     out = Path(out)
     tmp = out.with_name(f".{out.name}.export")
@@ -270,6 +291,12 @@ def export(model: nn.Module, task: Any, items: Sequence[Any], out: str | Path, f
         if max(diffs) > tolerance:
             raise ModelError(f"the {fmt} export differs from PyTorch by {max(diffs):.2e} (max abs) on real inputs, "
                              f"above the tolerance {tolerance:.0e}", "nothing written; report it with the model name")
+        crf = getattr(reference, "crf", None)
+        if crf is not None:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in crf.state_dict().items()}, str(tmp / CRF_FILE))
+            report["crf"] = {"file": CRF_FILE, "num_tags": int(crf.num_tags)}
         (tmp / "export.json").write_text(json.dumps(report, indent=2) + "\n")
         if artifact_dir is not None:
             for name in (META, TOKENIZER):

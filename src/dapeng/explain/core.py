@@ -57,7 +57,9 @@ def explain(
     if method not in METHODS:
         raise DapengError(f"unknown explanation method {method!r}", f"choose one of: {', '.join(METHODS)}")
     task = pipeline.task
-    capabilities_of(task).require_method(method, getattr(pipeline, "name", "model"), getattr(task, "name", "?"))
+    # the pipeline's own: a backend without gradients (ONNX Runtime) declares no explanations
+    caps = getattr(pipeline, "capabilities", None) or capabilities_of(task)
+    caps.require_method(method, getattr(pipeline, "name", "model"), getattr(task, "name", "?"))
     pipeline = _in_fp32(pipeline)
     model: nn.Module = pipeline.model
     steps = (n_steps, max_steps or 8 * n_steps)

@@ -198,8 +198,12 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def read_meta(path: str | Path) -> dict[str, Any]:
+def read_meta(path: str | Path, weights: bool = True) -> dict[str, Any]:
     """Read and check an Artifact's dapeng.json.
+
+    Args:
+        path: the Artifact folder.
+        weights: whether the folder must hold model.safetensors too (an ONNX export holds a graph instead).
 
     Raises:
         CheckpointError: the folder, dapeng.json or the weights file is missing, or the JSON is bad.
@@ -207,7 +211,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"artifact folder {str(path)!r} not found", "pass a folder written by dapeng")
-    for name in (META, WEIGHTS):
+    for name in (META, WEIGHTS) if weights else (META,):
         if not (path / name).is_file():
             raise CheckpointError(f"artifact {str(path)!r} is missing {name}", "re-export or re-train the model")
     try:

@@ -21,12 +21,13 @@ __all__ = ["SPEC_ENV", "app_from_env", "load_app", "serve"]
 SPEC_ENV = "DAPENG_SERVE_SPEC"
 
 
-def load_app(models: Mapping[str, str], config: ServeConfig, precision: str | None = None) -> FastAPI:
-    """Load every model (name → run dir, Artifact folder or hub name) and build the app."""
+def load_app(models: Mapping[str, str], config: ServeConfig, precision: str | None = None,
+             backend: str = "auto") -> FastAPI:
+    """Load every model (name → run dir, Artifact folder, ONNX export or hub name) and build the app."""
     from dapeng.pipeline import load
     from dapeng.serve.app import create_app
 
-    pipelines = {name: load(source, precision=precision) for name, source in models.items()}
+    pipelines = {name: load(source, precision=precision, backend=backend) for name, source in models.items()}
     for name, pipeline in pipelines.items():
         pipeline.name = name
     return create_app(pipelines, config)
@@ -35,7 +36,7 @@ def load_app(models: Mapping[str, str], config: ServeConfig, precision: str | No
 def app_from_env() -> FastAPI:
     """The app described by `$DAPENG_SERVE_SPEC` (set by `serve` for its worker processes)."""
     spec = json.loads(os.environ[SPEC_ENV])
-    return load_app(spec["models"], ServeConfig(**spec["config"]), spec["precision"])
+    return load_app(spec["models"], ServeConfig(**spec["config"]), spec["precision"], spec.get("backend", "auto"))
 
 
 def serve(
@@ -46,6 +47,7 @@ def serve(
     port: int = 8000,
     workers: int = 1,
     precision: str | None = None,
+    backend: str = "auto",
     log_level: str = "info",
     access_log: bool = False,
 ) -> None:
@@ -56,6 +58,7 @@ def serve(
         config: batching, limits, API key and torch threads (per worker).
         host: the interface to bind; 127.0.0.1 unless you mean to expose the server.
         workers: processes sharing the port, each with its own models and batchers.
+        backend: `auto`, `torch` or `onnxruntime` (`dapeng.load`).
     """
     import uvicorn
 
@@ -70,11 +73,11 @@ def serve(
     }
     if workers > 1:
         os.environ[SPEC_ENV] = json.dumps(
-            {"models": dict(models), "config": config.model_dump(), "precision": precision}
+            {"models": dict(models), "config": config.model_dump(), "precision": precision, "backend": backend}
         )
         uvicorn.run("dapeng.serve.server:app_from_env", factory=True, workers=workers, **options)
         return
-    server = uvicorn.Server(uvicorn.Config(load_app(models, config, precision), **options))
+    server = uvicorn.Server(uvicorn.Config(load_app(models, config, precision, backend), **options))
     # Uvicorn shuts down gracefully on SIGINT, then re-raises it: by then the stop is a clean one.
     with contextlib.suppress(KeyboardInterrupt):
         server.run()
