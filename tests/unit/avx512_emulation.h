@@ -44,6 +44,21 @@ static inline emu_epi32 emu_cvtepu16_epi32(__m256i half) {
     return v;
 }
 
+/* vpmovsxbd: 16 int8 (one 128-bit vector) sign-extended to 16 int32 lanes */
+static inline emu_epi32 emu_cvtepi8_epi32(__m128i bytes) {
+    int8_t b[16];
+    __builtin_memcpy(b, &bytes, sizeof b);
+    emu_epi32 v;
+    for (int i = 0; i < 16; i++) v[i] = b[i];
+    return v;
+}
+
+static inline emu_ps emu_cvtepi32_ps(emu_epi32 v) {
+    emu_ps f;
+    for (int i = 0; i < 16; i++) f[i] = (float)v[i];
+    return f;
+}
+
 static inline emu_epi32 emu_slli_epi32(emu_epi32 v, unsigned n) { return (emu_epi32)((emu_epu32)v << n); }
 
 static inline emu_ps emu_castsi512_ps(emu_epi32 v) { return (emu_ps)v; }
@@ -79,6 +94,8 @@ static inline emu_ps emu_dpbf16_ps(emu_ps acc, emu_bh a, emu_bh b) {
 #define _mm512_loadu_ps emu_loadu_ps
 #define _mm512_loadu_si512 emu_loadu_si512
 #define _mm512_cvtepu16_epi32 emu_cvtepu16_epi32
+#define _mm512_cvtepi8_epi32 emu_cvtepi8_epi32
+#define _mm512_cvtepi32_ps emu_cvtepi32_ps
 #define _mm512_slli_epi32 emu_slli_epi32
 #define _mm512_castsi512_ps emu_castsi512_ps
 #define _mm512_fmadd_ps emu_fmadd_ps

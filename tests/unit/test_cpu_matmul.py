@@ -16,15 +16,17 @@ from dapeng.layers import cpu_matmul
 needs_kernel = pytest.mark.skipif(
     not cpu_matmul.available(), reason="the kernel needs x86-64 with AVX2 and a C compiler"
 )
-F32, BF16 = torch.float32, torch.bfloat16
+F32, BF16, I8 = torch.float32, torch.bfloat16, torch.int8
 # (path, x dtype, weight dtype, rtol): every product the kernel computes. The bf16-dot path rounds
 # fp32 x to bf16 first and forms exact products of bf16 values: against the float64 product of
 # the rounded x it is as close as the fp32-x paths; a bf16 x comes back rounded to bf16 (2^-9).
 PRODUCTS = [
     ("avx2", F32, BF16, 1e-5),
     ("avx2", F32, F32, 1e-5),
+    ("avx2", F32, I8, 1e-5),
     ("avx512f", F32, BF16, 1e-5),
     ("avx512f", F32, F32, 1e-5),
+    ("avx512f", F32, I8, 1e-5),
     ("avx512bf16", F32, BF16, 1e-5),
     ("avx512bf16", BF16, BF16, 2**-8),
     (None, BF16, BF16, 2**-8),  # bf16 x on the best path for it: widened to fp32 on CPUs without avx512bf16
@@ -77,12 +79,17 @@ def _check_products(path: str | None, x_dtype: torch.dtype, dtype: torch.dtype, 
         for rows in sorted({r for r in (1, 2, 3, 4, 5, 8, 9, 16, 17) if r < most} | {most}):
             # N off the 4 segments and 16-row blocks, fewer rows than segments, K off the 8-32 lanes
             for n, k in [(37, 576), (16, 1536), (3, 64), (5, 13), (33, 100), (7, 88)]:
-                weight = torch.randn(n, k, generator=g).to(dtype)
+                if dtype == I8:  # int8 values with per-row scales, as Int8Linear stores them
+                    weight = torch.randint(-127, 128, (n, k), generator=g, dtype=I8)
+                    scale = torch.rand(n, generator=g) / 64
+                else:
+                    weight, scale = torch.randn(n, k, generator=g).to(dtype), None
                 x, bias = torch.randn(rows, k, generator=g).to(x_dtype), torch.randn(n, generator=g)
-                out = cpu_matmul.matmul(x, weight, bias, path=path)
+                out = cpu_matmul.matmul(x, weight, bias, scale=scale, path=path)
                 assert out is not None and out.dtype == x_dtype and out.shape == (rows, n)
                 used = x.bfloat16() if path == "avx512bf16" else x  # what the path multiplies
-                expected = F.linear(used.double(), weight.double(), bias.double())
+                dense = weight.double() * (scale.double()[:, None] if scale is not None else 1.0)
+                expected = F.linear(used.double(), dense, bias.double())
                 torch.testing.assert_close(out.double(), expected, rtol=rtol, atol=1e-4)
     finally:
         torch.set_num_threads(before)
@@ -203,6 +210,9 @@ def test_steps_aside_where_pytorch_must_run():
         cpu_matmul.matmul(x, weight, path="sse")
     assert cpu_matmul.matmul(x, weight.t().contiguous().t()) is None  # not contiguous
     assert cpu_matmul.matmul(x, weight.half()) is None
+    q = torch.zeros(10, 64, dtype=I8)
+    assert cpu_matmul.matmul(x, q) is None and cpu_matmul.matmul(x, weight, scale=torch.ones(10)) is None  # int8 ⇔ scale
+    assert cpu_matmul.matmul(x, q, scale=torch.ones(10)) is not None
     assert cpu_matmul.matmul(x, weight.requires_grad_()) is None  # autograd must see the product
     with torch.no_grad():
         assert cpu_matmul.matmul(x, weight) is not None

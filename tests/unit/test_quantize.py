@@ -229,3 +229,32 @@ def test_cli_quantize_with_onnxruntime_exports_first_then_serves_the_graph(run_d
     assert '"label"' in capsys.readouterr().out
     assert main(["quantize", str(run), "--backend", "onnxruntime", "--method", "int8-weight-only"]) == 2
     assert "--backend onnxruntime has no int8-weight-only" in capsys.readouterr().err
+
+
+def test_an_int8_weight_only_lm_decodes_as_its_dequantized_float_twin(monkeypatch):
+    """Decoding steps run the int8 kernel (tied head included, no fp32 table built); prefill runs aten's.
+
+    The twin holds the dequantized weights in fp32: the same products, so greedy decoding agrees.
+    """
+    from _tiny_decoder import tiny_model
+
+    model = tiny_model(300)
+    quantized, spec = quantize(model, "int8-weight-only")
+    assert isinstance(quantized.embed, Int8Embedding) and quantized.lm_head is None  # the tied head stays tied
+    twin = MODELS.create("lm", vocab_size=300, hidden=16, layers=2, heads=4, kv_heads=2, intermediate=32,
+                         max_positions=64).eval()
+    twin.load_state_dict({**model.state_dict(), **{
+        f"{name}.weight": module.weight for name, module in quantized.named_modules()
+        if isinstance(module, (Int8Linear, Int8Embedding))}})
+    ids = torch.randint(0, 300, (2, 7), generator=torch.Generator().manual_seed(0))
+
+    def no_fp32_table(_self):
+        raise AssertionError("decoding dequantized the int8 embedding table")
+
+    monkeypatch.setattr(Int8Embedding, "weight", property(no_fp32_table))
+    with torch.inference_mode():
+        features = torch.randn(3, 16)
+        torch.testing.assert_close(quantized.forward_head(features), twin.forward_head(features), rtol=1e-4, atol=1e-4)
+        got = quantized.generate(ids, max_new_tokens=12, temperature=0.0)
+        want = twin.generate(ids, max_new_tokens=12, temperature=0.0)
+    assert torch.equal(got, want)

@@ -1,7 +1,8 @@
 /* Products of a few rows with a weight matrix, for decoding on x86-64 CPUs: AVX2 + FMA, AVX-512F, AVX-512-BF16.
  *
  * y[m, n] = sum_k x[m, k] * w[n, k]   x: (M, K) fp32, or bf16 on the bf16-dot path
- *                                     w: (N, K) bf16 or fp32 (nn.Linear's layout)
+ *                                     w: (N, K) bf16, fp32 or int8 (nn.Linear's layout;
+ *                                        int8 with per-row fp32 scales: y[m, n] *= scale[n])
  *                                     y: (M, N) fp32, M small (decoding: one row per sequence)
  *
  * A decoding step multiplies one or a few rows by every weight matrix once: a stream over the
@@ -25,8 +26,8 @@
  * `cpu_path` says which the CPU runs (cpuid, and the OS saving the AVX-512 registers), and
  * dapeng/layers/cpu_matmul.py calls only those. A path is an ISA's accumulator arithmetic
  * (`*_zero`, `*_add`, `*_hsum`, `*_madd`) plus one loader per weight type (`*_load_bf16`,
- * `*_load_f32`); another weight type (int8 with a per-row scale, say) is another loader and
- * a scale where each row's sum is stored, over the same `DOT`, `span` and threading.
+ * `*_load_f32`, `*_load_i8`) over the same `DOT`, `span` and threading. int8 weights are
+ * widened to fp32 like bf16 ones; their per-row scales multiply each row's sums as they are stored.
  *
  * Compiled on first use by dapeng/layers/cpu_matmul.py (gcc -O3 -mavx2 -mfma -fopenmp).
  */
@@ -36,6 +37,7 @@
 
 typedef uint16_t bf16;
 typedef float f32;
+typedef int8_t i8;
 
 static inline float scalar_bf16(bf16 h) {
     union { uint32_t u; float f; } v = { (uint32_t)h << 16 };
@@ -43,6 +45,8 @@ static inline float scalar_bf16(bf16 h) {
 }
 
 static inline float scalar_f32(f32 v) { return v; }
+
+static inline float scalar_i8(i8 v) { return (float)v; }
 
 /* avx2: the file's own flags */
 #define avx2_TARGET
@@ -65,6 +69,11 @@ static inline __m256 avx2_load_bf16(const bf16* p) {
 
 static inline __m256 avx2_load_f32(const f32* p) { return _mm256_loadu_ps(p); }
 
+/* 8 int8 weights widened to fp32 (exact): a quarter of fp32's bytes streamed */
+static inline __m256 avx2_load_i8(const i8* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+}
+
 static inline __m256 avx2_madd(__m256 acc, __m256 w, const f32* x) {
     return _mm256_fmadd_ps(w, _mm256_loadu_ps(x), acc);
 }
@@ -85,6 +94,10 @@ static inline avx512f_TARGET __m512 avx512f_load_bf16(const bf16* p) {
 }
 
 static inline avx512f_TARGET __m512 avx512f_load_f32(const f32* p) { return _mm512_loadu_ps(p); }
+
+static inline avx512f_TARGET __m512 avx512f_load_i8(const i8* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+}
 
 static inline avx512f_TARGET __m512 avx512f_madd(__m512 acc, __m512 w, const f32* x) {
     return _mm512_fmadd_ps(w, _mm512_loadu_ps(x), acc);
@@ -120,8 +133,8 @@ static inline avx512bf16_TARGET __m512 avx512bf16_madd(__m512 acc, __m512bh w, c
  * enough arithmetic per weight byte: 10-20% faster at 8 rows). AVX-512's 32 registers hold
  * the same blocking. */
 #define DOT(ISA, W, X, S, M, U)                                                                  \
-    static ISA##_TARGET void dot_##ISA##_##W##_##S##_##M(const W* w, long seg, const X* x, float* y, long ldy, \
-                                                         int K) {                                \
+    static ISA##_TARGET void dot_##ISA##_##W##_##S##_##M(const W* w, const float* scale, long seg, const X* x, \
+                                                         float* y, long ldy, int K) {            \
         const int L = LANES(ISA, X);                                                             \
         ISA##_acc acc[S][M][U];                                                                  \
         for (int s = 0; s < S; s++)                                                              \
@@ -148,7 +161,7 @@ static inline avx512bf16_TARGET __m512 avx512bf16_madd(__m512 acc, __m512bh w, c
                 for (int u = 1; u < U; u++) total = ISA##_add(total, acc[s][m][u]);              \
                 float sum = ISA##_hsum(total);                                                   \
                 for (int j = k; j < K; j++) sum += scalar_##W(w[s * seg * K + j]) * scalar_##X(x[(long)m * K + j]); \
-                y[s * seg + m * ldy] = sum;                                                      \
+                y[s * seg + m * ldy] = scale ? sum * scale[s * seg] : sum;                       \
             }                                                                                    \
     }
 
@@ -162,7 +175,7 @@ static const int segments[9] = {0, 4, 4, 4, 2, 1, 1, 1, 1};
     DOT(ISA, W, X, 4, 1, 2) DOT(ISA, W, X, 1, 1, 4) DOT(ISA, W, X, 4, 2, 1) DOT(ISA, W, X, 1, 2, 2) \
     DOT(ISA, W, X, 4, 3, 1) DOT(ISA, W, X, 1, 3, 2) DOT(ISA, W, X, 2, 4, 1) DOT(ISA, W, X, 1, 4, 1) \
     DOT(ISA, W, X, 1, 5, 1) DOT(ISA, W, X, 1, 6, 1) DOT(ISA, W, X, 1, 7, 1) DOT(ISA, W, X, 1, 8, 1) \
-    typedef void (*dot_fn_##ISA##_##W)(const W*, long, const X*, float*, long, int);             \
+    typedef void (*dot_fn_##ISA##_##W)(const W*, const float*, long, const X*, float*, long, int); \
     static const dot_fn_##ISA##_##W wide_##ISA##_##W[9] = {0, dot_##ISA##_##W##_4_1,             \
         dot_##ISA##_##W##_4_2, dot_##ISA##_##W##_4_3, dot_##ISA##_##W##_2_4, dot_##ISA##_##W##_1_5, \
         dot_##ISA##_##W##_1_6, dot_##ISA##_##W##_1_7, dot_##ISA##_##W##_1_8};                     \
@@ -172,35 +185,42 @@ static const int segments[9] = {0, 4, 4, 4, 2, 1, 1, 1, 1};
                                                                                                  \
     /* weight rows [a, b) against all M rows of x. More than 8 rows go 8 at a time over blocks  \
      * of 16 weight rows, read from memory once and from cache by the other groups. */          \
-    static ISA##_TARGET void span_##ISA##_##W(const W* w, const X* x, float* y, int M, int N, int K, int a, int b) { \
+    static ISA##_TARGET void span_##ISA##_##W(const W* w, const float* sc, const X* x, float* y, int M, int N, \
+                                             int K, int a, int b) {                              \
         if (M <= 8) {                                                                            \
             int S = segments[M];                                                                 \
             long seg = (b - a) / S;                                                              \
-            for (long n = a; n < a + seg; n++) wide_##ISA##_##W[M](w + n * K, seg, x, y + n, N, K); \
-            for (long n = a + S * seg; n < b; n++) single_##ISA##_##W[M](w + n * K, 0, x, y + n, N, K); \
+            for (long n = a; n < a + seg; n++)                                                   \
+                wide_##ISA##_##W[M](w + n * K, sc ? sc + n : 0, seg, x, y + n, N, K);            \
+            for (long n = a + S * seg; n < b; n++)                                               \
+                single_##ISA##_##W[M](w + n * K, sc ? sc + n : 0, 0, x, y + n, N, K);            \
             return;                                                                              \
         }                                                                                        \
         for (int n0 = a; n0 < b; n0 += 16)                                                       \
             for (int m0 = 0; m0 < M; m0 += 8) {                                                  \
                 int rows = M - m0 < 8 ? M - m0 : 8;                                              \
                 for (int n = n0; n < (n0 + 16 < b ? n0 + 16 : b); n++)                           \
-                    single_##ISA##_##W[rows](w + (long)n * K, 0, x + (long)m0 * K, y + (long)m0 * N + n, N, K); \
+                    single_##ISA##_##W[rows](w + (long)n * K, sc ? sc + n : 0, 0, x + (long)m0 * K, \
+                                             y + (long)m0 * N + n, N, K);                        \
             }                                                                                    \
     }                                                                                            \
                                                                                                  \
-    /* threads take equal spans of weight rows */                                                \
-    void matmul_##ISA##_##W(const W* w, const X* x, float* y, int M, int N, int K, int threads) { \
+    /* threads take equal spans of weight rows; `scale` (N,) multiplies each row's sums, or is NULL */ \
+    void matmul_##ISA##_##W(const W* w, const float* scale, const X* x, float* y, int M, int N, int K, \
+                            int threads) {                                                       \
         _Pragma("omp parallel num_threads(threads) if(threads > 1)")                             \
         {                                                                                        \
             int t = omp_get_thread_num(), nt = omp_get_num_threads();                            \
-            span_##ISA##_##W(w, x, y, M, N, K, (int)((long)N * t / nt), (int)((long)N * (t + 1) / nt)); \
+            span_##ISA##_##W(w, scale, x, y, M, N, K, (int)((long)N * t / nt), (int)((long)N * (t + 1) / nt)); \
         }                                                                                        \
     }
 
 KERNELS(avx2, bf16, f32)
 KERNELS(avx2, f32, f32)
+KERNELS(avx2, i8, f32)
 KERNELS(avx512f, bf16, f32)
 KERNELS(avx512f, f32, f32)
+KERNELS(avx512f, i8, f32)
 KERNELS(avx512bf16, bf16, bf16)
 
 /* The best path this CPU runs: -1 none, 0 avx2, 1 avx512f, 2 avx512bf16 (libgcc's cpuid

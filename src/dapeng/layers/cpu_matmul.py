@@ -1,7 +1,7 @@
 """Decoding-sized linear products on x86-64 CPUs, by a small kernel compiled on first use.
 
 `matmul(x, weight, bias)` is `F.linear` for activations of a few rows (a decoding step: one
-per sequence) over a bf16 or fp32 weight, computed by `cpu_matmul.c`: each weight row is
+per sequence) over a bf16, fp32 or int8 (per-row scaled) weight, computed by `cpu_matmul.c`: each weight row is
 streamed once, several distant rows at a time, and multiplied into every row of x, with fp32
 accumulation. On one AVX2 core and SmolLM2's shapes it is 1.5-2x PyTorch's bf16
 matrix-vector product, 2-4x its bf16 products of 4-64 rows, and 1.3-1.6x MKL for 1-24 fp32
@@ -12,8 +12,9 @@ it returns None and the caller runs PyTorch.
 The kernel has one path per instruction set, all from the same source, and a product takes
 the best one the CPU runs (`kernel_paths()`, from cpuid; `kernel_path()` names the best):
 
-* ``avx2`` and ``avx512f`` (8 and 16 lanes): fp32 x; bf16 weights widened to fp32 in
-  registers, so every product is the exact fp32 product with the stored weight.
+* ``avx2`` and ``avx512f`` (8 and 16 lanes): fp32 x; bf16 and int8 weights widened to fp32 in
+  registers, so every product is the exact fp32 product with the stored weight (an int8
+  weight's per-row scale multiplies the result).
 * ``avx512bf16``: bf16 x times bf16 weights by `vdpbf16ps`, fp32 accumulation. It takes bf16
   activations (what models compute in on CPUs with native bf16), whose products it forms
   exactly; fp32 x with bf16 weights stays on the fp32-x path unless `path="avx512bf16"`
@@ -60,13 +61,14 @@ MAX_ROWS = {
     (torch.float32, torch.bfloat16): 64,
     (torch.float32, torch.float32): 24,
     (torch.bfloat16, torch.bfloat16): 16,
+    (torch.float32, torch.int8): 64,  # int8 weight-only layers; the alternative, _weight_int8pack_mm, is slower
 }
 _SOURCE = Path(__file__).with_name("cpu_matmul.c")
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
-_ARGTYPES = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4
-_WEIGHT_NAMES = {torch.bfloat16: "bf16", torch.float32: "f32"}
+_ARGTYPES = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4  # weight, scale (or NULL), x, y; M, N, K, threads
+_WEIGHT_NAMES = {torch.bfloat16: "bf16", torch.float32: "f32", torch.int8: "i8"}
 # each path's weight types, as in the source's `matmul_<path>_<weight>`; paths with f32 are the fp32-x ones
-_WEIGHTS = {"avx2": ("bf16", "f32"), "avx512f": ("bf16", "f32"), "avx512bf16": ("bf16",)}
+_WEIGHTS = {"avx2": ("bf16", "f32", "i8"), "avx512f": ("bf16", "f32", "i8"), "avx512bf16": ("bf16",)}
 
 
 class _Library(NamedTuple):
@@ -91,14 +93,16 @@ def kernel_path() -> str | None:
 
 
 def matmul(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, path: str | None = None
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, scale: torch.Tensor | None = None,
+    path: str | None = None,
 ) -> torch.Tensor | None:
     """`F.linear(x, weight, bias)` by the kernel, in x's dtype; None where it doesn't apply (see the module doc).
 
     Args:
         x: (…, K) activations on CPU: fp32, or bf16 over bf16 weights.
-        weight: (N, K) bf16 or fp32, contiguous, on CPU.
+        weight: (N, K) bf16, fp32 or int8 (with `scale`), contiguous, on CPU.
         bias: optional (N,), added to the fp32 product.
+        scale: (N,) fp32 per-row scales of an int8 weight: the product is `x @ (weight * scale).T`.
         path: one of `kernel_paths()` to run instead of the best for these dtypes (tests,
             comparisons); "avx512bf16" rounds fp32 x to bf16.
 
@@ -122,6 +126,8 @@ def matmul(
         or torch._C._len_torch_dispatch_stack() > 0  # FLOP counters, fake tensors: likewise
         or (lib := _library()) is None
         or (chosen := _choose(path, x.dtype, weight.dtype, lib.paths)) is None
+        or (weight.dtype == torch.int8) != (scale is not None)
+        or (scale is not None and (scale.shape != weight.shape[:1] or scale.device.type != "cpu"))
     ):
         return None
     dtype = x.dtype
@@ -130,7 +136,9 @@ def matmul(
     n = weight.shape[0]
     y = torch.empty(*x.shape[:-1], n)
     run = getattr(lib.cdll, f"matmul_{chosen}_{_WEIGHT_NAMES[weight.dtype]}")
-    run(weight.data_ptr(), x.data_ptr(), y.data_ptr(), rows, n, k, torch.get_num_threads())
+    scales = None if scale is None else scale.float().contiguous()
+    run(weight.data_ptr(), None if scales is None else scales.data_ptr(), x.data_ptr(), y.data_ptr(), rows, n, k,
+        torch.get_num_threads())
     if bias is not None:
         y += bias
     return y.to(dtype)

@@ -11,7 +11,9 @@ Methods (`METHODS`):
 * `int8-dynamic` — Linear layers quantize their input per row at run time (absmax / 127)
   and multiply int8 × int8 → int32 (`torch._int_mm`, the kernel torchao's int8 dynamic uses).
 * `int8-weight-only` — Linear layers keep fp32 activations; the int8 weight is applied by
-  `torch.ops.aten._weight_int8pack_mm` (fp32 × int8 with per-channel scales).
+  `dapeng.layers.cpu_matmul` for up to 64 rows (decoding steps: each int8 weight row widened
+  to fp32 in registers), else `torch.ops.aten._weight_int8pack_mm` (fp32 × int8 with
+  per-channel scales).
 * `int8-static` — Linear and Conv2d layers quantize their input with one scale per layer
   calibrated on sample inputs (`input_absmax` of `quantize_layers`). Linear multiplies int8 × int8 as
   above; Conv2d computes the int8-valued convolution in fp32 (torch 2.13 has no int8 conv
@@ -26,6 +28,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from dapeng.layers.cpu_matmul import matmul
 
 __all__ = [
     "METHODS", "Int8Conv2d", "Int8Embedding", "Int8Linear", "prepare_quantized", "quantize_layers", "static_targets",
@@ -90,7 +94,10 @@ class Int8Linear(nn.Module):
         shape, dtype = x.shape, x.dtype
         x2 = x.reshape(-1, self.in_features).float()  # (N, in)
         if self.mode == "weight-only":
-            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scale)
+            # a few rows (decoding) stream the int8 weight through dapeng's kernel; else aten's
+            y = matmul(x2, self.qweight, scale=self.scale)
+            if y is None:
+                y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scale)
         else:
             if self.mode == "static":
                 xs = self.input_scale.expand(x2.shape[0], 1)
@@ -128,6 +135,19 @@ class Int8Embedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.qweight).float() * F.embedding(ids, self.scale[:, None])  # (..., D)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """`F.linear(x, self.weight)`: a tied output projection over the int8 table, (…, D) → (…, rows).
+
+        A few rows (decoding) stream the int8 table through dapeng's kernel, never
+        materialising the fp32 one; more go through aten's int8 × fp32 product.
+        """
+        shape, dtype = x.shape, x.dtype
+        x2 = x.reshape(-1, self.embedding_dim).float()
+        y = matmul(x2, self.qweight, scale=self.scale)
+        if y is None:
+            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scale)
+        return y.reshape(*shape[:-1], self.num_embeddings).to(dtype)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, int8"

@@ -161,7 +161,8 @@ class LlamaLM(nn.Module):
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:
-            return linear_weight(features, self.embed.weight)  # (…, V)
+            tied = getattr(self.embed, "linear", None)  # a quantized table projects by its own kernel
+            return tied(features) if tied is not None else linear_weight(features, self.embed.weight)  # (…, V)
         return linear(features, self.lm_head)
 
     def reset_head(self, num_labels: int) -> None:
@@ -176,7 +177,7 @@ class LlamaLM(nn.Module):
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> list[KVCache]:
         """One preallocated KVCache per layer for `batch` sequences of up to `max_len` positions."""
         self._check_length(max_len)
-        weight = self.embed.weight
+        weight = self._float_weight()
         return [
             KVCache(batch, self.kv_heads, max_len, self.head_dim, dtype or weight.dtype, weight.device)
             for _ in self.layers
@@ -195,7 +196,7 @@ class LlamaLM(nn.Module):
         in memory: products read them as bf16 (`layers.fused.linear_weight`), with fp32
         accumulation.
         """
-        weight = self.embed.weight
+        weight = self._float_weight()
         if (
             weight.dtype == torch.bfloat16
             and weight.device.type == "cpu"
@@ -204,6 +205,11 @@ class LlamaLM(nn.Module):
         ):
             return torch.float32
         return weight.dtype
+
+    def _float_weight(self) -> torch.Tensor:
+        """A weight in the model's float dtype and device: the final norm's (an int8 embedding
+        table would have to be dequantized to be read as a float weight)."""
+        return self.norm.weight
 
     def _plain_layers(self) -> bool:
         """Whether every module holding weights is a plain Linear/RMSNorm/Embedding (not LoRA-wrapped, quantized…)."""
@@ -379,8 +385,7 @@ class DecodeBatch:
     def __init__(self, model: LlamaLM, growth: int = 64) -> None:
         self.model = model
         self.growth = growth
-        weight = model.embed.weight
-        self.device = weight.device
+        self.device = model._float_weight().device
         self.where = _Where(self.device)
         dtype = model._activation_dtype()
         self.caches = [_RowCache(self.where, model.kv_heads, model.head_dim, dtype, self.device) for _ in model.layers]
