@@ -17,6 +17,16 @@ With `--train-into DIR`, runs missing from `--runs` are trained from `examples/`
 one epoch on `--train-limit` records (the figures then show the variants side by side, not
 the examples' best accuracy).
 
+With `--lm smollm2-135m` (alone or beside `--runs`), the LM too: fp32 against `int8-weight-only`
+(int8 Linear weights and tied embedding table, one scale per row) and `int8-groupwise` (uint8,
+a scale and zero point per 32 inputs: SmolLM2's weights come from a Q4_1 GGUF, 32-blocks of 16
+levels, which that grid holds exactly); dapeng's CPU kernel streams the int8 weights in
+decoding steps. Batch 1: greedy 32-token continuations of 20 prompts
+(sentences of the Brown corpus' test documents), `decode_tokens_per_s` (1 / the median step,
+process CPU time, one thread), `size_mb`, and `greedy_agreement` (continuations identical to
+fp32's) and `token_agreement` (tokens equal up to the first difference, averaged); ratios
+`smollm2.int8_decode_vs_fp32_b1` (group-wise) and `smollm2.int8_per_channel_decode_vs_fp32_b1`. The two models alternate prompt by prompt.
+
 The last line of stdout is one JSON object {"results": {model: {variant: {...}}}, "ratios": {...},
 "env": {...}}; ratios (above 1: the compressed variant is better) are `int8_vs_fp32_b32`,
 `int8_vs_fp32_b1`, `ort_vs_eager_b32`, `ort_int8_vs_fp32_b32` (speed) and `size_fp32_vs_int8`.
@@ -152,9 +162,74 @@ def bench_run(run: Path, args: argparse.Namespace, work: Path) -> dict[str, dict
     return results
 
 
+LM_METHODS = ("int8-weight-only", "int8-groupwise")
+
+
+def lm_prompts(count: int) -> list[str]:
+    """The first sentence (6-30 words) of each of `count` Brown test documents: real, varied English."""
+    from dapeng.data.catalog import load_dataset
+
+    prompts, seen = [], set()
+    for record in load_dataset("brown-pos")["test"]:
+        doc = record["doc"]
+        words = record["tokens"]
+        if doc in seen or not 6 <= len(words) <= 30:
+            continue
+        seen.add(doc)
+        prompts.append(" ".join(words))
+        if len(prompts) == count:
+            break
+    return prompts
+
+
+def bench_lm(name: str, prompts: list[str], new_tokens: int) -> dict[str, Any]:
+    """fp32 against int8-weight-only greedy decoding, batch 1 (module docstring)."""
+    import statistics
+
+    import torch
+
+    from dapeng.compress.quantize import quantize, weights_size_mb
+    from dapeng.hub.artifact import load_artifact
+    from dapeng.hub.store import resolve
+
+    artifact = load_artifact(resolve(name), precision="fp32")
+    task, fp32 = artifact.task, artifact.model.eval()
+    models = {"fp32": fp32, **{method: quantize(fp32, method)[0] for method in LM_METHODS}}
+    steps: dict[str, list[float]] = {k: [] for k in models}
+    outputs: dict[str, list[list[int]]] = {k: [] for k in models}
+    for prompt in prompts:
+        ids = torch.tensor([task.prompt_ids(prompt)])
+        for variant, model in models.items():
+            marks, tokens = [], []
+            with torch.inference_mode():
+                for token in model.generate(ids, max_new_tokens=new_tokens, temperature=0.0, stream=True):
+                    marks.append(time.process_time())
+                    tokens.append(int(token))
+            steps[variant] += [b - a for a, b in zip(marks, marks[1:])]
+            outputs[variant].append(tokens)
+    result: dict[str, Any] = {variant: {"decode_tokens_per_s": 1.0 / statistics.median(steps[variant]),
+                                        "size_mb": weights_size_mb(model)} for variant, model in models.items()}
+    for method in LM_METHODS:
+        same = [a == b for a, b in zip(outputs["fp32"], outputs[method])]
+        prefix = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)) / len(a)
+                  for a, b in zip(outputs["fp32"], outputs[method])]
+        result[method].update(greedy_agreement=sum(same) / len(same), token_agreement=sum(prefix) / len(prefix))
+    result["prompts"], result["new_tokens"] = len(prompts), new_tokens
+    return result
+
+
 def ratios_of(results: dict[str, dict[str, dict[str, float]]]) -> dict[str, float]:
     ratios = {}
+    lm = results.get("smollm2")
+    if lm is not None:  # int8: the group-wise variant (the one that keeps greedy output); per-channel beside it
+        fp32 = lm["fp32"]
+        ratios["smollm2.int8_decode_vs_fp32_b1"] = lm["int8-groupwise"]["decode_tokens_per_s"] / fp32["decode_tokens_per_s"]
+        ratios["smollm2.size_fp32_vs_int8"] = fp32["size_mb"] / lm["int8-groupwise"]["size_mb"]
+        ratios["smollm2.int8_per_channel_decode_vs_fp32_b1"] = (lm["int8-weight-only"]["decode_tokens_per_s"]
+                                                                / fp32["decode_tokens_per_s"])
     for name, r in results.items():
+        if name == "smollm2":
+            continue
         fp32, int8 = r["fp32"], r["int8-dynamic"]
         ratios[f"{name}.int8_vs_fp32_b32"] = int8["items_per_s_b32"] / fp32["items_per_s_b32"]
         ratios[f"{name}.int8_vs_fp32_b1"] = int8["items_per_s_b1"] / fp32["items_per_s_b1"]
@@ -187,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prune-epochs", type=int, default=None, help="recovery epochs after pruning (1; --quick 0)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="small slices, no bf16, no recovery fine-tuning")
+    parser.add_argument("--lm", default=None, metavar="HUB_NAME", help="also the LM's int8 decoding (smollm2-135m)")
+    parser.add_argument("--lm-prompts", type=int, default=None, help="prompts for --lm (20; --quick 4)")
     args = parser.parse_args(argv)
     args.items = args.items or (256 if args.quick else 100_000)
     args.timed = args.timed or (32 if args.quick else 128)
@@ -200,9 +277,13 @@ def main(argv: list[str] | None = None) -> int:
         for name in EXAMPLES:
             if name not in runs:
                 runs[name] = str(train_small(name, args.train_into / name, 600 if args.quick else args.train_limit))
-    if not runs:
-        parser.error("nothing to measure: pass --runs NAME=RUN or --train-into DIR")
+    if not runs and not args.lm:
+        parser.error("nothing to measure: pass --runs NAME=RUN, --train-into DIR or --lm smollm2-135m")
     results = {}
+    if args.lm:
+        print(f"compress benchmark: {args.lm} int8 decoding", file=sys.stderr, flush=True)
+        count = args.lm_prompts or (4 if args.quick else 20)
+        results["smollm2"] = bench_lm(args.lm, lm_prompts(count), 8 if args.quick else 32)
     with tempfile.TemporaryDirectory() as work:
         for name, run in runs.items():
             print(f"compress benchmark: {name} ({run})", file=sys.stderr, flush=True)

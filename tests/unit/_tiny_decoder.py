@@ -19,15 +19,15 @@ def tiny_task(**kwargs):
     return task
 
 
-def tiny_model(vocab_size: int, seed: int = 0) -> torch.nn.Module:
+def tiny_model(vocab_size: int, seed: int = 0, hidden: int = 16) -> torch.nn.Module:
     """Two decoder blocks, GQA (4 query heads over 2 key/value heads), random fp32 weights.
 
     Llama's std 0.02 makes every logit nearly equal, so greedy decoding would repeat one
     token; the weights are scaled up so that the tokens vary and their logits stand apart.
     """
     torch.manual_seed(seed)
-    model = MODELS.create("lm", vocab_size=vocab_size, hidden=16, layers=2, heads=4, kv_heads=2,
-                          intermediate=32, max_positions=CONTEXT)
+    model = MODELS.create("lm", vocab_size=vocab_size, hidden=hidden, layers=2, heads=4, kv_heads=2,
+                          intermediate=2 * hidden, max_positions=CONTEXT)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:

@@ -95,6 +95,37 @@ def _check_products(path: str | None, x_dtype: torch.dtype, dtype: torch.dtype, 
         torch.set_num_threads(before)
 
 
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+def test_groupwise_products_equal_float64_reference(threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(0)
+        for rows in (1, 2, 3, 4, 5, 8, 9, 64):
+            for n, k in [(37, 576), (16, 1536), (3, 64), (5, 32)]:
+                q = torch.randint(0, 256, (n, k), generator=g).to(torch.uint8)
+                scale, zero = torch.rand(n, k // 32, generator=g) / 64, torch.randn(n, k // 32, generator=g)
+                x, bias = torch.randn(rows, k, generator=g), torch.randn(n, generator=g)
+                out = cpu_matmul.matmul_groupwise(x, q, scale, zero, bias)
+                assert out is not None and out.shape == (rows, n)
+                dense = (q.double().reshape(n, k // 32, 32) * scale.double()[..., None]
+                         + zero.double()[..., None]).reshape(n, k)
+                torch.testing.assert_close(out.double(), F.linear(x.double(), dense, bias.double()), rtol=1e-5, atol=1e-4)
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_kernel
+def test_groupwise_steps_aside_where_it_doesnt_apply():
+    q, s = torch.zeros(10, 64, dtype=torch.uint8), torch.ones(10, 2)
+    assert cpu_matmul.matmul_groupwise(torch.randn(4, 64), q, s, s) is not None
+    assert cpu_matmul.matmul_groupwise(torch.randn(cpu_matmul.GROUPWISE_MAX_ROWS + 1, 64), q, s, s) is None
+    assert cpu_matmul.matmul_groupwise(torch.randn(4, 64).bfloat16(), q, s, s) is None
+    assert cpu_matmul.matmul_groupwise(torch.randn(4, 48), torch.zeros(10, 48, dtype=torch.uint8), s, s) is None
+    assert cpu_matmul.matmul_groupwise(torch.randn(4, 64), q, torch.ones(10, 3), s) is None
+
+
 @pytest.mark.parametrize(
     ("paths", "best_fp32_x", "bf16_x"),
     [

@@ -7,13 +7,21 @@ import json
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import dapeng
 from dapeng.compress.prune import prune_artifact, prune_model, sparsity_of
 from dapeng.compress.quantize import quantize, quantize_artifact
 from dapeng.errors import DapengError, ModelError
 from dapeng.hub.artifact import load_artifact, save_artifact
-from dapeng.layers.quantized import Int8Conv2d, Int8Embedding, Int8Linear, prepare_quantized
+from dapeng.layers.quantized import (
+    GroupwiseEmbedding,
+    GroupwiseLinear,
+    Int8Conv2d,
+    Int8Embedding,
+    Int8Linear,
+    prepare_quantized,
+)
 from dapeng.models import MODELS
 from dapeng.tasks import TASKS
 
@@ -231,30 +239,55 @@ def test_cli_quantize_with_onnxruntime_exports_first_then_serves_the_graph(run_d
     assert "--backend onnxruntime has no int8-weight-only" in capsys.readouterr().err
 
 
-def test_an_int8_weight_only_lm_decodes_as_its_dequantized_float_twin(monkeypatch):
-    """Decoding steps run the int8 kernel (tied head included, no fp32 table built); prefill runs aten's.
+@pytest.mark.parametrize(("method", "hidden", "layer", "table"), [
+    ("int8-weight-only", 16, Int8Linear, Int8Embedding),
+    ("int8-groupwise", 32, GroupwiseLinear, GroupwiseEmbedding),
+])
+def test_an_int8_lm_decodes_as_its_dequantized_float_twin(method, hidden, layer, table, monkeypatch, tmp_path):
+    """Decoding steps run the int8 kernels (tied head included, no fp32 table built); prefill runs aten's.
 
-    The twin holds the dequantized weights in fp32: the same products, so greedy decoding agrees.
+    The twin holds the dequantized weights in fp32: the same products, so greedy decoding agrees;
+    the quantized model saved and reloaded as an Artifact gives the same tokens.
     """
     from _tiny_decoder import tiny_model
 
-    model = tiny_model(300)
-    quantized, spec = quantize(model, "int8-weight-only")
-    assert isinstance(quantized.embed, Int8Embedding) and quantized.lm_head is None  # the tied head stays tied
-    twin = MODELS.create("lm", vocab_size=300, hidden=16, layers=2, heads=4, kv_heads=2, intermediate=32,
-                         max_positions=64).eval()
+    model = tiny_model(300, hidden=hidden)
+    quantized, spec = quantize(model, method)
+    assert isinstance(quantized.embed, table) and quantized.lm_head is None  # the tied head stays tied
+    assert all(isinstance(quantized.get_submodule(name), (layer, table)) for name in spec["layers"])
+    twin = tiny_model(300, hidden=hidden)
     twin.load_state_dict({**model.state_dict(), **{
         f"{name}.weight": module.weight for name, module in quantized.named_modules()
-        if isinstance(module, (Int8Linear, Int8Embedding))}})
+        if isinstance(module, (layer, table))}})
+    save_artifact(tmp_path / "q", model=quantized, model_name="lm", model_kwargs={
+        "vocab_size": 300, "hidden": hidden, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 2 * hidden,
+        "max_positions": 64}, task_name="causal-lm", task_state={}, quantization=spec, precision="fp32")
+    reloaded = load_artifact(tmp_path / "q").model
     ids = torch.randint(0, 300, (2, 7), generator=torch.Generator().manual_seed(0))
 
     def no_fp32_table(_self):
         raise AssertionError("decoding dequantized the int8 embedding table")
 
-    monkeypatch.setattr(Int8Embedding, "weight", property(no_fp32_table))
+    monkeypatch.setattr(table, "weight", property(no_fp32_table))
     with torch.inference_mode():
-        features = torch.randn(3, 16)
+        features = torch.randn(3, hidden)
         torch.testing.assert_close(quantized.forward_head(features), twin.forward_head(features), rtol=1e-4, atol=1e-4)
         got = quantized.generate(ids, max_new_tokens=12, temperature=0.0)
         want = twin.generate(ids, max_new_tokens=12, temperature=0.0)
-    assert torch.equal(got, want)
+        again = reloaded.generate(ids, max_new_tokens=12, temperature=0.0)
+    assert torch.equal(got, want) and torch.equal(again, got)
+
+
+def test_groupwise_int8_stores_weights_on_a_4_bit_block_grid_exactly():
+    """What a 4-bit GGUF with 32-blocks (SmolLM2's Q4_1) dequantizes to: 16 affine levels per block."""
+    g = torch.Generator().manual_seed(0)
+    levels = torch.randint(0, 16, (24, 96), generator=g).float()
+    levels[:, ::32], levels[:, 1::32] = 0, 15  # each block reaches both ends, as Q4_1's quantizer makes it
+    d, m = torch.rand(24, 3, 1, generator=g) / 10, torch.randn(24, 3, 1, generator=g) / 10
+    linear = nn.Linear(96, 24, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_((levels.reshape(24, 3, 32) * d + m).reshape(24, 96))
+    grouped = GroupwiseLinear.from_float(linear)
+    torch.testing.assert_close(grouped.weight, linear.weight, rtol=0, atol=1e-6)
+    per_channel = Int8Linear.from_float(linear, "weight-only")
+    assert (per_channel.weight - linear.weight).abs().max() > 100 * (grouped.weight - linear.weight).abs().max()

@@ -1,4 +1,4 @@
-"""`dapeng quantize RUN --method int8-dynamic|int8-weight-only|int8-static [--calibration N] [--backend torch|onnxruntime] [--max-drop 0.5] --out DIR`."""
+"""`dapeng quantize RUN --method int8-dynamic|int8-weight-only|int8-static|int8-groupwise [--calibration N] [--backend torch|onnxruntime] [--max-drop 0.5] --out DIR`."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ onnxruntime the run's ONNX export (RUN/export-onnx, written first when missing) 
 ONNX Runtime (int8-dynamic, or int8-static calibrated on --calibration training samples) into an
 export folder that `dapeng.load`, predict and serve run with ONNX Runtime."""
 
-METHODS = ("int8-dynamic", "int8-weight-only", "int8-static")
+METHODS = ("int8-dynamic", "int8-weight-only", "int8-static", "int8-groupwise")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

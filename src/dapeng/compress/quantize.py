@@ -64,7 +64,7 @@ def quantize(model: nn.Module, method: str, task: Any = None,
 
     Args:
         model: a float model (on the CPU).
-        method: `int8-dynamic`, `int8-weight-only` or `int8-static`.
+        method: `int8-dynamic`, `int8-weight-only`, `int8-static` or `int8-groupwise`.
         task: the model's task, for `int8-static` (runs the calibration batches).
         calibration: encoded training items whose inputs set the static input scales.
 

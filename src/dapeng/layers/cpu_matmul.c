@@ -223,6 +223,84 @@ KERNELS(avx512f, f32, f32)
 KERNELS(avx512f, i8, f32)
 KERNELS(avx512bf16, bf16, bf16)
 
+/* Group-wise affine uint8 weights (avx2, used on every path's CPU): w[n, k] = scale[n, g] *
+ * q[n, k] + zero[n, g] for the group g = k / 32, so
+ *     y[m, n] = sum_g scale[n, g] * (q[n, g] . x[m, g]) + zero[n, g] * xsum[m, g]
+ * with xsum[m, g] the sum of x[m, g] (the caller's, once per product). Each weight row is
+ * streamed once: 32 bytes a group, widened to 4 vectors of fp32, against every row of x
+ * (L1). K is a multiple of 32. */
+static inline __m256 avx2_load_u8(const uint8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+}
+
+/* NW weight rows `seg` rows apart against R rows of x (both compile-time, so the accumulators
+ * live in registers): as in `DOT`, distant rows keep several memory streams in flight; four
+ * for one row of x, two for two, one for three or four (16 vector registers). */
+#define GROUPWISE(R, NW)                                                                         \
+    static void gw_##R##_##NW(const uint8_t* w, const float* scale, const float* zero, long seg, \
+                              const f32* x, const float* xsum, float* y, long ldy, int K) {      \
+        const int G = K / 32;                                                                    \
+        __m256 acc[NW][R];                                                                       \
+        float zacc[NW][R];                                                                       \
+        for (int r = 0; r < NW; r++)                                                             \
+            for (int m = 0; m < R; m++) { acc[r][m] = _mm256_setzero_ps(); zacc[r][m] = 0.0f; }  \
+        for (int g = 0; g < G; g++)                                                              \
+            for (int r = 0; r < NW; r++) {                                                       \
+                const uint8_t* p = w + r * seg * K + g * 32;                                     \
+                const __m256 w0 = avx2_load_u8(p), w1 = avx2_load_u8(p + 8);                     \
+                const __m256 w2 = avx2_load_u8(p + 16), w3 = avx2_load_u8(p + 24);               \
+                const __m256 sg = _mm256_set1_ps(scale[r * seg * G + g]);                        \
+                const float zg = zero[r * seg * G + g];                                          \
+                for (int m = 0; m < R; m++) {                                                    \
+                    const f32* xp = x + (long)m * K + g * 32;                                    \
+                    __m256 lo = _mm256_mul_ps(w0, _mm256_loadu_ps(xp));                          \
+                    __m256 hi = _mm256_mul_ps(w1, _mm256_loadu_ps(xp + 8));                      \
+                    lo = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xp + 16), lo);                      \
+                    hi = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xp + 24), hi);                      \
+                    acc[r][m] = _mm256_fmadd_ps(_mm256_add_ps(lo, hi), sg, acc[r][m]);           \
+                    zacc[r][m] += zg * xsum[(long)m * G + g];                                    \
+                }                                                                                \
+            }                                                                                    \
+        for (int r = 0; r < NW; r++)                                                             \
+            for (int m = 0; m < R; m++) y[r * seg + m * ldy] = avx2_hsum(acc[r][m]) + zacc[r][m]; \
+    }
+
+GROUPWISE(1, 4) GROUPWISE(1, 1) GROUPWISE(2, 2) GROUPWISE(2, 1)
+GROUPWISE(3, 1) GROUPWISE(4, 1)
+
+typedef void (*gw_fn)(const uint8_t*, const float*, const float*, long, const f32*, const float*, float*, long, int);
+static const int gw_segments[5] = {0, 4, 2, 1, 1};
+static const gw_fn gw_wide[5] = {0, gw_1_4, gw_2_2, gw_3_1, gw_4_1};
+static const gw_fn gw_single[5] = {0, gw_1_1, gw_2_1, gw_3_1, gw_4_1};
+
+/* weight rows [a, b) against all M rows of x, four rows of x at a time */
+static void span_avx2_u8g32(const uint8_t* w, const float* scale, const float* zero, const f32* x,
+                            const float* xsum, float* y, int M, int N, int K, int a, int b) {
+    const int G = K / 32;
+    for (int m0 = 0; m0 < M; m0 += 4) {
+        const int rows = M - m0 < 4 ? M - m0 : 4;
+        const f32* xm = x + (long)m0 * K;
+        const float* sm = xsum + (long)m0 * G;
+        float* ym = y + (long)m0 * N;
+        const int S = gw_segments[rows];
+        const long seg = (b - a) / S;
+        for (long n = a; n < a + seg; n++)
+            gw_wide[rows](w + n * K, scale + n * G, zero + n * G, seg, xm, sm, ym + n, N, K);
+        long n = a + S * seg;
+        for (; n < b; n++) gw_single[rows](w + n * K, scale + n * G, zero + n * G, 0, xm, sm, ym + n, N, K);
+    }
+}
+
+/* threads take equal spans of weight rows */
+void matmul_avx2_u8g32(const uint8_t* w, const float* scale, const float* zero, const f32* x, const float* xsum,
+                       float* y, int M, int N, int K, int threads) {
+    _Pragma("omp parallel num_threads(threads) if(threads > 1)")
+    {
+        int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        span_avx2_u8g32(w, scale, zero, x, xsum, y, M, N, K, (int)((long)N * t / nt), (int)((long)N * (t + 1) / nt));
+    }
+}
+
 /* The best path this CPU runs: -1 none, 0 avx2, 1 avx512f, 2 avx512bf16 (libgcc's cpuid
  * checks count the AVX-512 features only where the OS saves their registers). */
 int cpu_path(void) {

@@ -50,7 +50,7 @@ import torch
 from dapeng._files import atomic_path, dapeng_home
 from dapeng.errors import DapengError
 
-__all__ = ["PATHS", "available", "kernel_path", "kernel_paths", "matmul"]
+__all__ = ["GROUP", "PATHS", "available", "kernel_path", "kernel_paths", "matmul", "matmul_groupwise"]
 
 # the kernel paths, each running on CPUs that run the ones before it (`cpu_path()` in the source)
 PATHS = ("avx2", "avx512f", "avx512bf16")
@@ -66,6 +66,9 @@ MAX_ROWS = {
 _SOURCE = Path(__file__).with_name("cpu_matmul.c")
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 _ARGTYPES = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4  # weight, scale (or NULL), x, y; M, N, K, threads
+GROUP = 32  # inputs per scale and zero point of a group-wise uint8 weight (`matmul_groupwise`)
+GROUPWISE_MAX_ROWS = 64
+_GROUPWISE_ARGTYPES = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 4  # w, scale, zero, x, xsum, y; M, N, K, threads
 _WEIGHT_NAMES = {torch.bfloat16: "bf16", torch.float32: "f32", torch.int8: "i8"}
 # each path's weight types, as in the source's `matmul_<path>_<weight>`; paths with f32 are the fp32-x ones
 _WEIGHTS = {"avx2": ("bf16", "f32", "i8"), "avx512f": ("bf16", "f32", "i8"), "avx512bf16": ("bf16",)}
@@ -144,6 +147,53 @@ def matmul(
     return y.to(dtype)
 
 
+def matmul_groupwise(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """`F.linear(x, w, bias)` for a group-wise affine uint8 weight, by the kernel; None where it doesn't apply.
+
+    `w[n, k] = scale[n, k // GROUP] * qweight[n, k] + zero[n, k // GROUP]`: one scale and zero
+    point per `GROUP` inputs of each output row (llama.cpp's and torchao's group-wise layout).
+
+    Args:
+        x: (…, K) fp32 activations on CPU, at most `GROUPWISE_MAX_ROWS` rows; K a multiple of GROUP.
+        qweight: (N, K) uint8, contiguous.
+        scale: (N, K // GROUP) fp32.
+        zero: (N, K // GROUP) fp32.
+        bias: optional (N,).
+    """
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return None
+    n, k = qweight.shape if qweight.dim() == 2 else (0, 0)
+    rows = x.numel() // k if k else 0
+    groups = (n, k // GROUP)
+    if (
+        not 1 <= rows <= GROUPWISE_MAX_ROWS
+        or k % GROUP
+        or x.shape[-1] != k
+        or x.dtype != torch.float32
+        or qweight.dtype != torch.uint8
+        or not qweight.is_contiguous()
+        or scale.shape != groups
+        or zero.shape != groups
+        or any(t.device.type != "cpu" for t in (x, qweight, scale, zero))
+        or (torch.is_grad_enabled() and x.requires_grad)
+        or torch.is_autocast_enabled("cpu")
+        or torch._C._len_torch_dispatch_stack() > 0
+        or (lib := _library()) is None
+    ):
+        return None
+    x = x.contiguous()
+    scale, zero = scale.float().contiguous(), zero.float().contiguous()
+    xsum = x.reshape(rows, k // GROUP, GROUP).sum(-1)  # (M, G): the zero points' share
+    y = torch.empty(*x.shape[:-1], n)
+    lib.cdll.matmul_avx2_u8g32(qweight.data_ptr(), scale.data_ptr(), zero.data_ptr(), x.data_ptr(), xsum.data_ptr(),
+                               y.data_ptr(), rows, n, k, torch.get_num_threads())
+    if bias is not None:
+        y += bias
+    return y
+
+
 def _choose(path: str | None, x: torch.dtype, weight: torch.dtype, paths: tuple[str, ...]) -> str | None:
     """`path` (None where it doesn't take these dtypes), else the best one that doesn't round x (module doc)."""
     if path is not None and path not in paths:
@@ -199,6 +249,8 @@ def _bound(cdll: ctypes.CDLL, paths: tuple[str, ...]) -> _Library:
             fn = getattr(cdll, f"matmul_{p}_{w}")
             fn.argtypes = _ARGTYPES
             fn.restype = None
+    cdll.matmul_avx2_u8g32.argtypes = _GROUPWISE_ARGTYPES
+    cdll.matmul_avx2_u8g32.restype = None
     return _Library(cdll, paths)
 
 

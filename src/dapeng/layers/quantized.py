@@ -18,6 +18,12 @@ Methods (`METHODS`):
   calibrated on sample inputs (`input_absmax` of `quantize_layers`). Linear multiplies int8 × int8 as
   above; Conv2d computes the int8-valued convolution in fp32 (torch 2.13 has no int8 conv
   kernel on CPU outside the deprecated quantized-tensor ops), so it saves size, not time.
+* `int8-groupwise` — weight-only, one scale and zero point per 32 inputs of each output row
+  (asymmetric uint8, the group-wise layout of llama.cpp and torchao): finer than one scale a
+  row, for LMs whose rows hold outliers. Weights that come from a 4-bit GGUF with 32-blocks
+  (SmolLM2's Q4_1) lie on such a grid already, so they are stored exactly. Decoding-sized
+  products run `dapeng.layers.cpu_matmul.matmul_groupwise`; layers whose input size isn't a
+  multiple of 32 take the per-channel weight-only layer.
 Every method also stores large `nn.Embedding` tables as int8 rows (weight-only: a lookup).
 """
 
@@ -29,13 +35,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dapeng.layers.cpu_matmul import matmul
+from dapeng.layers.cpu_matmul import GROUP, matmul, matmul_groupwise
 
 __all__ = [
-    "METHODS", "Int8Conv2d", "Int8Embedding", "Int8Linear", "prepare_quantized", "quantize_layers", "static_targets",
+    "METHODS", "GroupwiseEmbedding", "GroupwiseLinear", "Int8Conv2d", "Int8Embedding", "Int8Linear",
+    "prepare_quantized", "quantize_layers", "static_targets",
 ]
 
-METHODS = ("int8-dynamic", "int8-weight-only", "int8-static")
+METHODS = ("int8-dynamic", "int8-weight-only", "int8-static", "int8-groupwise")
+UMAX = 255
 # smaller tables (token types, a few labels) save nothing worth a lookup through scales
 MIN_EMBEDDING_ROWS = 256
 QMAX = 127
@@ -111,6 +119,100 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}"
+
+
+def _groupwise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric uint8 per GROUP inputs of each row: (uint8 (N, K), scale (N, K/G), zero (N, K/G))."""
+    n, k = weight.shape
+    w = weight.detach().float().reshape(n, k // GROUP, GROUP)
+    lo, hi = w.amin(-1), w.amax(-1)
+    scale = ((hi - lo) / UMAX).clamp_min(1e-12)
+    q = torch.round((w - lo[..., None]) / scale[..., None]).clamp(0, UMAX).to(torch.uint8)
+    return q.reshape(n, k), scale, lo
+
+
+def _dequantize_groupwise(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    shape = (*q.shape[:-1], q.shape[-1] // GROUP, GROUP)
+    return (q.float().reshape(shape) * scale[..., None] + zero[..., None]).reshape(q.shape)
+
+
+class _Groupwise(nn.Module):
+    """The buffers of a group-wise uint8 (rows, inputs) matrix and its product with activations."""
+
+    def _init_groups(self, rows: int, inputs: int) -> None:
+        self.register_buffer("qweight", torch.zeros(rows, inputs, dtype=torch.uint8))
+        self.register_buffer("scale", torch.ones(rows, inputs // GROUP))
+        self.register_buffer("zero", torch.zeros(rows, inputs // GROUP))
+
+    def _set_groups(self, weight: torch.Tensor) -> None:
+        self.qweight, self.scale, self.zero = _groupwise(weight)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized fp32 matrix, for code that reads a layer's weight directly."""
+        return _dequantize_groupwise(self.qweight, self.scale, self.zero)
+
+    def _product(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        shape, dtype = x.shape, x.dtype
+        x2 = x.reshape(-1, shape[-1]).float()
+        y = matmul_groupwise(x2, self.qweight, self.scale, self.zero, bias)
+        if y is None:  # more rows than a decoding step (prefill, batches): dequantize for aten's GEMM
+            y = F.linear(x2, self.weight, bias)
+        return y.reshape(*shape[:-1], self.qweight.shape[0]).to(dtype)
+
+
+class GroupwiseLinear(_Groupwise):
+    """`nn.Linear` with a group-wise uint8 weight (module docstring: `int8-groupwise`); in_features % 32 == 0."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__()
+        if in_features % GROUP:
+            raise ValueError(f"group-wise weights need in_features divisible by {GROUP}, not {in_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self._init_groups(out_features, in_features)
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_float(cls, layer: nn.Linear) -> GroupwiseLinear:
+        new = cls(layer.in_features, layer.out_features, layer.bias is not None)
+        new._set_groups(layer.weight)
+        if layer.bias is not None:
+            new.bias = layer.bias.detach().float().clone()
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._product(x, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, uint8 groups of {GROUP}"
+
+
+class GroupwiseEmbedding(_Groupwise):
+    """`nn.Embedding` with group-wise uint8 rows; `linear` is the tied output projection over them."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None) -> None:
+        super().__init__()
+        if embedding_dim % GROUP:
+            raise ValueError(f"group-wise rows need embedding_dim divisible by {GROUP}, not {embedding_dim}")
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self._init_groups(num_embeddings, embedding_dim)
+
+    @classmethod
+    def from_float(cls, layer: nn.Embedding) -> GroupwiseEmbedding:
+        new = cls(layer.num_embeddings, layer.embedding_dim, layer.padding_idx)
+        new._set_groups(layer.weight)
+        return new
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return _dequantize_groupwise(F.embedding(ids, self.qweight), F.embedding(ids, self.scale),
+                                     F.embedding(ids, self.zero))  # (..., D)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """`F.linear(x, self.weight)`, (…, D) → (…, rows), without building the fp32 table for a few rows."""
+        return self._product(x, None)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, uint8 groups of {GROUP}"
 
 
 class Int8Embedding(nn.Module):
@@ -197,18 +299,20 @@ def _targets(model: nn.Module, method: str) -> dict[str, str]:
     if method not in METHODS:
         raise ValueError(f"unknown quantization method {method!r}; choose one of {', '.join(METHODS)}")
     found = {}
+    grouped = method == "int8-groupwise"
     for name, module in model.named_modules():
         if type(module) is nn.Linear:
-            found[name] = "linear"
+            found[name] = "linear-groupwise" if grouped and module.in_features % GROUP == 0 else "linear"
         elif type(module) is nn.Embedding and module.num_embeddings >= MIN_EMBEDDING_ROWS:
-            found[name] = "embedding"
+            found[name] = "embedding-groupwise" if grouped and module.embedding_dim % GROUP == 0 else "embedding"
         elif type(module) is nn.Conv2d and method == "int8-static" and module.padding_mode == "zeros":
             found[name] = "conv2d"
     return found
 
 
 def _mode(method: str) -> str:
-    return method.removeprefix("int8-")
+    """Int8Linear's mode for `method` (group-wise: the per-channel weight-only layer where groups don't fit)."""
+    return "weight-only" if method == "int8-groupwise" else method.removeprefix("int8-")
 
 
 def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -241,8 +345,10 @@ def quantize_layers(model: nn.Module, method: str, input_absmax: dict[str, float
     mode = _mode(method)
     for name, kind in layers.items():
         old = model.get_submodule(name)
-        new = (Int8Linear.from_float(old, mode) if kind == "linear" else Int8Embedding.from_float(old)
-               if kind == "embedding" else Int8Conv2d.from_float(old))
+        builders = {"linear": lambda layer: Int8Linear.from_float(layer, mode), "embedding": Int8Embedding.from_float,
+                    "conv2d": Int8Conv2d.from_float, "linear-groupwise": GroupwiseLinear.from_float,
+                    "embedding-groupwise": GroupwiseEmbedding.from_float}
+        new = builders[kind](old)
         if hasattr(new, "input_scale"):
             new.input_scale = torch.tensor(max(float(input_absmax[name]), 1e-8) / QMAX)
         _swap(model, name, new.to(old.weight.device))
@@ -266,8 +372,12 @@ def prepare_quantized(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
             raise ValueError(f"the model has no layer {name!r} to quantize") from None
         if kind == "linear" and isinstance(old, nn.Linear):
             new: nn.Module = Int8Linear(old.in_features, old.out_features, old.bias is not None, mode)
+        elif kind == "linear-groupwise" and isinstance(old, nn.Linear) and old.in_features % GROUP == 0:
+            new = GroupwiseLinear(old.in_features, old.out_features, old.bias is not None)
         elif kind == "embedding" and isinstance(old, nn.Embedding):
             new = Int8Embedding(old.num_embeddings, old.embedding_dim, old.padding_idx)
+        elif kind == "embedding-groupwise" and isinstance(old, nn.Embedding) and old.embedding_dim % GROUP == 0:
+            new = GroupwiseEmbedding(old.num_embeddings, old.embedding_dim, old.padding_idx)
         elif kind == "conv2d" and isinstance(old, nn.Conv2d):
             new = Int8Conv2d(**_conv_kwargs(old))
         else:
