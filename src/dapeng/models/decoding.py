@@ -107,7 +107,7 @@ def reorder_caches(caches: Sequence[KVCache], index: torch.Tensor, end: int) -> 
 
 def block_ngrams(logits: torch.Tensor, history: torch.Tensor, n: int) -> torch.Tensor:
     """Set to -inf, in place, every token that would repeat an n-gram of `history` (R, T) in its row."""
-    if n < 1 or history.shape[1] < n - 1:
+    if n < 1 or history.shape[1] < n:  # no n-gram seen yet
         return logits
     if n == 1:
         return logits.scatter_(1, history, float("-inf"))
@@ -139,6 +139,7 @@ def _check(max_new_tokens: int, min_new_tokens: int, num_beams: int = 1) -> None
         raise ModelError(f"num_beams must be at least 1, got {num_beams}")
 
 
+@torch.inference_mode()
 def sample_steps(
     model: Decodable,
     input_ids: torch.Tensor,
@@ -180,6 +181,7 @@ def sample_steps(
         logits = state.step(token)
 
 
+@torch.inference_mode()
 def beam_search(
     model: Decodable,
     input_ids: torch.Tensor,
