@@ -1,6 +1,7 @@
 """The shared decoding engine (`models/decoding.py`) on both decoder families: LlamaLM and Seq2SeqTransformer."""
 
 import itertools
+import json
 
 import pytest
 import torch
@@ -211,3 +212,22 @@ def test_bf16_beam_search_runs_and_width_one_is_greedy(family):
     one = beam_search(model, ids, None, 5, 1, eos_ids=(EOS,), pad_id=0, early_stopping=True)
     greedy = _greedy_new(model, ids, 5)
     assert torch.equal(one.sequences[:, 0], greedy[:, : one.sequences.shape[2]])
+
+
+def test_causal_lm_task_and_cli_pass_the_beam_options(monkeypatch, capsys):
+    from _tiny_decoder import tiny_pipeline
+
+    from dapeng.cli.main import main
+
+    pipe = tiny_pipeline()
+    prompt = "the cat"
+    ids = pipe.task.prompt_ids(prompt)
+    best = pipe.model.generate(torch.tensor([ids]), max_new_tokens=6, num_beams=3, stop_ids=pipe.task.stop_ids or ())
+    expected = pipe.task.tokenizer.decode(best[0, len(ids):].tolist())
+    assert pipe.generate(prompt, max_new_tokens=6, num_beams=3) == expected
+    assert "".join(pipe.generate(prompt, max_new_tokens=6, num_beams=3, stream=True)) == expected
+    assert pipe.generate(prompt, max_new_tokens=6, num_beams=1) == pipe.generate(prompt, max_new_tokens=6)
+    monkeypatch.setattr("dapeng.pipeline.load", lambda *args, **kwargs: pipe)
+    assert main(["generate", "tiny", "--prompt", prompt, "--max-new-tokens", "6", "--num-beams", "3",
+                 "--length-penalty", "1.0", "--no-repeat-ngram-size", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["text"] == expected
