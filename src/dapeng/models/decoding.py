@@ -95,14 +95,29 @@ def select_token(
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
-def reorder_caches(caches: Sequence[KVCache], index: torch.Tensor, end: int) -> None:
-    """Keep rows `index` of every cache, in place; only the `end` positions written so far are moved."""
-    if bool((index == torch.arange(index.shape[0], device=index.device)).all()):
-        return  # every beam kept its own row (always so for greedy rows)
-    for cache in caches:
-        for stored in (cache.k, cache.v):
-            prefix = stored[:, :, :end]  # (R, H, end, Dh) view
-            prefix.copy_(prefix.index_select(0, index))
+class CacheRows:
+    """Moves the rows of KV caches for beam search without allocating: each cache has a spare buffer.
+
+    A reorder gathers the positions written so far into the spare (`index_select(out=...)`)
+    and swaps the two, so a step copies only the filled prefix once.
+    """
+
+    def __init__(self, caches: Sequence[KVCache]) -> None:
+        self.caches = caches
+        self.spares: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def reorder(self, index: torch.Tensor, end: int) -> None:
+        """Row i of every cache becomes old row index[i]; only the first `end` positions are moved."""
+        if bool((index == torch.arange(index.shape[0], device=index.device)).all()):
+            return  # every beam kept its own row
+        if not self.spares:
+            self.spares = [(torch.empty_like(c.k), torch.empty_like(c.v)) for c in self.caches]
+        for i, cache in enumerate(self.caches):
+            spare_k, spare_v = self.spares[i]
+            torch.index_select(cache.k[:, :, :end], 0, index, out=spare_k[:, :, :end])
+            torch.index_select(cache.v[:, :, :end], 0, index, out=spare_v[:, :, :end])
+            self.spares[i] = (cache.k, cache.v)
+            cache.k, cache.v = spare_k, spare_v
 
 
 def block_ngrams(logits: torch.Tensor, history: torch.Tensor, n: int) -> torch.Tensor:

@@ -36,7 +36,7 @@ from dapeng.layers.feedforward import SwiGLU
 from dapeng.layers.fused import linear, linear_weight
 from dapeng.layers.norms import RMSNorm
 from dapeng.layers.positions import RotaryEmbedding
-from dapeng.models.decoding import beam_search, reorder_caches, sample_steps, select_token
+from dapeng.models.decoding import CacheRows, beam_search, sample_steps, select_token
 
 __all__ = ["DecodeBatch", "LlamaLM", "select_token"]
 
@@ -342,6 +342,7 @@ class _LMDecodeState:
     ) -> None:
         self.model = model
         self.caches = caches
+        self.rows = CacheRows(caches)
         self.keys = keys  # (R, total) real keys when prompts are padded; None: all real
         self.next_pos = next_pos  # position of the next token: (1,) for all rows, or (R, 1)
         self.pos = pos  # cache slot the next token is written to
@@ -357,7 +358,7 @@ class _LMDecodeState:
         return logits
 
     def reorder(self, index: torch.Tensor) -> None:
-        reorder_caches(self.caches, index, self.pos)
+        self.rows.reorder(index, self.pos)
 
 
 class _RowCache:

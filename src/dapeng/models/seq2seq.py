@@ -21,7 +21,7 @@ from dapeng.layers.attention import KVCache, MultiHeadAttention, padding_mask
 from dapeng.layers.blocks import EncoderBlock
 from dapeng.layers.feedforward import FeedForward
 from dapeng.layers.positions import SinusoidalPositions
-from dapeng.models.decoding import beam_search, reorder_caches, sample_steps
+from dapeng.models.decoding import CacheRows, beam_search, sample_steps
 
 
 class CrossDecoderBlock(nn.Module):
@@ -290,6 +290,7 @@ class _Seq2SeqDecodeState:
         self.cross = cross  # per layer (R, H, S, Dh) keys and values of the source
         self.memory_mask = memory_mask
         self.caches = caches
+        self.rows = CacheRows(caches)
         self.pos = 0  # decoder position of the next token
 
     @torch.inference_mode()
@@ -302,4 +303,4 @@ class _Seq2SeqDecodeState:
         return model.forward_head(model.decoder_norm(x[:, -1]))  # (R, V)
 
     def reorder(self, index: torch.Tensor) -> None:
-        reorder_caches(self.caches, index, self.pos)
+        self.rows.reorder(index, self.pos)
