@@ -10,7 +10,8 @@ EXAMPLE = """example:
   dapeng generate smollm2-135m --prompt "The three primary colours are"
   dapeng generate smollm2-135m --chat --prompt "What is the capital of France?"
   dapeng generate smollm2-135m --chat                      # interactive chat; an empty line or Ctrl-D ends it
-  dapeng generate smollm2-135m --prompt "Once" --temperature 0.8 --top-p 0.9 --seed 1 --max-new-tokens 64"""
+  dapeng generate smollm2-135m --prompt "Once" --temperature 0.8 --top-p 0.9 --seed 1 --max-new-tokens 64
+  dapeng generate smollm2-135m --prompt "The recipe:" --num-beams 4 --no-repeat-ngram-size 3"""
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -18,7 +19,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "generate",
         help="generate text with a language model (streamed)",
         description="Continue a prompt, or chat through the model's chat template, with a KV cache; "
-        "greedy by default, sampling with --temperature/--top-k/--top-p.",
+        "greedy by default, sampling with --temperature/--top-k/--top-p, beam search with --num-beams.",
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -30,6 +31,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--num-beams", type=int, default=1, help="above 1: beam search (the best text, printed at the end)")
+    p.add_argument("--length-penalty", type=float, default=1.0,
+                   help="beam scores are log-probabilities / length ** this (0: none; above 0 favours longer)")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=0, help="no n-gram of this many tokens repeats (0: off)")
     p.add_argument("--stop", action="append", default=[], help="a string that ends the output (repeatable)")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
@@ -41,7 +46,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def _stream(pipe: object, prompt: object, args: argparse.Namespace, chat: bool) -> str:
     pieces = pipe.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p, stop=args.stop, stream=True, chat=chat,
-                           system=args.system, seed=args.seed)
+                           system=args.system, seed=args.seed, num_beams=args.num_beams,
+                           length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size)
     text = []
     for piece in pieces:
         text.append(piece)

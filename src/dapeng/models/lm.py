@@ -36,11 +36,9 @@ from dapeng.layers.feedforward import SwiGLU
 from dapeng.layers.fused import linear, linear_weight
 from dapeng.layers.norms import RMSNorm
 from dapeng.layers.positions import RotaryEmbedding
+from dapeng.models.decoding import CacheRows, beam_search, sample_steps, select_token
 
-# Below this temperature logits / temperature overflow (1e-40 gives inf, then NaN
-# probabilities): sampling is then the argmax it converges to (vLLM's threshold too).
-MIN_TEMPERATURE = 1e-5
-
+__all__ = ["DecodeBatch", "LlamaLM", "select_token"]
 
 class DecoderBlock(nn.Module):
     """`x + attn(norm1(x))`, then `x + ffn(norm2(x))` (Llama's pre-norm residual block)."""
@@ -243,8 +241,14 @@ class LlamaLM(nn.Module):
         stream: bool = False,
         attention_mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        *,
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
+        early_stopping: bool = False,
+        no_repeat_ngram_size: int = 0,
+        min_new_tokens: int = 0,
     ) -> torch.Tensor | Iterator[int | list[int]]:
-        """Continue prompts with a KV cache: greedy when temperature is 0, else sampled.
+        """Continue prompts with a KV cache: greedy when temperature is 0, else sampled; beam search with num_beams > 1.
 
         Args:
             input_ids: (B, T) prompts; left-pad a batch of different lengths and pass `attention_mask`.
@@ -255,15 +259,29 @@ class LlamaLM(nn.Module):
             stop_ids: a row ends after producing one of these (kept in the output); generation stops
                 when every row has ended, and ended rows are filled with `pad_id`.
             stream: return an iterator over new tokens instead (an int per step for one row,
-                a list of ints per step for a batch).
+                a list of ints per step for a batch); not with beam search.
             attention_mask: (B, T) bool, True for real prompt tokens.
             generator: random generator for reproducible sampling.
+            num_beams: beams per prompt; above 1 the best hypothesis of `decoding.beam_search` is returned.
+            length_penalty, early_stopping: beam search's (see `decoding.beam_search`).
+            no_repeat_ngram_size: no n-gram of this size repeats among the new tokens (0: off).
+            min_new_tokens: stop_ids are forbidden before this many new tokens.
 
         Returns:
             (B, T + new) token ids, prompts included; or the iterator when streaming.
         """
+        if num_beams > 1:
+            if stream:
+                raise ModelError("beam search cannot stream", "drop stream=True, or decode with num_beams=1")
+            result = beam_search(
+                self, input_ids, attention_mask, max_new_tokens, num_beams, eos_ids=stop_ids, pad_id=self.pad_id,
+                min_new_tokens=min_new_tokens, length_penalty=length_penalty, early_stopping=early_stopping,
+                no_repeat_ngram_size=no_repeat_ngram_size,
+            )
+            return torch.cat([input_ids, result.sequences[:, 0]], dim=1)
         steps = self._generate_steps(
-            input_ids, max_new_tokens, temperature, top_k, top_p, stop_ids, attention_mask, generator
+            input_ids, max_new_tokens, temperature, top_k, top_p, stop_ids, attention_mask, generator,
+            min_new_tokens, no_repeat_ngram_size,
         )
         if stream:
             return _as_python(steps, input_ids.shape[0])
@@ -283,16 +301,28 @@ class LlamaLM(nn.Module):
         stop_ids: Sequence[int],
         attention_mask: torch.Tensor | None,
         generator: torch.Generator | None,
+        min_new_tokens: int = 0,
+        no_repeat_ngram_size: int = 0,
     ) -> Iterator[torch.Tensor]:
         """Yield (B,) new tokens, one step at a time."""
+        yield from sample_steps(
+            self, input_ids, attention_mask, max_new_tokens, eos_ids=stop_ids, pad_id=self.pad_id,
+            min_new_tokens=min_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            no_repeat_ngram_size=no_repeat_ngram_size, generator=generator,
+        )
+
+    @torch.inference_mode()
+    def start_decoding(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, expand: int, max_new_tokens: int
+    ) -> tuple[_LMDecodeState, torch.Tensor]:
+        """Prefill the prompts once, then give each `expand` rows of the KV cache (see `decoding.Decodable`)."""
         b, t = input_ids.shape
         total = t + max_new_tokens
         caches = self.new_cache(b, total, self._activation_dtype())
         device = input_ids.device
-        if attention_mask is None:
+        if attention_mask is None or bool(attention_mask.all()):
             keys = None
-            positions = torch.arange(t, device=device)
-            logits = self._step(input_ids, positions, caches, 0, None, True)
+            logits = self._step(input_ids, torch.arange(t, device=device), caches, 0, None, True)
             next_pos = torch.tensor([t], device=device)
         else:
             keys = torch.ones(b, total, dtype=torch.bool, device=device)
@@ -300,21 +330,41 @@ class LlamaLM(nn.Module):
             positions = _positions(keys[:, :t])  # (B, T)
             logits = self._step(input_ids, positions, caches, 0, _prefix_mask(keys[:, :t], t), False)
             next_pos = positions[:, -1:] + 1  # (B, 1)
-        stops = torch.tensor(list(stop_ids), device=device) if stop_ids else None
-        finished = torch.zeros(b, dtype=torch.bool, device=device)
-        for i in range(max_new_tokens):
-            token = select_token(logits, temperature, top_k, top_p, generator)  # (B,)
-            if stops is not None:
-                token = token.masked_fill(finished, self.pad_id)
-                finished |= torch.isin(token, stops)
-            yield token
-            if i == max_new_tokens - 1 or (stops is not None and bool(finished.all())):
-                return
-            pos = t + i
-            # one query per row attends to every cached key: no causal mask is needed
-            mask = None if keys is None else keys[:, None, None, : pos + 1]
-            logits = self._step(token[:, None], next_pos, caches, pos, mask, False)
-            next_pos = next_pos + 1
+        if expand > 1:
+            for cache in caches:
+                cache.k = cache.k.repeat_interleave(expand, dim=0)
+                cache.v = cache.v.repeat_interleave(expand, dim=0)
+            logits = logits.repeat_interleave(expand, dim=0)
+            keys = keys.repeat_interleave(expand, dim=0) if keys is not None else None
+            next_pos = next_pos.repeat_interleave(expand, dim=0) if next_pos.dim() == 2 else next_pos
+        return _LMDecodeState(self, caches, keys, next_pos, t), logits
+
+
+class _LMDecodeState:
+    """`LlamaLM`'s `decoding.DecodeState`: the KV cache rows of every beam, one token a step."""
+
+    def __init__(
+        self, model: LlamaLM, caches: list[KVCache], keys: torch.Tensor | None, next_pos: torch.Tensor, pos: int
+    ) -> None:
+        self.model = model
+        self.caches = caches
+        self.rows = CacheRows(caches)
+        self.keys = keys  # (R, total) real keys when prompts are padded; None: all real
+        self.next_pos = next_pos  # position of the next token: (1,) for all rows, or (R, 1)
+        self.pos = pos  # cache slot the next token is written to
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        pos = self.pos
+        # one query per row attends to every cached key: no causal mask is needed
+        mask = None if self.keys is None else self.keys[:, None, None, : pos + 1]
+        logits = self.model._step(tokens[:, None], self.next_pos, self.caches, pos, mask, False)
+        self.next_pos = self.next_pos + 1
+        self.pos = pos + 1
+        return logits
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.rows.reorder(index, self.pos)
 
 
 class _RowCache:
@@ -474,30 +524,6 @@ def _prefix_mask(keep: torch.Tensor, t: int) -> torch.Tensor:
     """(B, 1, T, T): causal and no padded keys; each query may always see itself, so padded rows aren't NaN."""
     allowed = causal_mask(t, device=keep.device) & keep[:, None, None, :]
     return allowed | torch.eye(t, dtype=torch.bool, device=keep.device)
-
-
-def select_token(
-    logits: torch.Tensor,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    generator: torch.Generator | None,
-) -> torch.Tensor:
-    """Pick the next token (B,) from (B, V) logits: argmax, or temperature / top-k / top-p sampling."""
-    if temperature < MIN_TEMPERATURE:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # drop a token when the tokens before it already reach top_p (the first always stays)
-        drop = probs.cumsum(dim=-1) - probs >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
 def _as_python(steps: Iterator[torch.Tensor], batch: int) -> Iterator[int | list[int]]:

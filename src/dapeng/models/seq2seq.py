@@ -3,8 +3,8 @@
 Shared or separate token embeddings scaled by √D plus sinusoidal positions; an encoder of
 `EncoderBlock`s; a decoder whose blocks add cross-attention over the encoder's output; an
 output projection tied to the target embeddings. Pre-LN by default (stabler from scratch).
-Generation is greedy or beam search, with a static KV cache for decoder self-attention and
-the cross-attention keys/values projected once per source.
+Generation (greedy, sampling, beam search) runs through `models.decoding`, with a static KV
+cache for decoder self-attention and the cross-attention keys/values projected once per source.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from dapeng.layers.attention import KVCache, MultiHeadAttention, padding_mask
 from dapeng.layers.blocks import EncoderBlock
 from dapeng.layers.feedforward import FeedForward
 from dapeng.layers.positions import SinusoidalPositions
+from dapeng.models.decoding import CacheRows, beam_search, sample_steps
 
 
 class CrossDecoderBlock(nn.Module):
@@ -211,6 +212,14 @@ class Seq2SeqTransformer(nn.Module):
         max_new_tokens: int = 64,
         num_beams: int = 1,
         length_penalty: float = 1.0,
+        *,
+        early_stopping: bool = False,
+        no_repeat_ngram_size: int = 0,
+        min_new_tokens: int = 0,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Translate/summarize a batch of sources.
 
@@ -218,56 +227,80 @@ class Seq2SeqTransformer(nn.Module):
             input_ids: (B, S) source ids.
             attention_mask: (B, S) bool, True for real source tokens.
             max_new_tokens: longest output.
-            num_beams: 1 for greedy decoding, more for beam search.
-            length_penalty: beam scores are divided by length ** length_penalty.
+            num_beams: 1 for greedy decoding (or sampling), more for beam search.
+            length_penalty: beam scores are log-probabilities divided by length ** length_penalty.
+            early_stopping: beam search ends an input once it holds num_beams finished hypotheses.
+            no_repeat_ngram_size: no n-gram of this size repeats in an output (0: off).
+            min_new_tokens: eos_id is forbidden before this many tokens.
+            temperature, top_k, top_p, generator: sampling when temperature > 0 (num_beams 1).
 
         Returns:
             (B, 1 + n) ids starting with bos_id; rows that ended early are filled with pad_id after eos_id.
         """
-        b = input_ids.shape[0]
-        k = num_beams
+        eos = (self.eos_id,)
+        if num_beams > 1:
+            new = beam_search(
+                self, input_ids, attention_mask, max_new_tokens, num_beams, eos_ids=eos, pad_id=self.pad_id,
+                min_new_tokens=min_new_tokens, length_penalty=length_penalty, early_stopping=early_stopping,
+                no_repeat_ngram_size=no_repeat_ngram_size,
+            ).sequences[:, 0]
+        else:
+            steps = sample_steps(
+                self, input_ids, attention_mask, max_new_tokens, eos_ids=eos, pad_id=self.pad_id,
+                min_new_tokens=min_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                no_repeat_ngram_size=no_repeat_ngram_size, generator=generator,
+            )
+            new = torch.stack(list(steps), dim=1)
+        bos = torch.full((input_ids.shape[0], 1), self.bos_id, dtype=torch.long, device=input_ids.device)
+        return torch.cat([bos, new], dim=1)
+
+    @torch.inference_mode()
+    def start_decoding(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, expand: int, max_new_tokens: int
+    ) -> tuple[_Seq2SeqDecodeState, torch.Tensor]:
+        """Encode the sources and project each layer's cross-attention keys/values once, then repeat them per beam."""
         memory = self.encode(input_ids, attention_mask)  # (B, S, D)
-        if k > 1:
-            memory = memory.repeat_interleave(k, dim=0)  # (B·K, S, D)
-            attention_mask = attention_mask.repeat_interleave(k, dim=0) if attention_mask is not None else None
-        rows = b * k
-        memory_mask = padding_mask(attention_mask) if attention_mask is not None else None
         cross = [block.cross_attn.project_kv(memory) for block in self.decoder]
+        memory_mask = padding_mask(attention_mask) if attention_mask is not None else None
+        if expand > 1:
+            cross = [(k.repeat_interleave(expand, dim=0), v.repeat_interleave(expand, dim=0)) for k, v in cross]
+            memory_mask = memory_mask.repeat_interleave(expand, dim=0) if memory_mask is not None else None
+        rows = input_ids.shape[0] * expand
         attn = self.decoder[0].self_attn
         caches = [
             KVCache(rows, attn.num_kv_heads, max_new_tokens, attn.head_dim, memory.dtype, memory.device)
             for _ in self.decoder
         ]
-        tokens = torch.full((rows, 1), self.bos_id, dtype=torch.long, device=input_ids.device)
-        finished = torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
-        scores = torch.zeros(b, k, device=input_ids.device)
-        scores[:, 1:] = float("-inf")  # all beams start identical: keep one until the first expansion
-        scores = scores.view(-1)  # (B·K,)
-        for pos in range(max_new_tokens):
-            x = self._embed(self.target_embeddings, tokens[:, -1:], start=pos)  # (B·K, 1, D)
-            for block, kv, cache in zip(self.decoder, cross, caches):
-                x = block(x, kv, None, memory_mask, cache, pos)
-            logprobs = self.forward_head(self.decoder_norm(x[:, -1])).float().log_softmax(dim=-1)  # (B·K, V)
-            # an ended row may only continue with padding, at no cost
-            logprobs[finished] = float("-inf")
-            logprobs[finished, self.pad_id] = 0.0
-            if k == 1:
-                nxt = logprobs.argmax(dim=-1)  # (B,)
-            else:
-                vocab = logprobs.shape[-1]
-                total = (scores[:, None] + logprobs).view(b, k * vocab)
-                scores, flat = total.topk(k, dim=-1)  # (B, K)
-                beam = flat // vocab + torch.arange(b, device=flat.device)[:, None] * k  # (B, K) source rows
-                beam, nxt, scores = beam.view(-1), (flat % vocab).view(-1), scores.view(-1)
-                tokens, finished = tokens[beam], finished[beam]
-                for cache in caches:
-                    cache.reorder(beam)
-            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-            finished = finished | (nxt == self.eos_id)
-            if bool(finished.all()):
-                break
-        if k == 1:
-            return tokens
-        lengths = (tokens[:, 1:] != self.pad_id).sum(dim=1).clamp_min(1).float()
-        best = (scores / lengths**length_penalty).view(b, k).argmax(dim=-1)  # (B,)
-        return tokens.view(b, k, -1)[torch.arange(b, device=tokens.device), best]
+        state = _Seq2SeqDecodeState(self, cross, memory_mask, caches)
+        bos = torch.full((rows,), self.bos_id, dtype=torch.long, device=input_ids.device)
+        return state, state.step(bos)
+
+
+class _Seq2SeqDecodeState:
+    """`Seq2SeqTransformer`'s `decoding.DecodeState`: self-attention KV cache per row, cross K/V per source."""
+
+    def __init__(
+        self,
+        model: Seq2SeqTransformer,
+        cross: list[tuple[torch.Tensor, torch.Tensor]],
+        memory_mask: torch.Tensor | None,
+        caches: list[KVCache],
+    ) -> None:
+        self.model = model
+        self.cross = cross  # per layer (R, H, S, Dh) keys and values of the source
+        self.memory_mask = memory_mask
+        self.caches = caches
+        self.rows = CacheRows(caches)
+        self.pos = 0  # decoder position of the next token
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        model, pos = self.model, self.pos
+        x = model._embed(model.target_embeddings, tokens[:, None], start=pos)  # (R, 1, D)
+        for block, kv, cache in zip(model.decoder, self.cross, self.caches):
+            x = block(x, kv, None, self.memory_mask, cache, pos)
+        self.pos = pos + 1
+        return model.forward_head(model.decoder_norm(x[:, -1]))  # (R, V)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.rows.reorder(index, self.pos)

@@ -7,8 +7,8 @@ next-token cross-entropy, the metric perplexity. Fine-tune a pretrained LM with
 (a byte-level BPE is learned from the training texts).
 
 Generation: `generate(model, prompt, ...)` renders chat messages through the model's own
-chat template, runs the model's KV-cache decoding (greedy, temperature, top-k, top-p, stop
-tokens and stop strings) and returns the text, or an iterator of text pieces with
+chat template, runs the model's KV-cache decoding (greedy, temperature, top-k, top-p, beam
+search with length penalty and n-gram blocking, stop tokens and stop strings) and returns the text, or an iterator of text pieces with
 `stream=True`. Pieces are detokenized incrementally, never splitting a UTF-8 character.
 
 Serving: `decoding(prompt, ...)` is one sequence's own state for a scheduler that runs many
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dapeng.errors import DataError
-from dapeng.models.lm import select_token
+from dapeng.models.decoding import select_token
 from dapeng.tasks.base import Capabilities
 
 __all__ = ["CausalLM", "Decoding", "Perplexity", "TokenLogprob", "render_chat"]
@@ -269,6 +269,9 @@ class CausalLM:
         chat: bool = False,
         system: str | None = None,
         seed: int | None = None,
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
+        no_repeat_ngram_size: int = 0,
     ) -> str | Generation:
         """Continue `prompt` (a string, or chat messages `[{"role", "content"}]`).
 
@@ -283,13 +286,18 @@ class CausalLM:
             chat: treat a string prompt as one user message of a chat.
             system: a system message to put first in a chat.
             seed: seed for reproducible sampling.
+            num_beams: above 1, beam search (`models.decoding.beam_search`) instead of greedy/sampling;
+                its best text is streamed once the search ends.
+            length_penalty: beam scores are log-probabilities divided by length ** length_penalty.
+            no_repeat_ngram_size: no n-gram of this many tokens repeats in the new text (0: off).
 
         Returns:
             The generated text (without the prompt), or with `stream=True` a `Generation`: an
             iterator over its pieces whose `finish_reason` ("stop" or "length") is set at the end.
         """
         ids, budget = self._prompt_and_budget(prompt, max_new_tokens, chat, system, self.max_length)
-        pieces = self._pieces(model, ids, budget, temperature, top_k, top_p, tuple(stop), seed)
+        search = {"num_beams": num_beams, "length_penalty": length_penalty, "no_repeat_ngram_size": no_repeat_ngram_size}
+        pieces = self._pieces(model, ids, budget, temperature, top_k, top_p, tuple(stop), seed, search)
         return pieces if stream else "".join(pieces)
 
     def _prompt_and_budget(
@@ -351,13 +359,22 @@ class CausalLM:
         top_p: float | None,
         stop: tuple[str, ...],
         seed: int | None,
+        search: dict[str, Any],
     ) -> Generation:
+        if search["num_beams"] < 1:
+            raise DataError(f"num_beams must be at least 1, got {search['num_beams']}")
         device = next(model.parameters()).device
         generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-        tokens = model.generate(
-            torch.tensor([ids], device=device), max_new_tokens=max_new_tokens, temperature=temperature,
-            top_k=top_k, top_p=top_p, stop_ids=self.stop_ids or (), stream=True, generator=generator,
-        )
+        prompt = torch.tensor([ids], device=device)
+        common = {"max_new_tokens": max_new_tokens, "stop_ids": self.stop_ids or (),
+                  "no_repeat_ngram_size": search["no_repeat_ngram_size"]}
+        if search["num_beams"] > 1:  # the whole search runs first: only its winner is known at the end
+            best = model.generate(prompt, num_beams=search["num_beams"], length_penalty=search["length_penalty"],
+                                  **common)
+            tokens: Iterator[int] = iter(best[0, len(ids):].tolist())
+        else:
+            tokens = model.generate(prompt, temperature=temperature, top_k=top_k, top_p=top_p, stream=True,
+                                    generator=generator, **common)
         return Generation(self.tokenizer, tokens, set(self.stop_ids or ()), stop)
 
 
