@@ -227,9 +227,11 @@ def wrap(model: nn.Module, strategy: str, device: torch.device) -> nn.Module:
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        # each repeated block its own unit (its weights gathered only while it runs), then the rest
-        for block in _blocks(model):
-            fully_shard(block, mesh=mesh)
+        # each repeated block its own unit (its weights gathered only while it runs), the embedding
+        # tables too (MiniLM's words are half its weights; the root unit stays gathered through
+        # forward and backward), then the rest
+        for unit in [*_blocks(model), *_embeddings(model)]:
+            fully_shard(unit, mesh=mesh)
         fully_shard(model, mesh=mesh)
         return model
     tensor_parallel(model, mesh)
@@ -281,6 +283,14 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
     return [block for module in model.modules() if isinstance(module, nn.ModuleList) for block in module]
 
 
+def _embeddings(model: nn.Module) -> list[nn.Module]:
+    """The embedding tables outside the repeated blocks, unless tied to another module's weight (an LM head)."""
+    inside = {id(m) for block in _blocks(model) for m in block.modules()}
+    tables = [m for m in model.modules() if isinstance(m, nn.Embedding) and id(m) not in inside]
+    weights = [p for m in model.modules() if not isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)]
+    return [t for t in tables if not any(t.weight is p for p in weights)]
+
+
 def remap_groups(groups: Sequence[dict[str, Any]] | None, names: dict[int, str], model: nn.Module) -> list[dict] | None:
     """Explicit optimizer groups after sharding replaced the parameters: the same groups by parameter name."""
     if groups is None:
@@ -293,18 +303,22 @@ def remap_groups(groups: Sequence[dict[str, Any]] | None, names: dict[int, str],
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's full (unsharded) weights on the CPU, on every rank; a collective under FSDP/TP."""
+    """The model's full (unsharded) weights on the CPU of rank 0; {} on the others. A collective under FSDP/TP.
+
+    Only rank 0 holds the gathered copy (it saves checkpoints and the Artifact): a full copy
+    on every rank would undo what sharding saves at the moments memory peaks.
+    """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {k: v.detach().cpu().clone() for k, v in state.items()}  # own storage: views of the gather buffer do not save
 
 
 def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load full weights into a sharded model (each rank keeps its shard)."""
+    """Load full weights held by rank 0 (`state`; {} elsewhere) into a sharded model: rank 0 broadcasts, each rank keeps its shard."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
 def save_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any]) -> Path:

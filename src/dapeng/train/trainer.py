@@ -434,11 +434,14 @@ class Trainer:
     def export_model(self) -> nn.Module:
         """The trained model as a plain module with all its weights, on the CPU (for the Artifact).
 
-        Under FSDP/TP the shards are gathered: every rank must call it.
+        Under FSDP/TP the shards are gathered to rank 0: every rank must call it, and only rank
+        0's module holds the weights (the others get the architecture on the meta device).
         """
         if self._plain is None:
             return self.model.to("cpu")
-        self._plain.load_state_dict(distributed.full_state_dict(self.model), assign=True)
+        weights = distributed.full_state_dict(self.model)
+        if self.world.is_main:
+            self._plain.load_state_dict(weights, assign=True)
         return self._plain
 
     def load_best(self) -> None:
@@ -447,7 +450,10 @@ class Trainer:
         if self._best_weights is not None:
             weights = self._best_weights
         elif best is not None and best.is_file():
-            weights = load_checkpoint(best, map_location="cpu" if self._plain is not None else self.device)["model"]
+            # sharded: rank 0 reads the full weights and broadcasts them shard by shard
+            rank0_only = self._plain is not None and not self.world.is_main
+            weights = {} if rank0_only else load_checkpoint(
+                best, map_location="cpu" if self._plain is not None else self.device)["model"]
         else:
             return
         if self._plain is not None:
@@ -593,7 +599,7 @@ class Trainer:
 
     def _save_best(self, metrics: dict[str, float]) -> None:
         if self._plain is not None:
-            weights = distributed.full_state_dict(self.model)  # gathered on every rank
+            weights = distributed.full_state_dict(self.model)  # gathered to rank 0 ({} elsewhere)
         elif self.checkpoint_dir is None:
             weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         else:
