@@ -219,3 +219,44 @@ def test_sotu_passages_are_whole_sentences_of_about_a_paragraph():
     assert [len(p.split()) for p in parts] == [100, 100, 130]  # the 30-word tail joins the last passage
     assert all(p.endswith(".") for p in parts) and " ".join(parts) == text
     assert passages("Short. Address.", words=100) == ["Short. Address."]
+
+
+def _tiny_sentence_encoder(path, words):
+    """A sentence-embedding Artifact small enough for a unit test (what `context_model` points at)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    task = TASKS.create("sentence-embedding", tokenizer=tok.to_str(), max_length=32)
+    kwargs = {**task.model_kwargs(), "hidden": 8, "layers": 1, "heads": 2, "intermediate": 16, "max_positions": 32,
+              "pooling": "mean", "num_labels": 2}
+    torch.manual_seed(0)
+    model = MODELS.create("transformer", **kwargs)
+    return save_artifact(path, model=model, model_name="transformer", model_kwargs=kwargs,
+                         task_name="sentence-embedding", task_state=task.state(), precision="fp32")
+
+
+def test_contextual_topic_model_reads_sentence_embeddings(tmp_path):
+    encoder = _tiny_sentence_encoder(tmp_path / "encoder", FRUIT + TRAFFIC)
+    docs = _corpus(24)
+    task = TASKS.create("topic-model", **OPTIONS, contextual=True, context_model=str(encoder))
+    task.setup(docs)
+    assert task.model_kwargs()["context_dim"] == 8
+    torch.manual_seed(0)
+    model = MODELS.create("prodlda", **{**task.model_kwargs(), **TINY})
+    items = task.encode(docs)
+    batch = task.collate(items[:6])
+    assert batch["context"].shape == (6, 8)
+    np.testing.assert_allclose(batch["context"].numpy(), load(encoder).embed([d["text"] for d in docs[:6]]), rtol=1e-5)
+    Trainer(model, task, epochs=1, batch_size=8, precision="fp32", device="cpu", log_every=1000).fit(items)
+    model.eval()
+    with torch.no_grad():  # the context reaches the encoder: without it the mix changes
+        with_context = model.forward_features(batch["bow"], batch["context"])
+        zeroed = model.forward_features(batch["bow"], torch.zeros_like(batch["context"]))
+    assert not torch.allclose(with_context, zeroed)
+    path = save_artifact(tmp_path / "model", model=model, model_name="prodlda",
+                         model_kwargs={**task.model_kwargs(), **TINY}, task_name="topic-model",
+                         task_state=task.state(), precision="fp32")
+    np.testing.assert_allclose(np.array(load(path).predict([d["text"] for d in docs[:3]])),
+                               with_context[:3].numpy(), rtol=1e-5, atol=1e-6)
