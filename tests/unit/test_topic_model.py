@@ -12,7 +12,7 @@ import yaml
 from dapeng.cli.main import main
 from dapeng.errors import DataError
 from dapeng.explain.topics import prevalence
-from dapeng.hub.artifact import save_artifact
+from dapeng.hub.artifact import attach_encoder, save_artifact
 from dapeng.models import MODELS
 from dapeng.pipeline import load
 from dapeng.tasks import TASKS
@@ -241,6 +241,9 @@ def test_contextual_topic_model_reads_sentence_embeddings(tmp_path):
     encoder = _tiny_sentence_encoder(tmp_path / "encoder", FRUIT + TRAFFIC)
     docs = _corpus(24)
     task = TASKS.create("topic-model", **OPTIONS, contextual=True, context_model=str(encoder))
+    with pytest.raises(DataError, match="no sentence encoder"):
+        task.setup(docs)
+    attach_encoder(task)  # what the runner's build_task and the Artifact loader do
     task.setup(docs)
     assert task.model_kwargs()["context_dim"] == 8
     torch.manual_seed(0)

@@ -20,7 +20,7 @@ each document's topic mix θ, a (K,) vector summing to 1.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -201,12 +201,20 @@ class TopicModelTask:
         """(D, V) scipy CSR word counts of `texts` over the vocabulary (what LDA baselines fit on)."""
         return self.vectorizer.transform(list(texts))
 
+    @property
+    def encoder_name(self) -> str | None:
+        """The model whose sentence embeddings the encoder reads (`contextual`), for `use_encoder`."""
+        return self.options.context_model if self.options.contextual else None
+
+    def use_encoder(self, embed: Callable[[Sequence[str]], np.ndarray]) -> None:
+        """Adopt the texts → (n, C) embedder of `encoder_name` (the runner and the Artifact loader call this)."""
+        self._context = embed
+
     def _embed_context(self, texts: Sequence[str]) -> np.ndarray:
         if self._context is None:
-            from dapeng.pipeline import load
-
-            self._context = load(self.options.context_model, precision="fp32")
-        return self._context.embed(list(texts))
+            raise DataError(f"contextual topic-model: no sentence encoder ({self.options.context_model!r}) attached",
+                            "build the task with dapeng.runner.build_task, or call task.use_encoder(...)")
+        return np.asarray(self._context(list(texts)), dtype=np.float32)
 
     def model_kwargs(self) -> dict[str, Any]:
         return {"vocab_size": len(self.vocabulary), "context_dim": self.context_dim}
