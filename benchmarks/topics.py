@@ -4,7 +4,8 @@
     python benchmarks/topics.py --quick      # 500 passages a split, a few training steps (a smoke run)
 
 dapeng's model is `examples/sotu-prodlda.yaml`, trained by `dapeng.runner.train` into `--runs` (a
-finished run whose config is the same is reused). The baseline is scikit-learn's
+finished run whose config is the same is reused; its checkpoint is the one with the best NPMI on the
+eval split, whose addresses are neither trained on nor the test reference). The baseline is scikit-learn's
 `LatentDirichletAllocation` (batch variational Bayes, 20 topics, priors 1/K, `--lda-iter` passes,
 seed 0), fitted on the training passages' counts over the *same* vocabulary (the ProdLDA task's
 own CountVectorizer, learned on the training split).
