@@ -104,6 +104,9 @@ def build_task(name: str, options: dict[str, Any], train_records: Sequence[Any],
         task = TASKS.create(name, **options)
     except TypeError as err:
         raise ConfigError(f"config key task_options: {err}", f"see the options of task {name!r}") from None
+    from dapeng.hub.artifact import attach_encoder
+
+    attach_encoder(task)  # a task that reads another model's embeddings (a contextual topic model)
     task.setup(train_records)
     return task
 

@@ -87,6 +87,11 @@ CASES: dict[str, Case] = {
         "lm", {"hidden": 16, "layers": 1, "heads": 2, "kv_heads": 1, "intermediate": 32, "max_positions": 32},
         ["the film"],
     ),
+    "topic-model": Case(
+        {"min_df": 1, "max_df": 1.0, "stop_words": None},
+        lambda: [{"text": t} for t in TEXTS],
+        "prodlda", {"num_topics": 3, "hidden": 8, "layers": 1, "dropout": 0.0}, ["a good film", "the plot was dull"],
+    ),
 }
 
 

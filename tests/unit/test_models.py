@@ -26,6 +26,7 @@ TINY = {
     "transformer": {**TEXT, "hidden": 16, "layers": 2, "heads": 4, "intermediate": 32, "max_positions": 32},
     "lm": {"vocab_size": V, "hidden": 16, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 32, "max_positions": 64},
     "seq2seq": {"vocab_size": V, "hidden": 16, "layers": 1, "heads": 4, "intermediate": 32, "max_positions": 32},
+    "prodlda": {"vocab_size": V, "num_topics": K, "hidden": 8},
 }
 IMAGE_MODELS = ["mlp", "lenet", "resnet"]
 TEXT_MODELS = ["textcnn", "rnn", "gru", "lstm", "transformer"]
@@ -41,6 +42,8 @@ def _inputs(name: str) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     if name in IMAGE_MODELS:
         return {"images": torch.randn(B, 1, 16, 16, generator=g)}
+    if name == "prodlda":  # word counts of B documents
+        return {"bow": torch.poisson(torch.full((B, V), 0.5), generator=g)}
     ids = torch.randint(3, V, (B, T), generator=g)
     mask = torch.ones(B, T, dtype=torch.bool)
     mask[1, 4:] = False
@@ -56,7 +59,7 @@ def _inputs(name: str) -> dict[str, torch.Tensor]:
 
 
 def _expected_shape(name: str) -> tuple[int, ...]:
-    return {"lm": (B, T, V), "seq2seq": (B, 4, V), "bilstm-crf": (B, T, K)}.get(name, (B, K))
+    return {"lm": (B, T, V), "seq2seq": (B, 4, V), "bilstm-crf": (B, T, K), "prodlda": (B, V)}.get(name, (B, K))
 
 
 def test_every_registered_model_has_a_tiny_config():

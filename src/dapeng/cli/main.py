@@ -27,6 +27,7 @@ VERBS = {
     "serve": "serve",
     "generate": "generate",
     "embed": "embed",
+    "topics": "topics",
     "hub": "hub",
     "data": "data",
     "models": "models",

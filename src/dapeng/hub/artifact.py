@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,8 @@ META = "dapeng.json"
 TOKENIZER = "tokenizer.json"
 CARD = "card.md"
 
-__all__ = ["Artifact", "load_artifact", "read_meta", "render_card", "save_artifact", "trained_precision"]
+__all__ = ["Artifact", "attach_encoder", "load_artifact", "read_meta", "render_card", "save_artifact",
+           "sentence_encoder", "trained_precision"]
 
 
 @dataclass
@@ -260,6 +262,7 @@ def load_artifact(path: str | Path, precision: str = "fp32") -> Artifact:
     task_cls = TASKS.get(meta["task"])
     state = task_state_of(path, meta)
     task = task_cls.from_state(state) if hasattr(task_cls, "from_state") else task_cls()
+    attach_encoder(task)
     spec = meta["model"]
     try:
         model = MODELS.create(spec["name"], **spec.get("kwargs", {}))
@@ -284,6 +287,41 @@ def load_artifact(path: str | Path, precision: str = "fp32") -> Artifact:
         model = model.to(torch.bfloat16)
     model.eval()
     return Artifact(model=model, task=task, meta=meta, path=path)
+
+
+def sentence_encoder(name_or_path: str) -> Callable[[Sequence[str]], Any]:
+    """Texts → (n, dim) embeddings with an Artifact that can `embed` (a hub name, an Artifact folder or a run).
+
+    Raises:
+        NotFoundError: an unknown hub name.
+        UnsupportedError: a model whose task does not embed.
+    """
+    import torch
+
+    from dapeng.tasks.base import capabilities_of
+
+    path = Path(name_or_path)
+    if path.is_dir():
+        folder = path if (path / META).is_file() else path / "model"
+    else:
+        from dapeng.hub.store import resolve
+
+        folder = resolve(name_or_path)
+    encoder = load_artifact(folder, precision="fp32")
+    capabilities_of(encoder.task).require("embed", str(name_or_path), str(encoder.meta.get("task", "")))
+
+    def embed(texts: Sequence[str]) -> Any:
+        with torch.inference_mode():
+            return encoder.task.embed(encoder.model, list(texts))
+
+    return embed
+
+
+def attach_encoder(task: Any) -> None:
+    """Give a task that embeds its inputs with another model (`task.encoder_name`) that model's `embed`."""
+    name = getattr(task, "encoder_name", None)
+    if name:
+        task.use_encoder(sentence_encoder(name))
 
 
 def trained_precision(meta: dict[str, Any]) -> str:

@@ -25,6 +25,10 @@ Constructors take plain typed keyword arguments only.
 * `seq2seq`: `forward(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask)
   -> (B, T_out, V)`; `encode`, `decode`, `generate(input_ids, attention_mask, max_new_tokens,
   num_beams)`.
+* `prodlda` (topic model): `forward(bow (B, V), context (B, C) | None) -> (B, V)` word
+  log-probabilities; `forward_features` gives the topic mix θ (B, K), `forward_head` decodes it;
+  `posterior`, `topic_words() -> (K, V)`; kwargs `vocab_size`, `num_topics`, `context_dim`.
+  Models with inputs of their own kind give `example_inputs(batch)` (`dapeng models show`).
 
 Attention weights: `dapeng.layers.attention.capture_attention(model)`.
 `dapeng.models.introspect` summarises and draws any registered model (`dapeng models`).
@@ -54,6 +58,7 @@ BUILTIN_MODELS: dict[str, str] = {
     "bilstm-crf": "dapeng.models.tagger:BiLSTMTagger",
     "lm": "dapeng.models.lm:LlamaLM",
     "seq2seq": "dapeng.models.seq2seq:Seq2SeqTransformer",
+    "prodlda": "dapeng.models.prodlda:ProdLDA",
 }
 for _name, _target in BUILTIN_MODELS.items():
     MODELS.register(_name, _target)

@@ -54,7 +54,10 @@ def is_image_model(model: nn.Module) -> bool:
 
 
 def example_inputs(model: nn.Module, seq_len: int = 128, batch: int = 1) -> dict[str, torch.Tensor]:
-    """Inputs the model accepts: a batch of images of the size it was built for, or token ids."""
+    """Inputs the model accepts: its own `example_inputs`, images of the size it was built for, or token ids."""
+    own = getattr(model, "example_inputs", None)
+    if callable(own):
+        return own(batch)
     if is_image_model(model):
         first = next(m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear))
         channels = first.in_channels if isinstance(first, nn.Conv2d) else None
@@ -96,7 +99,7 @@ class Summary:
     total_params: int
     trainable_params: int
     flops: int
-    flops_per: str  # "image" or "token"
+    flops_per: str  # "image", "token" or "document"
     flops_per_unit: float
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
 
@@ -179,6 +182,8 @@ def summarize(model: nn.Module, name: str, depth: int = 3, seq_len: int = 128) -
     flops = counter.get_total_flops()
     if is_image_model(model):
         per, unit = "image", flops / inputs["images"].shape[0]
+    elif "input_ids" not in inputs:  # a document model (bag of words): per document
+        per, unit = "document", flops / next(iter(inputs.values())).shape[0]
     else:
         per, unit = "token", flops / inputs["input_ids"].numel()
     params = list(model.parameters())
