@@ -97,7 +97,7 @@ class ImageViews:
 
 
 def _image_items(pixels: torch.Tensor) -> list[dict[str, Any]]:
-    return [{"image": x} for x in pixels.mul_(255)]  # float (C, S, S) on the 0..255 scale the task's collate reads
+    return [{"image": x} for x in pixels * 255]  # float (C, S, S) on the 0..255 scale the task's collate reads
 
 
 class TextViews:
