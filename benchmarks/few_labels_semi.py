@@ -103,6 +103,7 @@ def measure_semi(quick: bool, runs: Path = Path("runs/bench-few-labels"),
                 "labelled": train.get("train_records"),
                 "unlabeled_used": train.get("unlabeled_records") if arm != "supervised" else 0,
                 "steps": train["steps"], "best_step": train.get("best_step"),
+                "unlabeled_confident_fraction": train.get("unlabeled_confident_fraction"),
                 **({"train_seconds": seconds} if seconds is not None else {}),
             }
             log(f"{dataset} {split} {arm}: {arms[arm]}")

@@ -287,6 +287,8 @@ def train(
                       callbacks=[*finetune_callbacks, *trackers, *callbacks], **trainer_kwargs(config.train))
     summary = trainer.fit(items["train"], items["eval"] or None, resume=resume)
     trainer.load_best()
+    if hasattr(task, "fit_facts"):  # what a wrapper saw during training (semi: how many unlabeled items counted)
+        wrapper_facts.update(task.fit_facts())
 
     metrics = {"train": {k: v for k, v in summary.items() if v is not None}, **evaluate_splits(trainer, items, out)}
     metrics["train"].update(precision=trainer.precision, device=str(trainer.device), trainable_params=trainable,

@@ -167,6 +167,7 @@ def test_loss_adds_the_weighted_unlabeled_loss_in_training_only():
         weak = model(batch[WEAK]["images"])
     strong = model(batch[STRONG]["images"])
     assert total.item() == pytest.approx(labelled.item() + 0.5 * unlabeled_loss(weak, strong, 0.01)[0].item(), rel=1e-5)
+    assert semi.fit_facts() == {"unlabeled_confident_fraction": 1.0, "unlabeled_confident_fraction_end": 1.0}
     assert outputs["logits"].shape == (4, 2)
     model.eval()
     assert semi.loss(model, batch)[0].item() == pytest.approx(task.loss(model, batch)[0].item())
@@ -278,6 +279,7 @@ def test_cli_train_records_the_few_label_split_in_metrics_and_card(tmp_path, cap
     train = result["metrics"]["train"]
     assert train["train_records"] == 10 and train["labels_per_class"] == 5 and train["semi_method"] == "fixmatch"
     assert train["unlabeled_records"] == 64 - 10  # 80 images, 8 eval and 8 test held out first
+    assert 0.0 <= train["unlabeled_confident_fraction"] <= 1.0 and "unlabeled_confident_fraction_end" in train
     assert result["steps"] == 6  # 2 epochs of the 10 labelled items in batches of 4
     card = (run / "model" / "card.md").read_text()
     assert "5 per class (10 records; 54 more without their labels)" in card and "FixMatch" in card

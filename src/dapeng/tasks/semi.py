@@ -146,6 +146,7 @@ class SemiSupervisedTask:
             raise ConfigError(f"config key semi.method: {method!r} is not one of fixmatch, pseudo_label")
         self.task, self.views, self.method = task, views, method
         self.threshold, self.weight, self.ratio = threshold, weight, ratio
+        self._confident: list[torch.Tensor] = []  # per step, the fraction of drawn items that counted (on the device)
 
     def __getattr__(self, name: str) -> Any:
         if name == "task":  # not yet set (copy, unpickling): no recursion
@@ -173,8 +174,18 @@ class SemiSupervisedTask:
             logits = model(**forward_inputs(model, batch[STRONG]))
         else:
             logits = target_logits = model(**forward_inputs(model, batch[WEAK]))
-        unlabeled, _ = unlabeled_loss(target_logits, logits, self.threshold)
+        unlabeled, mask = unlabeled_loss(target_logits, logits, self.threshold)
+        self._confident.append(mask.float().mean())
         return labelled + self.weight * unlabeled, outputs
+
+    def fit_facts(self) -> dict[str, Any]:
+        """For the run's metrics: the fraction of drawn unlabeled items confident enough to count,
+        over all training steps and in the last tenth of them (in this process: a resume starts afresh)."""
+        if not self._confident:
+            return {}
+        rates = torch.stack(self._confident).cpu()
+        tail = rates[-max(1, len(rates) // 10):]
+        return {"unlabeled_confident_fraction": float(rates.mean()), "unlabeled_confident_fraction_end": float(tail.mean())}
 
 
 def attach_semi(spec: Any, task: Any, train_items: list[dict[str, Any]], pool: Sequence[dict[str, Any]],
