@@ -6,7 +6,7 @@
 Two few-label splits of the canonical training sets (`data.labels_per_class`, seeded and
 stratified; the rest of train is the unlabeled pool, its labels dropped):
 * `fashion-mnist.labels_1000`: 100 labels per class, 54,000 unlabeled images;
-  `examples/fashion-mnist-fixmatch.yaml` (LeNet, 1,500 steps of 64 labelled + 7 x 64 unlabeled);
+  `examples/fashion-mnist-fixmatch.yaml` (LeNet, 1,500 steps of 64 labelled + 3 x 64 unlabeled);
 * `rotten-tomatoes.labels_500`: 250 labels per class, 9,746 unlabeled reviews;
   `examples/rotten-tomatoes-fixmatch.yaml` (TextCNN over frozen GloVe, 800 steps of 32 + 7 x 32).
 
@@ -39,7 +39,7 @@ SECTIONS = {  # dataset -> (results key of the split, example config)
     "fashion-mnist": ("labels_1000", "fashion-mnist-fixmatch"),
     "rotten-tomatoes": ("labels_500", "rotten-tomatoes-fixmatch"),
 }
-ARMS = ("supervised", "pseudo_label", "fixmatch")
+ARMS = ("supervised", "fixmatch", "pseudo_label")
 QUICK = ["train.max_steps=30", "train.eval_every=15", "data.limit=600", "data.labels_per_class=20"]
 
 
