@@ -1,9 +1,8 @@
 """Semi-supervised learning: a classifier also learns from the unlabeled pool of a few-label split.
 
 A Task wrapper (as distillation is): the Trainer's batches stay the labelled items; `collate`
-adds `ratio` (μ) × B items drawn at random from the unlabeled pool (torch's global generator,
-which the Trainer seeds and checkpoints: a resumed run draws what the straight run drew), in
-two views; `loss` adds `weight` (λ_u) × the unlabeled loss to the wrapped task's own loss
+adds `ratio` (μ) × B items drawn at random from the unlabeled pool (with replacement, from
+torch's global generator, which the Trainer seeds and saves in its checkpoints), in two views; `loss` adds `weight` (λ_u) × the unlabeled loss to the wrapped task's own loss
 
     ℓ_u = 1/(μB) · Σ_b 1[max p(y | weak_b) ≥ τ] · CE(argmax p(y | weak_b), logits(strong_b))
 
