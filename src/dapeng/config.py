@@ -37,6 +37,14 @@ class DataConfig(_Strict):
     eval_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     test_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     limit: int | None = Field(None, gt=0, description="use at most N records of each split, a seeded sample stratified by label (smoke runs)")
+    labels_per_class: int | None = Field(
+        None, gt=0, description="keep the labels of only N training records per class (seeded); the rest of "
+        "train becomes the unlabeled pool, labels dropped (`semi:` learns from it)",
+    )
+    labelled_fraction: float | None = Field(
+        None, gt=0.0, lt=1.0, description="keep the labels of this fraction of train, stratified and seeded; "
+        "the rest becomes the unlabeled pool",
+    )
     seed: int = 0
 
 
@@ -121,7 +129,8 @@ class TrainConfig(_Strict):
 
 
 class TransferConfig(_Strict):
-    """Perturbed copies of the training texts that the teacher labels too (`compress.distill.transfer_set`)."""
+    """Perturbed copies of texts (`dapeng.data.augment.perturbed_copies`): the transfer set a teacher
+    labels (`distill.transfer`), or the strong views of unlabeled texts (`semi.text`)."""
 
     copies: int = Field(0, ge=0, description="perturbed copies of each training text (0: none)")
     drop: float = Field(0.1, ge=0.0, lt=1.0, description="probability of dropping each word")
@@ -141,6 +150,36 @@ class DistillConfig(_Strict):
     transfer: TransferConfig = Field(default_factory=TransferConfig)
 
 
+class SemiImageConfig(_Strict):
+    """Views of an unlabeled image (`dapeng.data.augment`): weak = flip + crop; strong = weak, then
+    RandAugment (`ops` random operations at random magnitudes) and Cutout."""
+
+    hflip: bool = True
+    crop_padding: int = Field(2, ge=0, description="pixels of padding of the weak view's random crop")
+    ops: int = Field(2, ge=0, description="RandAugment operations per strong view")
+    cutout: float = Field(0.5, ge=0.0, lt=1.0, description="side of the strong view's Cutout square, as a fraction")
+
+
+def _strong_text() -> TransferConfig:
+    return TransferConfig(copies=4, drop=0.2, synonym=0.2)
+
+
+class SemiConfig(_Strict):
+    """Semi-supervised learning from the unlabeled pool (`data.labels_per_class` or `data.labelled_fraction`;
+    `dapeng.tasks.semi`): each training batch of B labelled items draws `ratio` x B unlabeled ones."""
+
+    method: Literal["fixmatch", "pseudo_label"] = Field(
+        "fixmatch", description="fixmatch: the weak view's confident prediction is the strong view's target; "
+        "pseudo_label: an unlabeled item's own confident prediction is its target",
+    )
+    threshold: float = Field(0.95, gt=0.0, le=1.0, description="confidence a prediction needs to become a target")
+    weight: float = Field(1.0, gt=0.0, description="weight of the unlabeled loss (lambda_u) next to the labelled loss")
+    ratio: int = Field(7, ge=1, description="unlabeled items per labelled item in a batch (mu)")
+    image: SemiImageConfig = Field(default_factory=SemiImageConfig)
+    text: TransferConfig = Field(default_factory=_strong_text,
+                                 description="strong views of unlabeled texts (the weak view is the text itself)")
+
+
 class RunConfig(_Strict):
     task: str
     task_options: dict[str, Any] = Field(default_factory=dict)
@@ -148,6 +187,7 @@ class RunConfig(_Strict):
     model: ModelConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     distill: DistillConfig | None = None
+    semi: SemiConfig | None = None
 
 
 # --------------------------------------------------------------------------- loading

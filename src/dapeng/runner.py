@@ -30,7 +30,7 @@ from dapeng.errors import CheckpointError, ConfigError
 __all__ = [
     "attach_wrappers", "build_model", "build_task", "build_task_and_model", "check_names", "encode_splits",
     "evaluate", "evaluate_splits", "finetune_kwargs", "load_run_config", "load_splits", "open_run_dir",
-    "run_trackers", "save_run_artifact", "train", "trainer_kwargs",
+    "run_trackers", "save_run_artifact", "split_facts", "train", "trainer_kwargs",
 ]
 
 CONFIG = "config.yaml"
@@ -144,23 +144,41 @@ def finetune_kwargs(cfg: RunConfig) -> dict[str, Any]:
 
 def encode_splits(task: Any, splits: Any) -> dict[str, list[Any]]:
     """Stage: every split's records through `task.encode`, once (the items are cached tensors)."""
-    return {name: task.encode(records) if records else [] for name, records in splits._asdict().items()}
+    return {name: task.encode(records) if records else [] for name, records in
+            ((name, getattr(splits, name)) for name in ("train", "eval", "test"))}
 
 
 def attach_wrappers(cfg: RunConfig, task: Any, splits: Any, items: dict[str, list[Any]]) -> tuple[Any, dict[str, Any]]:
-    """Stage: wrap the task for what rides along with its items — a teacher's logits (`distill:`).
+    """Stage: wrap the task for what rides along with its items — a teacher's logits (`distill:`),
+    the unlabeled pool (`semi:`, `dapeng.tasks.semi`).
 
     Returns the task to train (the wrapper, or `task`) and facts for the run's metrics;
     `items["train"]` may grow (the teacher's transfer set).
     """
-    if not cfg.distill:
-        return task, {}
-    from dapeng.compress.distill import attach_teacher
-    from dapeng.train.precision import resolve_device
+    facts: dict[str, Any] = {}
+    if cfg.distill:
+        from dapeng.compress.distill import attach_teacher
+        from dapeng.train.precision import resolve_device
 
-    task, items["train"], facts = attach_teacher(cfg.distill, task, splits.train, items["train"], splits.eval or (),
-                                                 str(resolve_device(cfg.train.device)), items["eval"])
+        task, items["train"], facts = attach_teacher(cfg.distill, task, splits.train, items["train"],
+                                                     splits.eval or (), str(resolve_device(cfg.train.device)),
+                                                     items["eval"])
+    if cfg.semi:
+        from dapeng.tasks.semi import attach_semi
+        from dapeng.train import distributed
+
+        task, semi_facts = attach_semi(cfg.semi, task, items["train"], splits.unlabeled, distributed.world().size)
+        facts.update(semi_facts)
     return task, facts
+
+
+def split_facts(cfg: RunConfig, splits: Any) -> dict[str, Any]:
+    """For the run's metrics, a few-label split's make and sizes: labelled `train_records`, `unlabeled_records`."""
+    d = cfg.data
+    if not (d.labels_per_class or d.labelled_fraction):
+        return {}
+    return {"labels_per_class": d.labels_per_class, "labelled_fraction": d.labelled_fraction,
+            "train_records": len(splits.train), "unlabeled_records": len(splits.unlabeled)}
 
 
 def open_run_dir(out: Path, config: RunConfig, resume: bool) -> None:
@@ -208,7 +226,7 @@ def save_run_artifact(out: Path, config: RunConfig, model: Any, precision: str, 
     model_dir = save_artifact(
         out / "model", model=model.to("cpu"), model_name=config.model.name, model_kwargs=model_kwargs,
         task_name=config.task, task_state=task.state(), metrics={"eval": metrics["eval"], "test": metrics["test"]},
-        card=_card_facts(config, metrics["train"]["trainable_fraction"]), parent=config.model.init,
+        card=_card_facts(config, metrics["train"]["trainable_fraction"], metrics["train"]), parent=config.model.init,
         precision=precision,
     )
     plot_curves(read_log(out / METRICS_LOG), out / "curves.png", title=f"{config.model.name} on {_data_name(config)}")
@@ -272,11 +290,14 @@ def train(
                       callbacks=[*finetune_callbacks, *trackers, *callbacks], **trainer_kwargs(config.train))
     summary = trainer.fit(items["train"], items["eval"] or None, resume=resume)
     trainer.load_best()
+    if hasattr(task, "fit_facts"):  # what a wrapper saw during training (semi: how many unlabeled items counted)
+        wrapper_facts.update(task.fit_facts())
 
     metrics = {"train": {k: v for k, v in summary.items() if v is not None}, **evaluate_splits(trainer, items, out)}
     metrics["train"].update(precision=trainer.precision, device=str(trainer.device), trainable_params=trainable,
                             trainable_fraction=trainable / max(total, 1),
-                            **{k: v for k, v in wrapper_facts.items() if v is not None})
+                            **{k: v for k, v in {**split_facts(config, splits), **wrapper_facts}.items()
+                               if v is not None})
     trained = trainer.export_model()  # gathers FSDP/TP shards: every rank takes part
     model_dir = out / "model"
     if here.is_main:
@@ -339,7 +360,7 @@ def _data_name(cfg: RunConfig) -> str:
     return cfg.data.dataset or (Path(cfg.data.train).name if cfg.data.train else "data")
 
 
-def _card_facts(cfg: RunConfig, trainable_fraction: float = 1.0) -> dict[str, str]:
+def _card_facts(cfg: RunConfig, trainable_fraction: float = 1.0, train: dict[str, Any] | None = None) -> dict[str, str]:
     facts = {"data": f"Trained on `{_data_name(cfg)}`"}
     m = cfg.model
     if m.init:
@@ -367,7 +388,21 @@ def _card_facts(cfg: RunConfig, trainable_fraction: float = 1.0) -> dict[str, st
                             f" Distilled from the teacher `{d.teacher}` ({d.loss} loss, alpha {d.alpha},"
                             f" temperature {d.temperature}).")
     facts["data"] += f" (seed {cfg.data.seed}{f', first {cfg.data.limit} records' if cfg.data.limit else ''})."
+    if cfg.data.labels_per_class or cfg.data.labelled_fraction:
+        facts["data"] += " " + _few_labels(cfg, train or {})
     return facts
+
+
+def _few_labels(cfg: RunConfig, train: dict[str, Any]) -> str:
+    """The card's sentence on a few-label split and what learnt from its unlabeled rest."""
+    d, semi = cfg.data, cfg.semi
+    kept = f"{d.labels_per_class} per class" if d.labels_per_class else f"{d.labelled_fraction:.1%} of them"
+    counts = (f" ({train['train_records']:,} records; {train['unlabeled_records']:,} more without their labels)"
+              if "train_records" in train and "unlabeled_records" in train else "")
+    used = (f"The unlabeled records were learnt from by {'FixMatch' if semi.method == 'fixmatch' else 'pseudo-labelling'}"
+            f" (confidence threshold {semi.threshold}, {semi.ratio} unlabeled per labelled item, weight {semi.weight})."
+            if semi else "The unlabeled records were not used.")
+    return f"Only the labels of a seeded, stratified few of the training records were kept: {kept}{counts}. {used}"
 
 
 def _check_run_dir(cfg: RunConfig, out: Path, has_checkpoint: bool, resume: bool) -> None:

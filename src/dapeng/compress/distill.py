@@ -180,52 +180,18 @@ def transfer_set(records: Sequence[dict[str, Any]], copies: int, drop: float = 0
                  seed: int = 0, ngram: float = 0.0) -> list[dict[str, Any]]:
     """`copies` perturbed versions of each text record, for the teacher to label (Tang et al. 2019).
 
-    Each word is dropped with probability `drop`, else replaced with probability `synonym` by
-    one of its GloVe-6B-50d nearest neighbours (cosine ≥ 0.7, among the words of the
-    records); then, with probability `ngram`, the copy is cut down to a random run of 1–5 of
-    its words (Tang et al.'s n-gram sampling: the teacher says what a phrase alone conveys).
-    The record keeps its label. The teacher's soft predictions on these texts show
-    the student how the decision moves around each training example, which plain labels
-    cannot. Deterministic for a seed (so the teacher's logits are cached across runs).
+    Word drops, GloVe-neighbour synonyms and n-gram cuts (Tang et al.'s n-gram sampling: the
+    teacher says what a phrase alone conveys): `dapeng.data.augment.perturbed_copies`. The
+    teacher's soft predictions on these texts show the student how the decision moves around
+    each training example, which plain labels cannot. Deterministic for a seed (so the
+    teacher's logits are cached across runs).
 
     Raises:
         ConfigError: the records hold no text.
     """
-    from dapeng.data.glove import glove_neighbours
+    from dapeng.data.augment import perturbed_copies
 
-    if any(not isinstance(r.get("text"), str) for r in records):
-        raise ConfigError("config key distill.transfer: perturbed copies need text records",
-                          "set distill.transfer.copies: 0 for other data")
-    split = [r["text"].split() for r in records]
-    vocab: dict[str, int] = {}
-    for words in split:
-        for w in words:
-            vocab.setdefault(w.lower(), len(vocab))
-    neighbours = glove_neighbours(vocab, len(vocab), 5, 0.7) if synonym else None
-    words_of = list(vocab)
-    rng = np.random.default_rng(seed)
-    out: list[dict[str, Any]] = []
-    for copy in range(copies):
-        for record, words in zip(records, split):
-            kept: list[str] = []
-            for w, u in zip(words, rng.random(len(words))):
-                if u < drop:
-                    continue
-                if neighbours is not None and u < drop + synonym:
-                    options = neighbours[vocab[w.lower()]]
-                    options = options[options >= 0]
-                    if len(options):
-                        w = words_of[int(options[rng.integers(len(options))])]
-                kept.append(w)
-            kept = kept or words
-            if ngram and rng.random() < ngram:  # drawn only when asked: copies without it stay as cached
-                n = int(rng.integers(1, 6))
-                start = int(rng.integers(0, max(1, len(kept) - n + 1)))
-                kept = kept[start : start + n]
-            text = " ".join(kept)
-            source = record.get("_source")
-            out.append({**record, "text": text, **({"_source": f"{source} (copy {copy + 1})"} if source else {})})
-    return out
+    return perturbed_copies(records, copies, drop, synonym, seed, ngram, key="distill.transfer")
 
 
 def cached_logits(teacher: Any, records: Sequence[dict[str, Any]], batch_size: int = 64,

@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 from dapeng.config import DataConfig
 from dapeng.data.catalog import grouped_split, load_dataset, stratified_split
 from dapeng.data.readers import iter_labels, read_records
-from dapeng.errors import ConfigError
+from dapeng.errors import ConfigError, DataError
 from dapeng.records import Record
 
 
 class Splits(NamedTuple):
-    """The records of one run; `test` may be an empty list."""
+    """The records of one run; `test` may be an empty list; `unlabeled` is the pool a few-label
+    split (`data.labels_per_class`, `data.labelled_fraction`) leaves, its labels dropped."""
 
     train: list[Record]
     eval: list[Record]
     test: list[Record]
+    unlabeled: Sequence[Record] = ()
 
 
 def _read(path: Path, cfg: DataConfig) -> list[Record]:
@@ -44,7 +48,8 @@ def load_splits(cfg: DataConfig) -> Splits:
     files, a seeded stratified split of `train` by `eval_fraction` (and `test_fraction`)
     provides them; records that all carry a `"doc"` (a CoNLL file's `-DOCSTART-` documents, a
     JSONL field) are split as whole documents. `limit` caps every split at that many records, a seeded sample stratified by label
-    (smoke runs).
+    (smoke runs). Then `labels_per_class` / `labelled_fraction` keep the labels of a few training
+    records (`few_label_split`) and make the rest the unlabeled pool.
     """
     if cfg.dataset and cfg.train:
         raise ConfigError(
@@ -70,7 +75,49 @@ def load_splits(cfg: DataConfig) -> Splits:
         )
     if cfg.limit:
         train, eval_, test = (_sample(part, cfg.limit, cfg.seed) for part in (train, eval_, test))
+    if cfg.labels_per_class and cfg.labelled_fraction:
+        raise ConfigError("data.labels_per_class and data.labelled_fraction are both set", "keep one of them")
+    if cfg.labels_per_class or cfg.labelled_fraction:
+        train, unlabeled = few_label_split(train, cfg.labels_per_class, cfg.labelled_fraction, cfg.seed)
+        return Splits(train, eval_, test, unlabeled)
     return Splits(train, eval_, test)
+
+
+def few_label_split(records: list[Record], per_class: int | None = None, fraction: float | None = None,
+                    seed: int = 0) -> tuple[list[Record], list[Record]]:
+    """The labelled few and the unlabeled rest of `records`, seeded and stratified by label.
+
+    Args:
+        records: labelled training records.
+        per_class: keep exactly this many labelled records of every class.
+        fraction: else keep this fraction of the records, each class in proportion.
+        seed: the same seed gives the same split.
+
+    Returns:
+        `(labelled, unlabeled)`: the kept records as they are, and the others without their
+        `label` (nothing downstream can read it).
+
+    Raises:
+        DataError: a class has fewer than `per_class` records.
+    """
+    labels = list(iter_labels(records))
+    if per_class:
+        order = stratified_split(labels, [], seed)[0]  # the seeded order every split of this seed shares
+        by_class: dict[str, list[int]] = defaultdict(list)
+        for i in order:
+            by_class[str(labels[i])].append(i)
+        short = {label: len(ix) for label, ix in by_class.items() if len(ix) < per_class}
+        if short:
+            label, n = min(short.items(), key=lambda kv: kv[1])
+            raise DataError(f"data.labels_per_class: class {label!r} has only {n} training records, not {per_class}",
+                            "lower data.labels_per_class (or data.limit cut the training split)")
+        rank = {i: n for n, i in enumerate(order)}
+        kept = sorted((i for ix in by_class.values() for i in ix[:per_class]), key=rank.__getitem__)
+    else:
+        kept = stratified_split(labels, [float(fraction)], seed)[1]
+    chosen = set(kept)
+    pool = [{k: v for k, v in r.items() if k != "label"} for i, r in enumerate(records) if i not in chosen]
+    return [records[i] for i in kept], pool
 
 
 def _sample(records: list[Record], limit: int, seed: int) -> list[Record]:
