@@ -37,6 +37,8 @@ class DataConfig(_Strict):
     eval_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     test_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     limit: int | None = Field(None, gt=0, description="use at most N records of each split, a seeded sample stratified by label (smoke runs)")
+    unlabeled: bool = Field(False, description="drop the labels: the text (or images) only, for self-supervised "
+                            "pretraining (masked-lm, causal-lm, contrastive) on a labelled data set's own splits")
     seed: int = 0
 
 

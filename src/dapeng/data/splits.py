@@ -70,7 +70,25 @@ def load_splits(cfg: DataConfig) -> Splits:
         )
     if cfg.limit:
         train, eval_, test = (_sample(part, cfg.limit, cfg.seed) for part in (train, eval_, test))
+    if cfg.unlabeled:
+        train, eval_, test = (_without_labels(part) for part in (train, eval_, test))
     return Splits(train, eval_, test)
+
+
+def _without_labels(records: list[Record] | None) -> list[Record] | None:
+    """The records without their targets: what self-supervised pretraining may see of a labelled set.
+
+    Tagged sentences (`tokens`) become text too: their words joined by spaces.
+    """
+    if records is None:
+        return None
+    out = []
+    for r in records:
+        kept = {k: v for k, v in r.items() if k not in ("label", "tags")}
+        if "text" not in kept and isinstance(kept.get("tokens"), list):
+            kept["text"] = " ".join(kept["tokens"])
+        out.append(kept)
+    return out
 
 
 def _sample(records: list[Record], limit: int, seed: int) -> list[Record]:

@@ -13,6 +13,8 @@ BUILTIN_TASKS: dict[str, str] = {
     "image-classification": "dapeng.tasks.image_classification:ImageClassificationTask",
     "sentence-embedding": "dapeng.tasks.embedding:SentenceEmbedding",
     "causal-lm": "dapeng.tasks.causal_lm:CausalLM",
+    "masked-lm": "dapeng.tasks.masked_lm:MaskedLM",
+    "contrastive": "dapeng.tasks.contrastive:Contrastive",
 }
 for _name, _target in BUILTIN_TASKS.items():
     TASKS.register(_name, _target)
