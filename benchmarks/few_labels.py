@@ -99,7 +99,7 @@ def classifier_config(pretrain: Any, init: Path | None, quick: bool) -> Any:
         "model": {"name": pretrain.model.name,
                   "kwargs": {k: shape[k] for k in ("pooling", "dropout")} if init else shape,
                   "init": str(init) if init else None},
-        "train": {"epochs": 1 if quick else 3, "batch_size": 64, "max_steps": 20 if quick else None,
+        "train": {"epochs": 1 if quick else 2, "batch_size": 64, "max_steps": 20 if quick else None,
                   "optimizer": {"name": "adamw", "lr": 1.0e-3, "weight_decay": 0.01},
                   "schedule": {"name": "cosine", "warmup_steps": 100}, "grad_clip": 1.0,
                   "monitor": "eval/accuracy", "seed": 0},
