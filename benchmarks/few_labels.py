@@ -84,7 +84,7 @@ def run_facts(run: Path, seconds: float | None) -> dict[str, Any]:
 # ---------------------------------------------------------------- mlm
 
 
-def classifier_config(pretrain: Any, init: Path | None, quick: bool) -> Any:
+def classifier_config(pretrain: Any, init: Path | None, quick: bool, epochs: int = 2) -> Any:
     """The rotten-tomatoes classifier: the pretraining example's encoder shape, from scratch or from `init`."""
     from dapeng.config import validate_config
 
@@ -99,7 +99,7 @@ def classifier_config(pretrain: Any, init: Path | None, quick: bool) -> Any:
         "model": {"name": pretrain.model.name,
                   "kwargs": {k: shape[k] for k in ("pooling", "dropout")} if init else shape,
                   "init": str(init) if init else None},
-        "train": {"epochs": 1 if quick else 2, "batch_size": 64, "max_steps": 20 if quick else None,
+        "train": {"epochs": 1 if quick else epochs, "batch_size": 64, "max_steps": 20 if quick else None,
                   "optimizer": {"name": "adamw", "lr": 1.0e-3, "weight_decay": 0.01},
                   "schedule": {"name": "cosine", "warmup_steps": 100}, "grad_clip": 1.0,
                   "monitor": "eval/accuracy", "seed": 0},
@@ -117,7 +117,7 @@ def section_mlm(args: argparse.Namespace) -> dict[str, Any]:
                                                "eval_masked_accuracy": mlm_metrics["eval"].get("masked_accuracy"),
                                                "eval_perplexity": mlm_metrics["eval"].get("perplexity")}}
     for key, init in (("scratch", None), ("mlm_pretrained", mlm_run)):
-        run, seconds = trained_run(classifier_config(pretrain, init, args.quick),
+        run, seconds = trained_run(classifier_config(pretrain, init, args.quick, args.classifier_epochs),
                                    args.runs / f"rotten-tomatoes-classifier-{key}{suffix}")
         metrics = json.loads((run / "metrics.json").read_text())
         out[key] = {"test_accuracy": metrics["test"]["accuracy"], "test_macro_f1": metrics["test"]["macro_f1"],
@@ -159,12 +159,15 @@ def section_simclr(args: argparse.Namespace) -> dict[str, Any]:
     from dapeng.tasks.contrastive import linear_probe
 
     suffix = "-quick" if args.quick else ""
-    config = example_config("fashion-mnist-simclr", args.quick)
+    steps = [f"train.max_steps={args.simclr_steps}"] if args.simclr_steps and not args.quick else []
+    config = example_config("fashion-mnist-simclr", args.quick, steps)
     run, seconds = trained_run(config, args.runs / f"fashion-mnist-simclr{suffix}")
     splits = load_dataset("fashion-mnist")
     train, test = splits["train"], splits["test"]
     if args.quick:
         train, test = train[:600], test[:300]
+    if args.probe_train:
+        train = train[: args.probe_train]
     y_train, y_test = labels_of(train), labels_of(test)
     pipe = dapeng.load(run, precision="fp32")
     task = pipe.task
@@ -228,6 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch and BLAS threads")
     parser.add_argument("--runs", type=Path, default=Path("runs/bench-few-labels"),
                         help="where the models are trained (finished runs of the same config are reused)")
+    parser.add_argument("--classifier-epochs", type=int, default=2, help="mlm: epochs of both classifiers")
+    parser.add_argument("--simclr-steps", type=int, default=None,
+                        help="simclr: stop the pretraining after this many steps (default: the example's epochs)")
+    parser.add_argument("--probe-train", type=int, default=None,
+                        help="simclr: fit the probes on the first N train images (default: all 55,000)")
     args = parser.parse_args(argv)
 
     import torch
