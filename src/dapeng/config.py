@@ -45,6 +45,8 @@ class DataConfig(_Strict):
         None, gt=0.0, lt=1.0, description="keep the labels of this fraction of train, stratified and seeded; "
         "the rest becomes the unlabeled pool",
     )
+    unlabeled: bool = Field(False, description="drop the labels: the text (or images) only, for self-supervised "
+                            "pretraining (masked-lm, causal-lm, contrastive) on a labelled data set's own splits")
     seed: int = 0
 
 

@@ -251,7 +251,7 @@ class Pipeline:
         if batch_size < 1:
             raise DapengError(f"batch_size must be at least 1, not {batch_size}")
         self.require("predict")
-        if self.capabilities.output == "vector":  # an encoder predicts its embeddings
+        if self.capabilities.output == "vector" and self.capabilities.supports("embed"):  # a text encoder's embeddings
             field = self.input_field
             return list(self.embed([r[field] for r in records], batch_size=batch_size))
         outputs: list[Any] = [None] * len(records)

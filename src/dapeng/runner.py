@@ -343,8 +343,10 @@ def evaluate(
     if not records:
         raise ConfigError(f"the run's data has no {split!r} split", "try --split eval")
     items = artifact.task.encode(records)
+    # the run's own evaluation batches: a contrastive loss depends on how many negatives a batch holds
+    size = batch_size or cfg.train.eval_batch_size or 2 * cfg.train.batch_size
     trainer = Trainer(artifact.model, artifact.task, precision=precision or trained_precision(artifact.meta),
-                      device=cfg.train.device, batch_size=batch_size or cfg.train.eval_batch_size or cfg.train.batch_size)
+                      device=cfg.train.device, batch_size=size, eval_batch_size=size)
     return {"precision": trainer.precision, "metrics": _strip(trainer.evaluate(items, prefix=split))}
 
 

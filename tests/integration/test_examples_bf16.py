@@ -86,13 +86,17 @@ def test_example_in_bf16_by_default(config, tmp_path, capsys, request):
         assert evaluated["metrics"].pop("loss") == pytest.approx(reported.pop("loss"), rel=5e-2)
     assert evaluated["metrics"] == pytest.approx(reported, rel=1e-3, abs=1e-4)
 
-    image = spec["task"] == "image-classification"
+    pipe = dapeng.load(run)
+    image = pipe.capabilities.input == "image"  # by its declaration: a contrastive task takes either
     sample = str(_fashion_image(tmp_path)) if image else TEXT
     assert main(["predict", str(run), sample, "--json"]) == 0
     predicted = json.loads(capsys.readouterr().out.strip().splitlines()[0])["prediction"]
-    pipe = dapeng.load(run)
     tags = pipe.capabilities.output == "tags"
     assert pipe.precision == "bf16"
+    if pipe.capabilities.output == "vector":  # a pretrained backbone: its features, served the same
+        assert np.isfinite(np.asarray(predicted, dtype=float)).all()
+        _check_served_vector(pipe, _image_list(sample) if image else TEXT, predicted)
+        return
     if tags:
         assert predicted["tokens"] == TEXT.replace(",", " ,").split() and set(predicted["tags"]) <= set(pipe.labels)
     else:
@@ -163,6 +167,15 @@ def _image_list(path: str) -> list:
     from PIL import Image
 
     return np.asarray(Image.open(path)).tolist()
+
+
+def _check_served_vector(pipe, raw, predicted: list) -> None:
+    import httpx
+
+    with _served(pipe) as url:
+        reply = httpx.post(f"{url}/v1/models/ex:predict", json={"instances": [raw]}, timeout=60)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["predictions"][0] == pytest.approx(predicted, abs=1e-2)
 
 
 def _served(pipeline):

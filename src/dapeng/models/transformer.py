@@ -11,12 +11,14 @@ Module names mirror BERT's so converted checkpoints (e.g. MiniLM-L6) load one-to
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dapeng.errors import ModelError
 from dapeng.layers.attention import padding_mask
 from dapeng.layers.blocks import EncoderBlock
 from dapeng.layers.crf import CRF
+from dapeng.layers.feedforward import _ACTIVATIONS
 from dapeng.layers.pooling import pool_sequence
 from dapeng.layers.positions import LearnedPositions
 
@@ -44,6 +46,28 @@ class Embeddings(nn.Module):
         return self.dropout(self.norm(x))
 
 
+class MaskedLMHead(nn.Module):
+    """BERT's MLM head: dense + activation + LayerNorm, then a decoder tied to the word embeddings.
+
+    The decoder has only its own bias: its weight is the (V, D) input embedding table,
+    passed in at call time, so the head adds D² + 3D + V parameters, not another V × D.
+    """
+
+    def __init__(self, hidden: int, vocab_size: int, eps: float, activation: str) -> None:
+        super().__init__()
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; choose one of {sorted(_ACTIVATIONS)}")
+        self.dense = nn.Linear(hidden, hidden)
+        self.activation = activation
+        self.norm = nn.LayerNorm(hidden, eps=eps)
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, hidden: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        """(N, D) hidden states, (V, D) embedding table → (N, V) token logits."""
+        x = self.norm(_ACTIVATIONS[self.activation](self.dense(hidden)))  # (N, D)
+        return F.linear(x, embedding, self.bias)  # (N, V)
+
+
 class TransformerEncoder(nn.Module):
     """BERT-layout encoder with a pooling + linear head.
 
@@ -64,6 +88,9 @@ class TransformerEncoder(nn.Module):
         activation: feed-forward activation ("gelu": exact erf, as BERT).
         crf: with pooling="none", carry a `CRF` over the per-token logits (`self.crf`, None otherwise)
             for the tagging task to train and decode with; `forward` still returns the logits.
+        mlm_head: carry a `MaskedLMHead` tied to the word embeddings (`self.mlm`, None otherwise)
+            for masked-LM pretraining (`mlm_logits`); a run that starts from such a model
+            (`model.init`) for another task leaves it behind.
     """
 
     def __init__(
@@ -83,6 +110,7 @@ class TransformerEncoder(nn.Module):
         pooling: str = "mean",
         activation: str = "gelu",
         crf: bool = False,
+        mlm_head: bool = False,
     ) -> None:
         super().__init__()
         if pooling not in ("cls", "mean", "max", "none"):
@@ -102,6 +130,9 @@ class TransformerEncoder(nn.Module):
         self.head = nn.Linear(hidden, num_labels)
         self.apply(_init_bert)
         self.crf: CRF | None = CRF(num_labels) if crf else None
+        self.mlm = MaskedLMHead(hidden, vocab_size, layer_norm_eps, activation) if mlm_head else None
+        if self.mlm is not None:
+            _init_bert(self.mlm.dense)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embeddings.word
@@ -135,6 +166,12 @@ class TransformerEncoder(nn.Module):
         attention_mask = _drop_if_unpadded(attention_mask)
         x = self.encode(input_ids, attention_mask, token_type_ids)
         return pool_sequence(x, attention_mask.bool() if attention_mask is not None else None, self.pooling)
+
+    def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (N, D) of the positions to predict → (N, V) vocabulary logits."""
+        if self.mlm is None:
+            raise ModelError("this transformer has no masked-LM head", "build it with mlm_head: true")
+        return self.mlm(hidden, self.embeddings.word.weight)
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(features))  # (B, K) or (B, T, K)

@@ -14,6 +14,8 @@ BUILTIN_TASKS: dict[str, str] = {
     "sentence-embedding": "dapeng.tasks.embedding:SentenceEmbedding",
     "causal-lm": "dapeng.tasks.causal_lm:CausalLM",
     "topic-model": "dapeng.tasks.topic_model:TopicModelTask",
+    "masked-lm": "dapeng.tasks.masked_lm:MaskedLM",
+    "contrastive": "dapeng.tasks.contrastive:Contrastive",
 }
 for _name, _target in BUILTIN_TASKS.items():
     TASKS.register(_name, _target)

@@ -82,6 +82,10 @@ class ImageClassificationTask(ClassificationTask):
 
     def setup(self, train: Sequence[Record]) -> None:
         self.set_labels(label_list(train), train)
+        self.fit_images(train)
+
+    def fit_images(self, train: Sequence[Record]) -> None:
+        """Learn the channel count, the size and the per-channel mean/std of the training images."""
         shapes = {_to_array(r.get("image"), r, i).shape for i, r in enumerate(train)}
         self.in_channels = 3 if any(len(s) == 3 and s[2] >= 3 for s in shapes) else 1
         if self.options.image_size:
@@ -127,7 +131,7 @@ class ImageClassificationTask(ClassificationTask):
 
     def encode(self, records: Sequence[Record]) -> list[dict[str, Any]]:
         """Items `{"image": uint8 (C, S, S)[, "label": long]}`; an unknown label raises a DataError naming it."""
-        if not self.labels:
+        if not self.image_size:
             raise DataError(
                 "image-classification: encode before setup", "call setup(train) or from_state(state)"
             )

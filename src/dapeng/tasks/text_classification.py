@@ -62,10 +62,13 @@ class TextClassificationTask(ClassificationTask):
     # -- setup ----------------------------------------------------------------------------
 
     def setup(self, train: Sequence[Record]) -> None:
+        self.set_labels(label_list(train), train)
+        self.fit_tokenizer([self._text(r, i) for i, r in enumerate(train)])
+
+    def fit_tokenizer(self, texts: Sequence[str]) -> None:
+        """Learn the tokenizer from the training texts, or load `tokenizer_path`."""
         from dapeng.data.tokenizers import load_tokenizer, train_tokenizer
 
-        self.set_labels(label_list(train), train)
-        texts = [self._text(r, i) for i, r in enumerate(train)]
         if self.options.tokenizer_path:
             self.tokenizer = load_tokenizer(self.options.tokenizer_path)
         else:
