@@ -129,7 +129,7 @@ class QAOptions(WordOptions):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_length: int = Field(256, ge=16, description="positions per window: [CLS] question [SEP] context [SEP]")
+    max_length: int = Field(256, ge=8, description="positions per window: [CLS] question [SEP] context [SEP]")
     stride: int = Field(64, ge=0, description="context tokens two neighbouring windows share")
     max_question_length: int = Field(64, ge=1, description="question tokens kept (the rest is cut)")
     max_answer_length: int = Field(30, ge=1, description="longest answer, in tokens")
