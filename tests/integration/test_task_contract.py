@@ -87,6 +87,14 @@ CASES: dict[str, Case] = {
         "lm", {"hidden": 16, "layers": 1, "heads": 2, "kv_heads": 1, "intermediate": 32, "max_positions": 32},
         ["the film"],
     ),
+    "question-answering": Case(
+        {"tokenizer": "word", "max_length": 16, "stride": 2},
+        lambda: [{"question": f"which {t.split()[-1]}", "context": t,
+                  "answers": [{"text": t.split()[1], "answer_start": t.index(" ") + 1}]} for t in TEXTS],
+        "transformer", {**TINY_ENCODER, "pooling": "none"},
+        [{"question": "what was it", "context": "the film was good"},
+         {"question": "which story", "context": " ".join(TEXTS[:3])}],  # the second one in several windows
+    ),
 }
 
 

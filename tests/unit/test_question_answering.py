@@ -224,3 +224,49 @@ def test_a_file_that_is_not_squad_says_so(tmp_path):
     path.write_text('{"data": [')
     with pytest.raises(DataError, match="invalid JSON"):
         read_squad(path)
+
+
+# ---------------------------------------------------------------- the Pipeline and the command line
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    from dapeng.hub.artifact import save_artifact
+
+    torch.manual_seed(0)
+    records = [{"question": "which", "context": "alpha beta gamma", "answers": [{"text": "beta", "answer_start": 6}]}]
+    task = TASKS.create("question-answering", tokenizer="word", max_length=16)
+    task.setup(records)
+    kwargs = {**task.model_kwargs(), "hidden": 16, "layers": 1, "heads": 2, "intermediate": 32, "max_positions": 16}
+    model = MODELS.create("transformer", **kwargs).eval()
+    return save_artifact(tmp_path_factory.mktemp("qa") / "model", model=model, model_name="transformer",
+                         model_kwargs=kwargs, task_name="question-answering", task_state=task.state(),
+                         precision="fp32")
+
+
+def test_the_pipeline_takes_question_records_and_refuses_a_bare_question(artifact):
+    from dapeng.pipeline import InputError, load
+
+    pipe = load(artifact)
+    assert pipe.capabilities.fields == ("question", "context")
+    answer = pipe.predict({"question": "which", "context": "alpha beta gamma"})
+    assert set(answer) == {"answer", "score", "start", "end"} and answer["answer"] in "alpha beta gamma"
+    with pytest.raises(InputError, match="input 0 must be a record with the fields question, context"):
+        pipe.predict("which")
+    with pytest.raises(InputError, match=r"input 0.context must be a string"):
+        pipe.predict({"question": "which", "context": 3})
+
+
+def test_predict_cli_asks_questions_of_a_context_file_or_reads_json_records(artifact, tmp_path, capsys):
+    from dapeng.cli.main import main
+
+    story = tmp_path / "story.txt"
+    story.write_text("alpha beta gamma")
+    assert main(["predict", str(artifact), "--context", str(story), "which", "--json"]) == 0
+    by_file = json.loads(capsys.readouterr().out)
+    assert by_file["question"] == "which" and by_file["context"] == "alpha beta gamma"
+    record = json.dumps({"question": "which", "context": "alpha beta gamma"})
+    assert main(["predict", str(artifact), record, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["prediction"] == by_file["prediction"]
+    assert main(["predict", str(artifact), "which"]) == 2
+    assert "a question needs a context" in capsys.readouterr().err
