@@ -270,3 +270,21 @@ def test_predict_cli_asks_questions_of_a_context_file_or_reads_json_records(arti
     assert json.loads(capsys.readouterr().out)["prediction"] == by_file["prediction"]
     assert main(["predict", str(artifact), "which"]) == 2
     assert "a question needs a context" in capsys.readouterr().err
+
+
+def test_v2_reads_a_bytes_tensor_per_field_into_records():
+    from dapeng.errors import DapengError
+    from dapeng.serve import v2
+    from dapeng.serve.schemas import V2Tensor
+    from dapeng.tasks.question_answering import QuestionAnswering
+
+    caps = QuestionAnswering.capabilities
+    assert [s.name for s in v2.input_specs(caps)] == ["question", "context"]
+    tensors = [V2Tensor(name="context", shape=[2], datatype="BYTES", data=["alpha beta", "gamma"]),
+               V2Tensor(name="question", shape=[2], datatype="BYTES", data=["which", "what"])]
+    assert v2.instances_from(tensors, caps, 8) == [{"context": "alpha beta", "question": "which"},
+                                                   {"context": "gamma", "question": "what"}]
+    with pytest.raises(DapengError, match=r"expected the tensors \['question', 'context'\]"):
+        v2.instances_from(tensors[:1], caps, 8)
+    with pytest.raises(DapengError, match="must hold as many rows each"):
+        v2.instances_from([tensors[0], V2Tensor(name="question", shape=[1], datatype="BYTES", data=["q"])], caps, 8)
