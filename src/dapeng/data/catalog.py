@@ -319,7 +319,7 @@ CATALOG: dict[str, DatasetEntry] = {
             ),
             loader="dapeng.data.brown_qa:brown_qa",
             # Whole documents, as brown-pos: no passage of a test document is seen in training.
-            splits=SplitSpec(eval=0.1, test=0.1, stratify="genre", group="doc"),
+            splits=SplitSpec(eval=0.05, test=0.1, stratify="genre", group="doc"),
             citation="Francis & Kučera (1964/1979), Brown Corpus Manual; Pennington et al. (2014), GloVe",
             notes="the paraphrases need glove-6b-50d (fetched on first load); the cloze before paraphrasing is "
             "kept in each record's 'cloze' field; building takes ~1 min (GloVe neighbours)",
