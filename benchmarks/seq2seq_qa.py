@@ -11,7 +11,7 @@ so string matching can't find the sentence. dapeng's models are the example conf
 (a finished run of the same config is reused), then run over the test split through
 `dapeng.load(run).predict` (`--quick`), or on the full split read from the run's own test metrics
 (`RUN/metrics.json`: the Trainer's pass over the same canonical test split, decoded and scored the
-same way), since a second pass of MiniLM over 1,149 passages costs ~10 minutes of a busy CPU.
+same way), since a second pass of MiniLM over the test passages costs ~10 minutes of a busy CPU.
 
 `lexical_overlap` is the sliding-window baseline (Richardson et al. 2013, as in the SQuAD paper):
 every span of 1-4 context tokens that holds no question word and neither starts nor ends on a

@@ -295,7 +295,7 @@ CATALOG: dict[str, DatasetEntry] = {
         ),
         DatasetEntry(
             name="brown-qa",
-            description="12,610 extractive questions on Brown corpus passages (5 sentences): the answer is a "
+            description="15,117 extractive questions on Brown corpus passages (3 sentences): the answer is a "
             "proper-noun phrase the POS tags mark, the question its sentence with the phrase as 'what' and "
             "every content word replaced by a GloVe neighbour of another stem, so the question shares no "
             "content word with the sentence it asks about (dapeng.data.brown_qa)",
