@@ -288,3 +288,22 @@ def test_v2_reads_a_bytes_tensor_per_field_into_records():
         v2.instances_from(tensors[:1], caps, 8)
     with pytest.raises(DapengError, match="must hold as many rows each"):
         v2.instances_from([tensors[0], V2Tensor(name="question", shape=[1], datatype="BYTES", data=["q"])], caps, 8)
+
+
+@pytest.mark.data
+def test_brown_qa_is_split_by_document_and_paraphrases_every_content_word():
+    from dapeng.data.brown_qa import _CONTENT, _base
+    from dapeng.data.catalog import load_dataset
+
+    splits = load_dataset("brown-qa")
+    docs = {name: {r["doc"] for r in records} for name, records in splits.items()}
+    assert not docs["train"] & docs["test"] and not docs["eval"] & docs["test"]
+    for record in splits["test"][:200]:
+        answer = record["answers"][0]
+        assert record["context"][answer["answer_start"] :].startswith(answer["text"])
+        cloze, question = record["cloze"].split(), record["question"].split()
+        assert len(cloze) == len(question) and "what" in cloze
+    # the paraphrase changed most words the cloze keeps from its sentence
+    changed = sum(c != q for r in splits["test"] for c, q in zip(r["cloze"].split(), r["question"].split()))
+    assert changed / sum(len(r["cloze"].split()) for r in splits["test"]) > 0.25
+    assert _CONTENT.match(_base("NNS-TL")) and not _CONTENT.match(_base("NP"))
