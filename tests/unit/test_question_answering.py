@@ -307,3 +307,21 @@ def test_brown_qa_is_split_by_document_and_paraphrases_every_content_word():
     changed = sum(c != q for r in splits["test"] for c, q in zip(r["cloze"].split(), r["question"].split()))
     assert changed / sum(len(r["cloze"].split()) for r in splits["test"]) > 0.25
     assert _CONTENT.match(_base("NNS-TL")) and not _CONTENT.match(_base("NP"))
+
+
+def test_train_step_and_predict_under_bf16(artifact):
+    from dapeng.pipeline import Pipeline, load
+    from dapeng.train.precision import autocast
+
+    pipe = load(artifact)
+    record = {"question": "which", "context": "alpha beta gamma", "answers": [{"text": "beta", "answer_start": 6}]}
+    model = pipe.model.train()
+    batch = pipe.task.collate(pipe.task.encode([record]))
+    with autocast("bf16", torch.device("cpu")):
+        loss, _ = pipe.task.loss(model, batch)
+    loss.backward()
+    assert torch.isfinite(loss) and any(p.grad is not None for p in model.parameters())
+    model.zero_grad(set_to_none=True)
+    bf16 = Pipeline(model.eval(), pipe.task, precision="bf16", device="cpu")
+    answer = bf16.predict({"question": "which", "context": "alpha beta gamma"})
+    assert answer["answer"] in "alpha beta gamma" and 0.0 <= answer["score"] <= 1.0
