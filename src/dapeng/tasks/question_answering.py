@@ -8,7 +8,7 @@ Encoding: the question and the context are tokenized apart (the context with its
 offsets) and put together the way BERT reads a pair, `[CLS] question [SEP] context [SEP]`,
 token types 0 then 1. A context longer than `max_length` leaves is cut into windows that
 overlap by `stride` tokens, each window paired with the whole question (cut to
-`max_question_length`), in training as at inference. A window trains on the answer's first
+`max_question_length`, and to half a window), in training as at inference. A window trains on the answer's first
 and last tokens when it holds the whole answer, else on [CLS] ("not in this window").
 
 The model is any encoder that gives two scores per token, (R, T, 2): `transformer` with
@@ -131,7 +131,8 @@ class QAOptions(WordOptions):
 
     max_length: int = Field(256, ge=8, description="positions per window: [CLS] question [SEP] context [SEP]")
     stride: int = Field(64, ge=0, description="context tokens two neighbouring windows share")
-    max_question_length: int = Field(64, ge=1, description="question tokens kept (the rest is cut)")
+    max_question_length: int = Field(64, ge=1, description="question tokens kept (the rest is cut; at most "
+                                     "half of max_length)")
     max_answer_length: int = Field(30, ge=1, description="longest answer, in tokens")
     no_answer: bool | None = Field(None, description="SQuAD v2: may answer \"\"; default: when some training "
                                    "question has no answers")
@@ -250,7 +251,9 @@ class QuestionAnswering:
             golds.append(_answers(record, i, contexts[-1]))
         q_encodings = self.tokenizer.encode_batch(questions, add_special_tokens=False)
         c_encodings = self.tokenizer.encode_batch(contexts, add_special_tokens=False)
-        return [self._item(q.ids[: self.options.max_question_length], c.ids, c.offsets, context, answers)
+        # at most half a window for the question, so every window holds some context
+        keep = min(self.options.max_question_length, self.options.max_length // 2)
+        return [self._item(q.ids[:keep], c.ids, c.offsets, context, answers)
                 for q, c, context, answers in zip(q_encodings, c_encodings, contexts, golds)]
 
     def windows(self, n_context: int, n_question: int) -> list[tuple[int, int]]:
