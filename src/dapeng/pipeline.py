@@ -185,7 +185,8 @@ class Pipeline:
         Texts are strings (or `{"text": ...}` records); images are file paths, encoded bytes,
         `{"b64": ...}`, numpy arrays or nested lists of pixel values (H, W[, C]); tokens are
         lists of words, or a sentence, split into words with their character offsets into it
-        (`{"tokens": words, "offsets": [(start, end), ...], "sentence": text}`).
+        (`{"tokens": words, "offsets": [(start, end), ...], "sentence": text}`); a question is a
+        record of the strings its task's `Capabilities.fields` name (`{"question", "context"}`).
 
         Args:
             max_chars: longest text accepted.
@@ -198,6 +199,16 @@ class Pipeline:
 
     def _record(self, raw: Any, index: int, max_chars: int | None, allow_paths: bool) -> dict[str, Any]:
         field = self.input_field
+        fields = self.capabilities.fields
+        if len(fields) > 1:  # e.g. {"question", "context"}: each one a string of its own
+            if not isinstance(raw, dict) or any(f not in raw for f in fields):
+                shape = ", ".join(f"{f!r}: ..." for f in fields)
+                raise InputError(f"input {index} must be a record with the fields {', '.join(fields)}",
+                                 f"send {{{shape}}}", (index,))
+            record = {k: v for k, v in raw.items() if k not in _TARGET_KEYS}
+            for f in fields:
+                record[f] = self._value(raw[f], (index, f), max_chars, allow_paths)
+            return record
         if isinstance(raw, dict) and not _is_b64(raw):
             if field not in raw:
                 raise InputError(f"input {index} has no {field!r} field", f"send {{{field!r}: ...}}", (index,))

@@ -51,7 +51,7 @@ def _slice(spec: dict) -> list[str]:
     """Overrides that make a text example's inputs and vocabulary small (same code paths)."""
     options = spec.get("task_options") or {}
     out = []
-    if spec["task"] == "text-classification":
+    if spec["task"] in ("text-classification", "question-answering"):
         out += ["--set", "task_options.max_length=32"]
     if options.get("glove_vocab"):  # GloVe's nearest neighbours of 100k words take a minute
         out += ["--set", "task_options.glove_vocab=3000"]
@@ -88,8 +88,12 @@ def test_example_in_bf16_by_default(config, tmp_path, capsys, request):
 
     pipe = dapeng.load(run)
     image = pipe.capabilities.input == "image"  # by its declaration: a contrastive task takes either
+    span = pipe.capabilities.output == "span"
     sample = str(_fashion_image(tmp_path)) if image else TEXT
-    assert main(["predict", str(run), sample, "--json"]) == 0
+    if span:
+        assert main(["predict", str(run), "--context", TEXT, "what was the film ?", "--json"]) == 0
+    else:
+        assert main(["predict", str(run), sample, "--json"]) == 0
     predicted = json.loads(capsys.readouterr().out.strip().splitlines()[0])["prediction"]
     tags = pipe.capabilities.output == "tags"
     assert pipe.precision == "bf16"
@@ -97,22 +101,26 @@ def test_example_in_bf16_by_default(config, tmp_path, capsys, request):
         assert np.isfinite(np.asarray(predicted, dtype=float)).all()
         _check_served_vector(pipe, _image_list(sample) if image else TEXT, predicted)
         return
-    if tags:
+    if span:
+        assert predicted["answer"] in TEXT and 0.0 <= predicted["score"] <= 1.0
+    elif tags:
         assert predicted["tokens"] == TEXT.replace(",", " ,").split() and set(predicted["tags"]) <= set(pipe.labels)
     else:
         assert predicted["label"] in pipe.labels
         assert sum(predicted["probabilities"].values()) == pytest.approx(1.0, abs=1e-2)
 
-    assert main(["explain", str(run), sample, "--method", "gradcam" if image else "ig", "--json"]) == 0
-    explanation = json.loads(capsys.readouterr().out)
-    assert np.isfinite(np.asarray(explanation["scores"], dtype=float)).all()
-    [bf16_weights] = dapeng.load(run, precision="bf16").explain(sample, method="saliency")
-    assert np.isfinite(np.asarray(bf16_weights.scores, dtype=float)).all()
+    if pipe.capabilities.supports("explain"):
+        assert main(["explain", str(run), sample, "--method", "gradcam" if image else "ig", "--json"]) == 0
+        explanation = json.loads(capsys.readouterr().out)
+        assert np.isfinite(np.asarray(explanation["scores"], dtype=float)).all()
+        [bf16_weights] = dapeng.load(run, precision="bf16").explain(sample, method="saliency")
+        assert np.isfinite(np.asarray(bf16_weights.scores, dtype=float)).all()
 
     with _served(pipe) as url:
         import httpx
 
-        payload = {"instances": [_image_list(sample) if image else TEXT]}
+        instance = {"question": "what was the film ?", "context": TEXT} if span else TEXT
+        payload = {"instances": [_image_list(sample) if image else instance]}
         reply = httpx.post(f"{url}/v1/models/ex:predict", json=payload, timeout=60)
         assert reply.status_code == 200, reply.text
         served = reply.json()["predictions"][0]
@@ -120,6 +128,9 @@ def test_example_in_bf16_by_default(config, tmp_path, capsys, request):
     assert info["precision"] == "bf16"
     if tags:
         assert served["tags"] == predicted["tags"]
+        return
+    if span:
+        assert (served["answer"], served["start"]) == (predicted["answer"], predicted["start"])
         return
     assert served["label"] == predicted["label"]
     for label, p in predicted["probabilities"].items():

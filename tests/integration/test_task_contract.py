@@ -101,6 +101,14 @@ CASES: dict[str, Case] = {
         lambda: [{"text": t} for t in TEXTS],
         "prodlda", {"num_topics": 3, "hidden": 8, "layers": 1, "dropout": 0.0}, ["a good film", "the plot was dull"],
     ),
+    "question-answering": Case(
+        {"tokenizer": "word", "max_length": 16, "stride": 2},
+        lambda: [{"question": f"which {t.split()[-1]}", "context": t,
+                  "answers": [{"text": t.split()[1], "answer_start": t.index(" ") + 1}]} for t in TEXTS],
+        "transformer", {**TINY_ENCODER, "pooling": "none"},
+        [{"question": "what was it", "context": "the film was good"},
+         {"question": "which story", "context": " ".join(TEXTS[:3])}],  # the second one in several windows
+    ),
 }
 
 

@@ -18,12 +18,15 @@ EXAMPLE = """example:
   dapeng predict runs/fm shoe.png --json                           # images by path
   dapeng predict runs/rt --file reviews.csv --out predictions.jsonl
   dapeng predict runs/rt --file reviews.tsv --text-column review --on-error fail
+  dapeng predict runs/qa --context story.txt "who wrote the letter?"   # question answering
+  dapeng predict runs/qa '{"question": "who wrote it?", "context": "Ann wrote it."}'
 
 --file reads CSV/TSV (with a header row), JSON lines (records, or bare strings) or plain
 text (one input per line: .txt and any other suffix), gzipped or not, with the readers
 training uses. The input column is the run's data.text_column (data.image_column for image
 models, whose paths are relative to the file); for an Artifact or hub name without a run
-directory, the task's input field ("text" or "image").
+directory, the task's input field ("text" or "image"). A question-answering model reads
+each row's "question" and "context" fields (JSONL or CSV columns of those names).
 
 Each output is one JSON line {"line": N, <the row's columns>, "prediction": ...}, where N
 is the file line the row starts on: a CSV's header is line 1, so its first row is line 2.
@@ -46,6 +49,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument("model", help="run directory, Artifact folder or hub name")
     p.add_argument("inputs", nargs="*", help="texts, or image paths for image models")
+    p.add_argument("--context", help="question answering: the context (a file to read, or the text itself) "
+                   "every question on the command line is asked of")
     p.add_argument("--file", type=Path, help="read inputs from a CSV/TSV, JSONL or text file (one row per input)")
     p.add_argument("--format", choices=_FILE_FORMATS, help="the --file format (default: by its suffix; else text)")
     p.add_argument("--text-column", help="column of the input text (default: the run's data.text_column)")
@@ -86,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
         _check_file(args.file)
     pipe = load(args.model, precision=args.precision, backend=args.backend)
     bad = _BadRows(args.file, args.on_error)
-    items = itertools.chain(_command_line_items(pipe, args.inputs), _file_items(pipe, args, bad.report))
+    items = itertools.chain(_command_line_items(pipe, args.inputs, args.context),
+                            _file_items(pipe, args, bad.report))
     if args.out is not None:
         from dapeng._files import atomic_path
 
@@ -157,10 +163,37 @@ def _check_some(count: int, bad: _BadRows) -> None:
                         "--text-column or --image-column names the input column")
 
 
-def _command_line_items(pipe: Any, inputs: list[str]) -> Iterator[_Item]:
+def _command_line_items(pipe: Any, inputs: list[str], context: str | None) -> Iterator[_Item]:
     field = pipe.input_field
-    for record, raw in zip(pipe.to_records(inputs), inputs):
-        yield _Item(None, {field: raw}, raw, record)
+    fields = pipe.capabilities.fields
+    if len(fields) == 1:
+        if context is not None:
+            raise DataError(f"--context is for question answering; this model's task reads {field!r} inputs",
+                            "drop --context")
+        for record, raw in zip(pipe.to_records(inputs), inputs):
+            yield _Item(None, {field: raw}, raw, record)
+        return
+    raws = [_question_record(raw, fields, context) for raw in inputs]
+    for record, raw, shown in zip(pipe.to_records(raws), raws, inputs):
+        yield _Item(None, {f: raw[f] for f in fields}, shown, record)
+
+
+def _question_record(raw: str, fields: tuple[str, ...], context: str | None) -> dict[str, Any]:
+    """A command-line input of a question-answering model: a JSON record, or a question asked of --context."""
+    if raw.lstrip().startswith("{"):
+        try:
+            record = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise DataError(f"input {_short(raw, 40)!r} is not a JSON record: {err.msg}") from None
+        if isinstance(record, dict):
+            return record
+    if context is None or "context" not in fields:
+        shape = ", ".join(f'"{f}": ...' for f in fields)
+        raise DataError(f"a question needs a context: this model reads {', '.join(fields)}",
+                        f'pass --context FILE_OR_TEXT, or a JSON record {{{shape}}}')
+    path = Path(context)
+    text = path.read_text(encoding="utf-8") if len(context) < 4096 and path.is_file() else context
+    return {fields[0]: raw, "context": text}
 
 
 def _file_items(pipe: Any, args: argparse.Namespace, report: Callable[[int, str], None]) -> Iterator[_Item]:
@@ -169,6 +202,10 @@ def _file_items(pipe: Any, args: argparse.Namespace, report: Callable[[int, str]
         return
     from dapeng.data.readers import iter_rows
 
+    fields = pipe.capabilities.fields
+    if len(fields) > 1:
+        yield from _record_items(pipe, args, fields, report)
+        return
     image = pipe.input_field == "image"
     defaults = _run_columns(args.model)
     if image:
@@ -189,11 +226,35 @@ def _file_items(pipe: Any, args: argparse.Namespace, report: Callable[[int, str]
         yield _Item(row.line, row.values, value, record)
 
 
-def _text_record(pipe: Any, value: Any, column: str, max_chars: int) -> dict[str, Any]:
+def _record_items(pipe: Any, args: argparse.Namespace, fields: tuple[str, ...],
+                  report: Callable[[int, str], None]) -> Iterator[_Item]:
+    """--file rows of a model whose input is a record of several strings (question and context)."""
+    from dapeng.data.readers import iter_rows
+
+    for row in iter_rows(args.file, _file_format(args.file, args.format), {f: f"a {f!r} field" for f in fields}):
+        if row.error is not None:
+            report(row.line, row.error)
+            continue
+        values = {f: row.values[f] for f in fields}
+        try:
+            for f in fields:
+                _check_text(values[f], f, args.max_chars)
+            record = pipe.to_records([values])[0]
+        except DapengError as err:
+            report(row.line, err.message)
+            continue
+        yield _Item(row.line, row.values, values[fields[0]], record)
+
+
+def _check_text(value: Any, column: str, max_chars: int) -> None:
     if not isinstance(value, str):
         raise DataError(f"{column!r} must be a string, not {type(value).__name__}")
     if len(value) > max_chars:
         raise DataError(f"{column!r} has {len(value)} characters, over --max-chars {max_chars}")
+
+
+def _text_record(pipe: Any, value: Any, column: str, max_chars: int) -> dict[str, Any]:
+    _check_text(value, column, max_chars)
     return pipe.to_records([value])[0]
 
 
@@ -265,6 +326,10 @@ def _summary(prediction: Any) -> str:
     if isinstance(prediction, dict) and "label" in prediction:
         score = prediction.get("score")
         return f"{prediction['label']} ({score:.3f})" if isinstance(score, float) else str(prediction["label"])
+    if isinstance(prediction, dict) and "answer" in prediction:
+        answer = json.dumps(prediction["answer"]) if prediction["answer"] else "(no answer)"
+        score = prediction.get("score")
+        return f"{answer} ({score:.3f})" if isinstance(score, float) else answer
     return json.dumps(prediction)
 
 

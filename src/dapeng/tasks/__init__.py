@@ -16,6 +16,7 @@ BUILTIN_TASKS: dict[str, str] = {
     "topic-model": "dapeng.tasks.topic_model:TopicModelTask",
     "masked-lm": "dapeng.tasks.masked_lm:MaskedLM",
     "contrastive": "dapeng.tasks.contrastive:Contrastive",
+    "question-answering": "dapeng.tasks.question_answering:QuestionAnswering",
 }
 for _name, _target in BUILTIN_TASKS.items():
     TASKS.register(_name, _target)

@@ -38,8 +38,10 @@ __all__ = ["Batch", "Capabilities", "Item", "Metric", "Record", "Task", "Unsuppo
 
 
 VERBS = ("predict", "generate", "embed", "explain")
-INPUTS = ("text", "image", "tokens")
-OUTPUTS = ("label", "tags", "vector", "text")
+INPUTS = ("text", "image", "tokens", "question")
+OUTPUTS = ("label", "tags", "vector", "text", "span")
+# The record fields one raw input fills, for input kinds that take more than their own field.
+INPUT_FIELDS = {"question": ("question", "context")}
 
 
 class UnsupportedError(DapengError):
@@ -53,9 +55,11 @@ class Capabilities:
     Args:
         input: the record field raw inputs go into: "text" (a string), "image" (pixels, a
             file, base64) or "tokens" (a list of words, or a sentence split into words with their
-            character offsets, `dapeng.data.tokenizers.split_words`).
+            character offsets, `dapeng.data.tokenizers.split_words`) or "question" (a record
+            `{"question", "context"}`: `fields` lists the strings one input holds).
         output: what `predict` gives per input: "label" (`{"label", "score", "probabilities"}`),
-            "tags" (`{"tokens", "tags", ...}`), "vector" (an embedding) or "text" (generation).
+            "tags" (`{"tokens", "tags", ...}`), "vector" (an embedding), "text" (generation) or
+            "span" (`{"answer", "score", "start", "end"}`: a piece of the input's context).
         verbs: which of `VERBS` the task supports.
         explain: the explanation methods (`dapeng.explain.METHODS`) it supports.
         batching: whether `predict` requests may be batched together by the server.
@@ -75,6 +79,11 @@ class Capabilities:
             raise ValueError(f"bad capabilities: input={self.input!r} output={self.output!r} verbs={sorted(unknown)}")
         if self.explain and "explain" not in self.verbs:
             raise ValueError("explanation methods declared without the explain verb")
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The record fields one raw input fills: `(input,)`, or e.g. ("question", "context")."""
+        return INPUT_FIELDS.get(self.input, (self.input,))
 
     def supports(self, verb: str) -> bool:
         return verb in self.verbs
@@ -96,13 +105,16 @@ class Capabilities:
         if self.input == "image":
             return {"anyOf": [{"type": "object", "properties": {"b64": {"type": "string"}}, "required": ["b64"]},
                               {"type": "array", "description": "pixel values 0..255, (H, W) or (H, W, C)"}]}
+        if len(self.fields) > 1:
+            return {"type": "object", "properties": {f: {"type": "string"} for f in self.fields},
+                    "required": list(self.fields)}
         if self.input == "tokens":
             return {"anyOf": [{"type": "string", "description": "a sentence, split into words"},
                               {"type": "array", "items": {"type": "string"}}]}
         return {"type": "string"}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"input": self.input, "output": self.output, "verbs": [v for v in VERBS if v in self.verbs],
+        return {"input": self.input, "fields": list(self.fields), "output": self.output, "verbs": [v for v in VERBS if v in self.verbs],
                 "explain": list(self.explain), "batching": self.batching}
 
 
