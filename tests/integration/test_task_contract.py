@@ -87,6 +87,11 @@ CASES: dict[str, Case] = {
         "lm", {"hidden": 16, "layers": 1, "heads": 2, "kv_heads": 1, "intermediate": 32, "max_positions": 32},
         ["the film"],
     ),
+    **{name: Case(
+        {"vocab_size": 120, "max_source_length": 16, "max_target_length": 16, "num_beams": 2, "max_new_tokens": 5},
+        lambda: [{"text": t, "target": " ".join(reversed(t.split()))} for t in TEXTS],
+        "seq2seq", {**TINY_ENCODER, "dropout": 0.0}, ["a good film", "the plot was dull"],
+    ) for name in ("translation", "summarization")},
 }
 
 
