@@ -203,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
                         choices=[*TRANSLATION, "ddtp-summary"], help="the data sets to measure")
     parser.add_argument("--fewshot-n", type=int, default=100, help="test pairs SmolLM2 few-shot translates")
     parser.add_argument("--no-fewshot", action="store_true", help="skip the SmolLM2 few-shot baseline")
+    parser.add_argument("--test-limit", type=int, default=None,
+                        help="score only the first N test pairs (a busy CPU; the figures then say how many)")
     args = parser.parse_args(argv)
 
     import torch
@@ -212,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     for data in args.data:
         splits = limit(load_dataset(data), n)
-        test, got = splits["test"], results.setdefault(data, {})
+        test, got = splits["test"][: args.test_limit], results.setdefault(data, {})
         summary = data == "ddtp-summary"
         example, overrides = SUMMARY if summary else TRANSLATION[data]
         run, seconds = trained_run(example, overrides, f"{data}-transformer", args.runs, args.quick)
