@@ -34,6 +34,10 @@ class DataConfig(_Strict):
     image_column: str = "image"
     token_column: int = Field(0, description="CoNLL files: 0-based column of the tokens (negative: from the end)")
     tag_column: int = Field(-1, description="CoNLL files: 0-based column of the tags; -1 is the last column")
+    source_column: str | None = Field(
+        None, description="CSV/TSV/JSONL pairs (translation, summarization): the column of the input text"
+    )
+    target_column: str = Field("target", description="CSV/TSV/JSONL pairs: the column of the output text")
     eval_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     test_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     limit: int | None = Field(None, gt=0, description="use at most N records of each split, a seeded sample stratified by label (smoke runs)")

@@ -109,6 +109,11 @@ CASES: dict[str, Case] = {
         [{"question": "what was it", "context": "the film was good"},
          {"question": "which story", "context": " ".join(TEXTS[:3])}],  # the second one in several windows
     ),
+    **{name: Case(
+        {"vocab_size": 120, "max_source_length": 16, "max_target_length": 16, "num_beams": 2, "max_new_tokens": 5},
+        lambda: [{"text": t, "target": " ".join(reversed(t.split()))} for t in TEXTS],
+        "seq2seq", {**TINY_ENCODER, "dropout": 0.0}, ["a good film", "the plot was dull"],
+    ) for name in ("translation", "summarization")},
 }
 
 

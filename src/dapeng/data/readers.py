@@ -508,6 +508,42 @@ def read_text(path: Path | str) -> list[Record]:
     return records
 
 
+def read_pairs(
+    path: Path | str, source_column: str, target_column: str = "target", require_target: bool = True
+) -> list[Record]:
+    """Read source → target pairs (translation, summarization) from a CSV/TSV or JSONL file.
+
+    Records are `{"text": source, "target": target, <other columns>}`; a row without both
+    fields, or with an empty one, is a DataError naming its file and line.
+
+    Args:
+        path: a .csv/.tsv (header row) or .jsonl file, optionally .gz.
+        source_column: the column (key) of the input text.
+        target_column: the column (key) of the output text.
+        require_target: when False the target may be absent (inputs for prediction).
+    """
+    path = Path(path)
+    fmt = infer_format(path)
+    if fmt not in ("csv", "jsonl"):
+        raise DataError(f"{path}: source/target pairs are read from CSV, TSV or JSONL files, not {fmt}",
+                        "save the pairs as .tsv or .jsonl")
+    rows = read_csv(path, source_column, target_column, False) if fmt == "csv" else \
+        read_jsonl(path, source_column, target_column, False)
+    for row in rows:
+        where = row["_source"]
+        if "text" not in row:
+            raise DataError(f"{where}: no source column {source_column!r}", "set data.source_column")
+        if "label" in row:
+            row["target"] = row.pop("label")
+        elif require_target:
+            raise DataError(f"{where}: no target column {target_column!r}", "set data.target_column")
+        for key in ("text", "target"):
+            if key in row and (not isinstance(row[key], str) or not row[key].strip()):
+                column = source_column if key == "text" else target_column
+                raise DataError(f"{where}: empty {column!r}", "every pair needs a source and a target text")
+    return rows
+
+
 def read_records(
     path: Path | str,
     format: str | None = None,
@@ -516,13 +552,18 @@ def read_records(
     require_label: bool = True,
     token_column: int = 0,
     tag_column: int = -1,
+    source_column: str | None = None,
+    target_column: str = "target",
 ) -> list[Record]:
     """Read any supported file or folder; `format` defaults to `infer_format(path)`.
 
     `text_column`/`label_column` name the columns of CSV and JSONL files; `token_column`/
-    `tag_column` are the 0-based columns of a CoNLL file (`read_conll`).
+    `tag_column` are the 0-based columns of a CoNLL file (`read_conll`). With `source_column`,
+    a CSV/TSV/JSONL file holds source → target pairs (`read_pairs`).
     """
     path = Path(path)
+    if source_column is not None:
+        return read_pairs(path, source_column, target_column, require_label)
     fmt = format or infer_format(path)
     if fmt == "csv":
         return read_csv(path, text_column, label_column, require_label)
@@ -706,6 +747,7 @@ __all__ = [
     "load_image",
     "read_conll",
     "read_csv",
+    "read_pairs",
     "read_idx",
     "read_idx_pair",
     "read_image_folder",

@@ -89,6 +89,35 @@ def train_tokenizer(
     return tok
 
 
+def train_subword_tokenizer(texts: Iterable[str], vocab_size: int = 16000, min_frequency: int = 2):
+    """A cased, reversible BPE for text generation (translation, summarization): decode(encode(t)) == t.
+
+    SentencePiece-style: whitespace becomes part of the following piece ("▁"), so decoding puts
+    every space back and glues "l'homme" together again, which word-splitting pre-tokenizers
+    can't (they would score an output "l ' homme" against the reference "l'homme"). Text is
+    NFKC-normalised and its runs of whitespace collapsed; case and accents are kept.
+
+    Args:
+        texts: the training split's texts, both sides for a shared vocabulary.
+        vocab_size: the largest vocabulary, special tokens included.
+        min_frequency: merges seen fewer times are not learned.
+
+    Returns:
+        A `tokenizers.Tokenizer` with `train_tokenizer`'s special tokens ([PAD]=0, [UNK]=1,
+        [CLS]=2, [SEP]=3, [MASK]=4) and no template: the task adds its own begin/end ids.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=UNK))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                           normalizers.Strip()])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
 def train_word_tokenizer(
     words: Iterable[str], vocab_size: int = 20000, lowercase: bool = True, min_frequency: int = 1
 ):

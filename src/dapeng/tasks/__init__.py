@@ -17,6 +17,8 @@ BUILTIN_TASKS: dict[str, str] = {
     "masked-lm": "dapeng.tasks.masked_lm:MaskedLM",
     "contrastive": "dapeng.tasks.contrastive:Contrastive",
     "question-answering": "dapeng.tasks.question_answering:QuestionAnswering",
+    "translation": "dapeng.tasks.seq2seq:Translation",
+    "summarization": "dapeng.tasks.seq2seq:Summarization",
 }
 for _name, _target in BUILTIN_TASKS.items():
     TASKS.register(_name, _target)
