@@ -45,6 +45,18 @@ def _images(n: int) -> list[dict[str, Any]]:
     return [{"image": rng.integers(0, 255, (8, 8), dtype=np.uint8), "label": str(i % 3)} for i in range(n)]
 
 
+def _qa(n: int) -> list[dict[str, Any]]:
+    """Image + question records: the answer is the image's brighter half, asked in two ways."""
+    rng = np.random.default_rng(1)
+    records = []
+    for i in range(n):
+        image = rng.integers(0, 60, (8, 8, 3), dtype=np.uint8)
+        image[: 4 if i % 2 else 8, :4] += 150
+        records.append({"image": image, "text": ["which side is bright?", "is the left bright?"][i % 2],
+                        "label": ["left", "yes"][i % 2], "type": ["side", "yes/no"][i % 2]})
+    return records
+
+
 @dataclass
 class Case:
     """A task's tiny world: its options, training records, model, and raw inputs to serve."""
@@ -80,6 +92,13 @@ CASES: dict[str, Case] = {
                                                 else "O" for j, w in enumerate(t.split())]} for t in TEXTS],
         "bilstm-crf", {"embed_dim": 8, "hidden": 8, "dropout": 0.0, "char_embed_dim": 4, "char_filters": 4},
         ["the film was good", ["a", "dull", "plot"]],
+    ),
+    "visual-question-answering": Case(
+        {"max_length": 8}, lambda: _qa(12), "vqa",
+        {"fusion": "cross-attention", "embed_dim": 8, "hidden": 8, "widths": (4, 8), "fusion_dim": 8, "heads": 2,
+         "dropout": 0.0},
+        [{"image": r["image"], "text": r["text"]} for r in _qa(2)],
+        [{"image": r["image"].tolist(), "text": r["text"]} for r in _qa(2)],
     ),
     "causal-lm": Case(
         {"vocab_size": 300, "block_size": 8, "chat_template": CHAT, "max_length": 32},

@@ -23,7 +23,7 @@ class Splits(NamedTuple):
 def _read(path: Path, cfg: DataConfig) -> list[Record]:
     return read_records(
         path, cfg.format, cfg.text_column, cfg.label_column,
-        token_column=cfg.token_column, tag_column=cfg.tag_column,
+        token_column=cfg.token_column, tag_column=cfg.tag_column, image_column=cfg.image_column,
     )
 
 

@@ -26,6 +26,10 @@ Constructors take plain typed keyword arguments only.
   -> (B, T_out, V)`; `encode`, `decode`, `generate(input_ids, attention_mask, max_new_tokens,
   num_beams)`.
 
+* `vqa`: `forward(images (B, C, S, S), input_ids (B, T), attention_mask (B, T)) -> (B, K)` answer
+  logits; kwargs `vocab_size`, `num_labels`, `pad_id`, `in_channels`, `image_size`, `fusion`;
+  `forward_features` gives the fused (B, F) vector; `cam_layer`; `get_input_embeddings()`.
+
 Attention weights: `dapeng.layers.attention.capture_attention(model)`.
 `dapeng.models.introspect` summarises and draws any registered model (`dapeng models`).
 """
@@ -54,6 +58,7 @@ BUILTIN_MODELS: dict[str, str] = {
     "bilstm-crf": "dapeng.models.tagger:BiLSTMTagger",
     "lm": "dapeng.models.lm:LlamaLM",
     "seq2seq": "dapeng.models.seq2seq:Seq2SeqTransformer",
+    "vqa": "dapeng.models.vqa:VQAModel",
 }
 for _name, _target in BUILTIN_MODELS.items():
     MODELS.register(_name, _target)

@@ -347,7 +347,8 @@ def create_app(pipelines: Mapping[str, Any], config: ServeConfig | None = None) 
     """
     config = config or ServeConfig()
     state = ServeState(pipelines, config)
-    bodies = build_request_models(config)
+    bodies = build_request_models(config, [s.capabilities.input_schema() for s in state.slots.values()
+                                           if s.capabilities.supports("predict")])
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

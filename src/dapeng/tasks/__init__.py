@@ -13,6 +13,7 @@ BUILTIN_TASKS: dict[str, str] = {
     "image-classification": "dapeng.tasks.image_classification:ImageClassificationTask",
     "sentence-embedding": "dapeng.tasks.embedding:SentenceEmbedding",
     "causal-lm": "dapeng.tasks.causal_lm:CausalLM",
+    "visual-question-answering": "dapeng.tasks.vqa:VQATask",
 }
 for _name, _target in BUILTIN_TASKS.items():
     TASKS.register(_name, _target)

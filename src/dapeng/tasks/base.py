@@ -38,7 +38,7 @@ __all__ = ["Batch", "Capabilities", "Item", "Metric", "Record", "Task", "Unsuppo
 
 
 VERBS = ("predict", "generate", "embed", "explain")
-INPUTS = ("text", "image", "tokens")
+INPUTS = ("text", "image", "tokens", "image+text")
 OUTPUTS = ("label", "tags", "vector", "text")
 
 
@@ -53,7 +53,8 @@ class Capabilities:
     Args:
         input: the record field raw inputs go into: "text" (a string), "image" (pixels, a
             file, base64) or "tokens" (a list of words, or a sentence split into words with their
-            character offsets, `dapeng.data.tokenizers.split_words`).
+            character offsets, `dapeng.data.tokenizers.split_words`), or "image+text" (an object
+            with both, `{"image": ..., "text": "..."}`: a question about an image).
         output: what `predict` gives per input: "label" (`{"label", "score", "probabilities"}`),
             "tags" (`{"tokens", "tags", ...}`), "vector" (an embedding) or "text" (generation).
         verbs: which of `VERBS` the task supports.
@@ -94,8 +95,10 @@ class Capabilities:
     def input_schema(self) -> dict[str, Any]:
         """JSON schema of one raw input."""
         if self.input == "image":
-            return {"anyOf": [{"type": "object", "properties": {"b64": {"type": "string"}}, "required": ["b64"]},
-                              {"type": "array", "description": "pixel values 0..255, (H, W) or (H, W, C)"}]}
+            return IMAGE_INPUT
+        if self.input == "image+text":
+            return {"type": "object", "properties": {"image": IMAGE_INPUT, "text": {"type": "string"}},
+                    "required": ["image", "text"]}
         if self.input == "tokens":
             return {"anyOf": [{"type": "string", "description": "a sentence, split into words"},
                               {"type": "array", "items": {"type": "string"}}]}
@@ -106,6 +109,8 @@ class Capabilities:
                 "explain": list(self.explain), "batching": self.batching}
 
 
+IMAGE_INPUT = {"anyOf": [{"type": "object", "properties": {"b64": {"type": "string"}}, "required": ["b64"]},
+                         {"type": "array", "description": "pixel values 0..255, (H, W) or (H, W, C)"}]}
 LABEL_OUTPUT = {
     "type": "object",
     "properties": {"label": {"type": "string"}, "score": {"type": "number"},
