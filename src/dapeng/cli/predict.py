@@ -16,14 +16,17 @@ EXAMPLE = """example:
   dapeng predict runs/rt "a gripping, funny film"                  # label and score
   dapeng predict runs/rt --json "a gripping, funny film"           # options go anywhere
   dapeng predict runs/fm shoe.png --json                           # images by path
+  dapeng predict runs/vqa --image shape.png "what color is the shape?" "is there a circle?"
   dapeng predict runs/rt --file reviews.csv --out predictions.jsonl
   dapeng predict runs/rt --file reviews.tsv --text-column review --on-error fail
 
 --file reads CSV/TSV (with a header row), JSON lines (records, or bare strings) or plain
 text (one input per line: .txt and any other suffix), gzipped or not, with the readers
 training uses. The input column is the run's data.text_column (data.image_column for image
-models, whose paths are relative to the file); for an Artifact or hub name without a run
-directory, the task's input field ("text" or "image").
+models, whose paths are relative to the file; both for image+text models such as visual
+question answering); for an Artifact or hub name without a run directory, the task's input
+field ("text" or "image"; "image" and "text" for image+text). On the command line, an image+text
+model takes --image FILE and each input is a question (a text) about that image.
 
 Each output is one JSON line {"line": N, <the row's columns>, "prediction": ...}, where N
 is the file line the row starts on: a CSV's header is line 1, so its first row is line 2.
@@ -46,6 +49,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument("model", help="run directory, Artifact folder or hub name")
     p.add_argument("inputs", nargs="*", help="texts, or image paths for image models")
+    p.add_argument("--image", type=Path, help="image+text models: the image the inputs (questions) are about")
     p.add_argument("--file", type=Path, help="read inputs from a CSV/TSV, JSONL or text file (one row per input)")
     p.add_argument("--format", choices=_FILE_FORMATS, help="the --file format (default: by its suffix; else text)")
     p.add_argument("--text-column", help="column of the input text (default: the run's data.text_column)")
@@ -83,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         _check_file(args.file)
     pipe = load(args.model, precision=args.precision)
     bad = _BadRows(args.file, args.on_error)
-    items = itertools.chain(_command_line_items(pipe, args.inputs), _file_items(pipe, args, bad.report))
+    items = itertools.chain(_command_line_items(pipe, args.inputs, args.image), _file_items(pipe, args, bad.report))
     if args.out is not None:
         from dapeng._files import atomic_path
 
@@ -154,10 +158,20 @@ def _check_some(count: int, bad: _BadRows) -> None:
                         "--text-column or --image-column names the input column")
 
 
-def _command_line_items(pipe: Any, inputs: list[str]) -> Iterator[_Item]:
+def _command_line_items(pipe: Any, inputs: list[str], image: Path | None) -> Iterator[_Item]:
     field = pipe.input_field
-    for record, raw in zip(pipe.to_records(inputs), inputs):
-        yield _Item(None, {field: raw}, raw, record)
+    if field == "image+text":
+        if inputs and image is None:
+            raise DataError(f"model {pipe.name!r} answers questions about an image: --image is missing",
+                            'dapeng predict RUN --image FILE "question"')
+        raws: list[Any] = [{"image": str(image), "text": text} for text in inputs]
+    elif image is not None:
+        raise DataError(f"--image is for image+text models; {pipe.name!r} reads {field} inputs",
+                        "pass its inputs as arguments")
+    else:
+        raws = list(inputs)
+    for record, raw, shown in zip(pipe.to_records(raws), raws, inputs):
+        yield _Item(None, raw if field == "image+text" else {field: raw}, shown, record)
 
 
 def _file_items(pipe: Any, args: argparse.Namespace, report: Callable[[int, str], None]) -> Iterator[_Item]:
@@ -166,35 +180,51 @@ def _file_items(pipe: Any, args: argparse.Namespace, report: Callable[[int, str]
         return
     from dapeng.data.readers import iter_rows
 
-    image = pipe.input_field == "image"
+    field = pipe.input_field
     defaults = _run_columns(args.model)
-    if image:
-        column, option = args.image_column or defaults.get("image", pipe.input_field), "--image-column"
+    image_column = args.image_column or defaults.get("image", "image")
+    text_column = args.text_column or defaults.get("text", "text")
+    if field == "image":
+        columns = {args.image_column or defaults.get("image", field): "--image-column"}
+    elif field == "image+text":
+        columns = {image_column: "--image-column", text_column: "--text-column"}
     else:
-        column, option = args.text_column or defaults.get("text", pipe.input_field), "--text-column"
-    for row in iter_rows(args.file, _file_format(args.file, args.format), {column: option}):
+        columns = {args.text_column or defaults.get("text", field): "--text-column"}
+    for row in iter_rows(args.file, _file_format(args.file, args.format), columns):
         if row.error is not None:
             report(row.line, row.error)
             continue
-        value = row.values[column]
         try:
-            record = _image_record(pipe, value, column, args.file) if image else _text_record(
-                pipe, value, column, args.max_chars)
+            if field == "image":
+                (column,) = columns
+                value = row.values[column]
+                record = _image_record(pipe, value, column, args.file)
+            elif field == "image+text":
+                value = row.values[text_column]
+                image = _image_record(None, row.values[image_column], image_column, args.file)
+                text = _text_record(None, value, text_column, args.max_chars)
+                record = pipe.to_records([{"image": image, "text": text}])[0]
+            else:
+                (column,) = columns
+                value = row.values[column]
+                record = _text_record(pipe, value, column, args.max_chars)
         except DapengError as err:
             report(row.line, err.message)
             continue
         yield _Item(row.line, row.values, value, record)
 
 
-def _text_record(pipe: Any, value: Any, column: str, max_chars: int) -> dict[str, Any]:
+def _text_record(pipe: Any, value: Any, column: str, max_chars: int) -> Any:
+    """The pipeline's record of a text cell (the checked text itself with `pipe` None)."""
     if not isinstance(value, str):
         raise DataError(f"{column!r} must be a string, not {type(value).__name__}")
     if len(value) > max_chars:
         raise DataError(f"{column!r} has {len(value)} characters, over --max-chars {max_chars}")
-    return pipe.to_records([value])[0]
+    return value if pipe is None else pipe.to_records([value])[0]
 
 
-def _image_record(pipe: Any, value: Any, column: str, source: Path) -> dict[str, Any]:
+def _image_record(pipe: Any, value: Any, column: str, source: Path) -> Any:
+    """The pipeline's record of an image-path cell (the pixels themselves with `pipe` None)."""
     from dapeng.data.readers import load_image
 
     if not isinstance(value, str):
@@ -204,7 +234,8 @@ def _image_record(pipe: Any, value: Any, column: str, source: Path) -> dict[str,
         path = source.parent / path  # paths in a data file are relative to the file, as in training data
     if not path.is_file():
         raise DataError(f"no image file {path}")
-    return pipe.to_records([load_image(path)])[0]
+    pixels = load_image(path)
+    return pixels if pipe is None else pipe.to_records([pixels])[0]
 
 
 def _run_columns(source: str) -> dict[str, str]:
