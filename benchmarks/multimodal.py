@@ -42,6 +42,9 @@ VQA_MODELS = {  # results key -> (example, overrides)
     "question-only": ("easy-vqa-cnn-lstm", ["model.kwargs.fusion=question-only"]),
     "image-only": ("easy-vqa-cnn-lstm", ["model.kwargs.fusion=image-only"]),
 }
+CLIP_MODELS = {"fashion-mnist": "fashion-mnist-clip", "easy-vqa": "easy-vqa-clip"}  # data -> example
+# the supervised baseline: the small-CPU Fashion-MNIST ResNet on the labels, as many images and steps as CLIP
+SUPERVISED = ("fashion-mnist-cnn", ["train.epochs=3", "train.batch_size=256"])
 QUICK = ["train.max_steps=20", "train.epochs=1", "data.limit=300"]
 
 
@@ -96,6 +99,38 @@ def vqa_ratios(results: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def clip_results(runs: Path, quick: bool) -> dict[str, Any]:
+    """Test retrieval recall of each CLIP run; zero-shot Fashion-MNIST against a random and a supervised baseline."""
+    import dapeng
+    from dapeng.data.captions import class_prompts
+    from dapeng.data.catalog import load_dataset
+
+    results: dict[str, Any] = {}
+    for data, example in CLIP_MODELS.items():
+        run, seconds = trained_run(example, [], example, runs, quick)
+        test = json.loads((run / "metrics.json").read_text())["test"]
+        results[data] = {k: v for k, v in test.items() if k.startswith("recall")}
+        if seconds is not None:
+            results[data]["train_seconds"] = seconds
+        if data == "fashion-mnist":
+            records = load_dataset("fashion-mnist-captions")["test"][: 300 if quick else None]
+            pipe = dapeng.load(run)
+            predicted = pipe.task.zero_shot(pipe.model, records, class_prompts())
+            results[data]["zero_shot_accuracy"] = sum(p == r["label"] for p, r in zip(predicted, records)) / len(records)
+            results[data]["zero_shot_prompts"] = sorted(class_prompts().values())
+        log(f"clip {data}: {results[data]}")
+    results["fashion-mnist"]["random_accuracy"] = 1 / len(class_prompts())  # a uniform guess over the classes
+    run, _ = trained_run(*SUPERVISED, "fashion-mnist-supervised", runs, quick)
+    results["fashion-mnist"]["supervised_accuracy"] = json.loads((run / "metrics.json").read_text())["test"]["accuracy"]
+    return results
+
+
+def clip_ratios(results: dict[str, Any]) -> dict[str, Any]:
+    fm = results["fashion-mnist"]
+    return {"clip.fashion-mnist.zero_shot_vs_random": fm["zero_shot_accuracy"] / fm["random_accuracy"],
+            "clip.fashion-mnist.zero_shot_vs_supervised": fm["zero_shot_accuracy"] / fm["supervised_accuracy"]}
+
+
 def env_info(threads: int) -> dict[str, Any]:
     import torch
 
@@ -133,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in (None, "vqa"):
         results["easy-vqa"] = vqa_results(args.runs, args.quick)
         ratios.update(vqa_ratios(results["easy-vqa"]))
+    if args.only in (None, "clip"):
+        results["clip"] = clip_results(args.runs, args.quick)
+        ratios.update(clip_ratios(results["clip"]))
     print(json.dumps({"results": results, "ratios": ratios, "env": env_info(args.threads)}))
     return 0
 

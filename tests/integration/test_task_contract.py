@@ -100,6 +100,13 @@ CASES: dict[str, Case] = {
         [{"image": r["image"], "text": r["text"]} for r in _qa(2)],
         [{"image": r["image"].tolist(), "text": r["text"]} for r in _qa(2)],
     ),
+    "image-text-contrastive": Case(
+        {"max_length": 8}, lambda: [{"image": r["image"], "text": r["text"] + " " + r["label"]} for r in _qa(12)],
+        "clip", {"embed_dim": 8, "widths": (4, 8), "word_dim": 8, "hidden": 8, "dropout": 0.0},
+        [{"image": r["image"], "text": r["text"]} for r in _qa(2)],
+        [{"image": r["image"].tolist(), "text": r["text"]} for r in _qa(2)],
+        {"embed_inputs": ["which side is bright?", "is the left bright?"]},  # embed: the text tower
+    ),
     "causal-lm": Case(
         {"vocab_size": 300, "block_size": 8, "chat_template": CHAT, "max_length": 32},
         lambda: [{"text": " ".join(TEXTS)}],
@@ -193,9 +200,10 @@ def test_the_server_serves_what_the_task_declares(trained):
         else:
             assert 400 <= predicted.status_code < 500, predicted.text
         if "embed" in caps.verbs:
-            embedded = client.post("/v1/embeddings", json={"model": name, "input": case.inputs})
+            texts = case.extra.get("embed_inputs", case.inputs)
+            embedded = client.post("/v1/embeddings", json={"model": name, "input": texts})
             assert embedded.status_code == 200, embedded.text
-            assert len(embedded.json()["data"]) == len(case.inputs)
+            assert len(embedded.json()["data"]) == len(texts)
         if "generate" in caps.verbs:
             done = client.post("/v1/completions", json={"model": name, "prompt": case.inputs[0], "max_tokens": 3})
             assert done.status_code == 200, done.text
@@ -216,8 +224,9 @@ def _call(pipe: Any, verb: str, case: Case) -> None:
         out = pipe.predict(case.inputs)
         assert len(out) == len(case.inputs)
     elif verb == "embed":
-        vectors = pipe.embed(case.inputs)
-        assert vectors.shape[0] == len(case.inputs) and np.isfinite(vectors).all()
+        texts = case.extra.get("embed_inputs", case.inputs)
+        vectors = pipe.embed(texts)
+        assert vectors.shape[0] == len(texts) and np.isfinite(vectors).all()
     elif verb == "generate":
         text = pipe.generate(case.inputs[0], max_new_tokens=3)
         assert isinstance(text, str)

@@ -332,6 +332,30 @@ CATALOG: dict[str, DatasetEntry] = {
             citation="Zhou (2020), easy-VQA, https://github.com/vzhou842/easy-VQA",
         ),
         DatasetEntry(
+            name="easy-vqa-captions",
+            description="easy-VQA's 4,000 + 1,000 images, each with one caption (\"a red circle\") read off its "
+            "QA pairs (dapeng.data.captions)",
+            kind="image-text-contrastive",
+            license="MIT (easy-vqa package, Victor Zhou); synthetic images",
+            homepage="https://github.com/vzhou842/easy-VQA",
+            files=(),  # made from easy-vqa's cached files
+            origins=(),
+            loader="dapeng.data.captions:easy_vqa_captions",
+            splits=SplitSpec(eval=400, official_test=True, stratify=None),
+        ),
+        DatasetEntry(
+            name="fashion-mnist-captions",
+            description="Fashion-MNIST's 60,000 + 10,000 images, each described by a template around its "
+            "class name (\"a picture of a sneaker\"; dapeng.data.captions)",
+            kind="image-text-contrastive",
+            license="MIT (Expat), Zalando SE",
+            homepage="https://github.com/zalandoresearch/fashion-mnist",
+            files=(),  # made from fashion-mnist's cached files
+            origins=(),
+            loader="dapeng.data.captions:fashion_mnist_captions",
+            splits=SplitSpec(eval=5000, official_test=True),
+        ),
+        DatasetEntry(
             name="glove-6b-50d",
             description="GloVe 6B word vectors: 400,000 lower-cased words x 50 dimensions",
             kind="embedding",

@@ -18,33 +18,11 @@ import torch
 from torch import nn
 
 from dapeng.layers.attention import MultiHeadAttention
-from dapeng.layers.conv import ConvNormAct, GlobalPool, ResidualBlock
+from dapeng.layers.conv import ConvEncoder, GlobalPool
 from dapeng.layers.pooling import pool_sequence
 from dapeng.layers.recurrent import RecurrentEncoder
 
 FUSIONS = ("concat", "product", "cross-attention", "question-only", "image-only")
-
-
-class ImageEncoder(nn.Module):
-    """Strided stem and residual stages (models/resnet.py's blocks) → a grid of patch features.
-
-    Args:
-        in_channels: image channels.
-        widths: channels per stage; the stem and every stage after the first halve the resolution.
-    """
-
-    def __init__(self, in_channels: int, widths: tuple[int, ...]) -> None:
-        super().__init__()
-        self.stem = ConvNormAct(in_channels, widths[0], 3, stride=2)
-        blocks, channels = [], widths[0]
-        for i, width in enumerate(widths):
-            blocks.append(ResidualBlock(channels, width, stride=1 if i == 0 else 2))
-            channels = width
-        self.stages = nn.Sequential(*blocks)
-        self.out_channels = channels
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.stages(self.stem(images))  # (B, C', S / 2^len(widths), ...)
 
 
 class VQAModel(nn.Module):
@@ -85,7 +63,7 @@ class VQAModel(nn.Module):
             raise ValueError(f"unknown fusion {fusion!r}; choose one of {', '.join(FUSIONS)}")
         self.fusion = fusion
         self.image_size = image_size
-        self.image = ImageEncoder(in_channels, tuple(widths))
+        self.image = ConvEncoder(in_channels, tuple(widths))
         self.pool = GlobalPool("avg")
         self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
         self.question = RecurrentEncoder("lstm", embed_dim, hidden, 1, bidirectional=True)

@@ -5,7 +5,7 @@ after the task's input field (`text` and `tokens` as BYTES `[N]`; `image` as UIN
 `[N, H, W]` / `[N, H, W, C]` pixels, or BYTES `[N]` of base64 image files; `image+text` as the
 two tensors `image` and `text`, one element each per instance), and outputs by
 what `predict` gives (`label`: BYTES `label`, FP32 `score` and, with known labels, FP32
-`probabilities` `[N, labels]`; `vector`: FP32 `embedding` `[N, D]`; `tags` and `text`: one
+`probabilities` `[N, labels]`; `vector`: FP32 `embedding` `[N, D]`; `score`: FP32 `score` `[N]`; `tags` and `text`: one
 BYTES element per input, tags as the prediction's JSON). Inputs come as JSON data or in
 the binary tensor extension (`tritonclient`'s default); outputs are always JSON.
 """
@@ -54,6 +54,8 @@ def output_specs(capabilities: Any, labels: Sequence[str] | None) -> list[Tensor
         return specs
     if capabilities.output == "vector":
         return [TensorSpec("embedding", "FP32", [-1, -1])]
+    if capabilities.output == "score":
+        return [TensorSpec("score", "FP32", [-1])]
     return [TensorSpec(capabilities.output, "BYTES", [-1])]
 
 

@@ -14,6 +14,7 @@ BUILTIN_TASKS: dict[str, str] = {
     "sentence-embedding": "dapeng.tasks.embedding:SentenceEmbedding",
     "causal-lm": "dapeng.tasks.causal_lm:CausalLM",
     "visual-question-answering": "dapeng.tasks.vqa:VQATask",
+    "image-text-contrastive": "dapeng.tasks.image_text:ImageTextContrastiveTask",
 }
 for _name, _target in BUILTIN_TASKS.items():
     TASKS.register(_name, _target)

@@ -39,7 +39,7 @@ __all__ = ["Batch", "Capabilities", "Item", "Metric", "Record", "Task", "Unsuppo
 
 VERBS = ("predict", "generate", "embed", "explain")
 INPUTS = ("text", "image", "tokens", "image+text")
-OUTPUTS = ("label", "tags", "vector", "text")
+OUTPUTS = ("label", "tags", "vector", "text", "score")
 
 
 class UnsupportedError(DapengError):
@@ -56,7 +56,8 @@ class Capabilities:
             character offsets, `dapeng.data.tokenizers.split_words`), or "image+text" (an object
             with both, `{"image": ..., "text": "..."}`: a question about an image).
         output: what `predict` gives per input: "label" (`{"label", "score", "probabilities"}`),
-            "tags" (`{"tokens", "tags", ...}`), "vector" (an embedding) or "text" (generation).
+            "tags" (`{"tokens", "tags", ...}`), "vector" (an embedding), "text" (generation) or
+            "score" (`{"score"}`: how well an image+text pair matches).
         verbs: which of `VERBS` the task supports.
         explain: the explanation methods (`dapeng.explain.METHODS`) it supports.
         batching: whether `predict` requests may be batched together by the server.
