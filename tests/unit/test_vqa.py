@@ -177,6 +177,17 @@ def test_trained_model_answers_through_the_pipeline_predict_cli_and_server(tmp_p
     assert main(["predict", str(path), "where is the square?"]) == 2  # an image+text model needs --image
     assert "--image is missing" in capsys.readouterr().err
 
+    explained = pipe.explain({"image": image, "text": "what color is the square?"}, method="gradcam")[0]
+    assert explained.label == "blue" and explained.scores.shape == (8, 8)  # Grad-CAM over the pixels
+    assert explained.words == ["what", "color", "is", "the", "square", "?"]
+    assert len(explained.extra["word_scores"]) == 6 and np.isfinite(explained.extra["word_scores"]).all()
+    page = tmp_path / "why.html"
+    assert main(["explain", str(path), "--image", str(tmp_path / "q.png"), "what color is the square?",
+                 "--method", "gradcam", "--out", str(page)]) == 0
+    capsys.readouterr()
+    html = page.read_text()
+    assert "data:image/png;base64," in html and "Question, word attributions" in html and ">color<" in html
+
     b64 = base64.b64encode((tmp_path / "q.png").read_bytes()).decode()
     with TestClient(create_app({"vqa": pipe})) as client:
         reply = client.post("/v1/models/vqa:predict",

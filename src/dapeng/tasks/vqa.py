@@ -74,7 +74,8 @@ class VQATask(ClassificationTask):
 
     name = "visual-question-answering"
     capabilities = Capabilities(
-        input="image+text", output="label", verbs=frozenset({"predict"}), output_schema=LABEL_OUTPUT,
+        input="image+text", output="label", verbs=frozenset({"predict", "explain"}), explain=("gradcam",),
+        output_schema=LABEL_OUTPUT,
     )
 
     def __init__(self, **options: Any) -> None:
