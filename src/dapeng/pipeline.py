@@ -182,7 +182,8 @@ class Pipeline:
     ) -> list[dict[str, Any]]:
         """Turn raw inputs into task records, checking each one.
 
-        Texts are strings (or `{"text": ...}` records); images are file paths, encoded bytes,
+        Texts are strings (or `{"text": ...}` records); image+text inputs are `{"image": ...,
+        "text": ...}` objects, their image read as below; images are file paths, encoded bytes,
         `{"b64": ...}`, numpy arrays or nested lists of pixel values (H, W[, C]); tokens are
         lists of words, or a sentence, split into words with their character offsets into it
         (`{"tokens": words, "offsets": [(start, end), ...], "sentence": text}`); a question is a
@@ -199,6 +200,8 @@ class Pipeline:
 
     def _record(self, raw: Any, index: int, max_chars: int | None, allow_paths: bool) -> dict[str, Any]:
         field = self.input_field
+        if field == "image+text":
+            return self._image_text_record(raw, index, max_chars, allow_paths)
         fields = self.capabilities.fields
         if len(fields) > 1:  # e.g. {"question", "context"}: each one a string of its own
             if not isinstance(raw, dict) or any(f not in raw for f in fields):
@@ -227,11 +230,25 @@ class Pipeline:
         record[field] = value
         return record
 
+    def _image_text_record(self, raw: Any, index: int, max_chars: int | None, allow_paths: bool) -> dict[str, Any]:
+        """An `{"image": ..., "text": ...}` input: both parts read and checked like single inputs."""
+        if not isinstance(raw, dict) or not {"image", "text"} <= set(raw):
+            raise InputError(f"input {index} must be an object with 'image' and 'text'",
+                             'send {"image": {"b64": ...}, "text": "..."}', (index,))
+        record = {k: v for k, v in raw.items() if k not in _TARGET_KEYS}
+        record["image"] = _read_image(raw["image"], (index, "image"), allow_paths)
+        record["text"] = self._text(raw["text"], (index, "text"), max_chars)
+        return record
+
     def _value(self, raw: Any, loc: tuple[Any, ...], max_chars: int | None, allow_paths: bool) -> Any:
         if self.input_field == "image":
             return _read_image(raw, loc, allow_paths)
         if self.input_field == "tokens" and isinstance(raw, list) and all(isinstance(t, str) for t in raw):
             return raw
+        return self._text(raw, loc, max_chars)
+
+    @staticmethod
+    def _text(raw: Any, loc: tuple[Any, ...], max_chars: int | None) -> str:
         if not isinstance(raw, str):
             raise InputError(f"input {_where(loc)} must be a string, not {_kind(raw)}", None, loc)
         if max_chars is not None and len(raw) > max_chars:

@@ -45,6 +45,18 @@ def _images(n: int) -> list[dict[str, Any]]:
     return [{"image": rng.integers(0, 255, (8, 8), dtype=np.uint8), "label": str(i % 3)} for i in range(n)]
 
 
+def _qa(n: int) -> list[dict[str, Any]]:
+    """Image + question records: the answer is the image's brighter half, asked in two ways."""
+    rng = np.random.default_rng(1)
+    records = []
+    for i in range(n):
+        image = rng.integers(0, 60, (8, 8, 3), dtype=np.uint8)
+        image[: 4 if i % 2 else 8, :4] += 150
+        records.append({"image": image, "text": ["which side is bright?", "is the left bright?"][i % 2],
+                        "label": ["left", "yes"][i % 2], "type": ["side", "yes/no"][i % 2]})
+    return records
+
+
 @dataclass
 class Case:
     """A task's tiny world: its options, training records, model, and raw inputs to serve."""
@@ -89,6 +101,20 @@ CASES: dict[str, Case] = {
     "contrastive": Case(
         {"projection_dim": 4}, lambda: _images(12), "lenet", {"channels": (2, 4), "hidden": 8, "dropout": 0.0},
         [img["image"] for img in _images(2)], [img["image"].tolist() for img in _images(2)],
+    ),
+    "visual-question-answering": Case(
+        {"max_length": 8}, lambda: _qa(12), "vqa",
+        {"fusion": "cross-attention", "embed_dim": 8, "hidden": 8, "widths": (4, 8), "fusion_dim": 8, "heads": 2,
+         "dropout": 0.0},
+        [{"image": r["image"], "text": r["text"]} for r in _qa(2)],
+        [{"image": r["image"].tolist(), "text": r["text"]} for r in _qa(2)],
+    ),
+    "image-text-contrastive": Case(
+        {"max_length": 8}, lambda: [{"image": r["image"], "text": r["text"] + " " + r["label"]} for r in _qa(12)],
+        "clip", {"embed_dim": 8, "widths": (4, 8), "word_dim": 8, "hidden": 8, "dropout": 0.0},
+        [{"image": r["image"], "text": r["text"]} for r in _qa(2)],
+        [{"image": r["image"].tolist(), "text": r["text"]} for r in _qa(2)],
+        {"embed_inputs": ["which side is bright?", "is the left bright?"]},  # embed: the text tower
     ),
     "causal-lm": Case(
         {"vocab_size": 300, "block_size": 8, "chat_template": CHAT, "max_length": 32},
@@ -201,9 +227,10 @@ def test_the_server_serves_what_the_task_declares(trained):
         else:
             assert 400 <= predicted.status_code < 500, predicted.text
         if "embed" in caps.verbs:
-            embedded = client.post("/v1/embeddings", json={"model": name, "input": case.inputs})
+            texts = case.extra.get("embed_inputs", case.inputs)
+            embedded = client.post("/v1/embeddings", json={"model": name, "input": texts})
             assert embedded.status_code == 200, embedded.text
-            assert len(embedded.json()["data"]) == len(case.inputs)
+            assert len(embedded.json()["data"]) == len(texts)
         if "generate" in caps.verbs:
             done = client.post("/v1/completions", json={"model": name, "prompt": case.inputs[0], "max_tokens": 3})
             assert done.status_code == 200, done.text
@@ -224,8 +251,9 @@ def _call(pipe: Any, verb: str, case: Case) -> None:
         out = pipe.predict(case.inputs)
         assert len(out) == len(case.inputs)
     elif verb == "embed":
-        vectors = pipe.embed(case.inputs)
-        assert vectors.shape[0] == len(case.inputs) and np.isfinite(vectors).all()
+        texts = case.extra.get("embed_inputs", case.inputs)
+        vectors = pipe.embed(texts)
+        assert vectors.shape[0] == len(texts) and np.isfinite(vectors).all()
     elif verb == "generate":
         text = pipe.generate(case.inputs[0], max_new_tokens=3)
         assert isinstance(text, str)

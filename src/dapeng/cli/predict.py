@@ -16,6 +16,7 @@ EXAMPLE = """example:
   dapeng predict runs/rt "a gripping, funny film"                  # label and score
   dapeng predict runs/rt --json "a gripping, funny film"           # options go anywhere
   dapeng predict runs/fm shoe.png --json                           # images by path
+  dapeng predict runs/vqa --image shape.png "what color is the shape?" "is there a circle?"
   dapeng predict runs/rt --file reviews.csv --out predictions.jsonl
   dapeng predict runs/rt --file reviews.tsv --text-column review --on-error fail
   dapeng predict runs/qa --context story.txt "who wrote the letter?"   # question answering
@@ -24,9 +25,12 @@ EXAMPLE = """example:
 --file reads CSV/TSV (with a header row), JSON lines (records, or bare strings) or plain
 text (one input per line: .txt and any other suffix), gzipped or not, with the readers
 training uses. The input column is the run's data.text_column (data.image_column for image
-models, whose paths are relative to the file); for an Artifact or hub name without a run
-directory, the task's input field ("text" or "image"). A question-answering model reads
-each row's "question" and "context" fields (JSONL or CSV columns of those names).
+models, whose paths are relative to the file; both for image+text models such as visual
+question answering); for an Artifact or hub name without a run directory, the task's input
+field ("text" or "image"; "image" and "text" for image+text). On the command line, an image+text
+model takes --image FILE and each input is a question (a text) about that image. A
+question-answering model reads each row's "question" and "context" fields (JSONL or CSV
+columns of those names), and on the command line asks each question of --context.
 
 Each output is one JSON line {"line": N, <the row's columns>, "prediction": ...}, where N
 is the file line the row starts on: a CSV's header is line 1, so its first row is line 2.
@@ -51,6 +55,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("inputs", nargs="*", help="texts, or image paths for image models")
     p.add_argument("--context", help="question answering: the context (a file to read, or the text itself) "
                    "every question on the command line is asked of")
+    p.add_argument("--image", type=Path, help="image+text models: the image the inputs (questions) are about")
     p.add_argument("--file", type=Path, help="read inputs from a CSV/TSV, JSONL or text file (one row per input)")
     p.add_argument("--format", choices=_FILE_FORMATS, help="the --file format (default: by its suffix; else text)")
     p.add_argument("--text-column", help="column of the input text (default: the run's data.text_column)")
@@ -91,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         _check_file(args.file)
     pipe = load(args.model, precision=args.precision, backend=args.backend)
     bad = _BadRows(args.file, args.on_error)
-    items = itertools.chain(_command_line_items(pipe, args.inputs, args.context),
+    items = itertools.chain(_command_line_items(pipe, args.inputs, args.context, args.image),
                             _file_items(pipe, args, bad.report))
     if args.out is not None:
         from dapeng._files import atomic_path
@@ -163,8 +168,19 @@ def _check_some(count: int, bad: _BadRows) -> None:
                         "--text-column or --image-column names the input column")
 
 
-def _command_line_items(pipe: Any, inputs: list[str], context: str | None) -> Iterator[_Item]:
+def _command_line_items(pipe: Any, inputs: list[str], context: str | None, image: Path | None) -> Iterator[_Item]:
     field = pipe.input_field
+    if field == "image+text":
+        if inputs and image is None:
+            raise DataError(f"model {pipe.name!r} answers questions about an image: --image is missing",
+                            'dapeng predict RUN --image FILE "question"')
+        raws: list[Any] = [{"image": str(image), "text": text} for text in inputs]
+        for record, raw, shown in zip(pipe.to_records(raws), raws, inputs):
+            yield _Item(None, raw, shown, record)
+        return
+    if image is not None:
+        raise DataError(f"--image is for image+text models; {pipe.name!r} reads {field} inputs",
+                        "pass its inputs as arguments")
     fields = pipe.capabilities.fields
     if len(fields) == 1:
         if context is not None:
@@ -173,8 +189,8 @@ def _command_line_items(pipe: Any, inputs: list[str], context: str | None) -> It
         for record, raw in zip(pipe.to_records(inputs), inputs):
             yield _Item(None, {field: raw}, raw, record)
         return
-    raws = [_question_record(raw, fields, context) for raw in inputs]
-    for record, raw, shown in zip(pipe.to_records(raws), raws, inputs):
+    questions = [_question_record(raw, fields, context) for raw in inputs]
+    for record, raw, shown in zip(pipe.to_records(questions), questions, inputs):
         yield _Item(None, {f: raw[f] for f in fields}, shown, record)
 
 
@@ -202,24 +218,38 @@ def _file_items(pipe: Any, args: argparse.Namespace, report: Callable[[int, str]
         return
     from dapeng.data.readers import iter_rows
 
+    field = pipe.input_field
     fields = pipe.capabilities.fields
-    if len(fields) > 1:
+    if len(fields) > 1 and field != "image+text":
         yield from _record_items(pipe, args, fields, report)
         return
-    image = pipe.input_field == "image"
     defaults = _run_columns(args.model)
-    if image:
-        column, option = args.image_column or defaults.get("image", pipe.input_field), "--image-column"
+    image_column = args.image_column or defaults.get("image", "image")
+    text_column = args.text_column or defaults.get("text", "text")
+    if field == "image":
+        columns = {args.image_column or defaults.get("image", field): "--image-column"}
+    elif field == "image+text":
+        columns = {image_column: "--image-column", text_column: "--text-column"}
     else:
-        column, option = args.text_column or defaults.get("text", pipe.input_field), "--text-column"
-    for row in iter_rows(args.file, _file_format(args.file, args.format), {column: option}):
+        columns = {args.text_column or defaults.get("text", field): "--text-column"}
+    for row in iter_rows(args.file, _file_format(args.file, args.format), columns):
         if row.error is not None:
             report(row.line, row.error)
             continue
-        value = row.values[column]
         try:
-            record = _image_record(pipe, value, column, args.file) if image else _text_record(
-                pipe, value, column, args.max_chars)
+            if field == "image":
+                (column,) = columns
+                value = row.values[column]
+                record = _image_record(pipe, value, column, args.file)
+            elif field == "image+text":
+                value = row.values[text_column]
+                image = _image_record(None, row.values[image_column], image_column, args.file)
+                text = _text_record(None, value, text_column, args.max_chars)
+                record = pipe.to_records([{"image": image, "text": text}])[0]
+            else:
+                (column,) = columns
+                value = row.values[column]
+                record = _text_record(pipe, value, column, args.max_chars)
         except DapengError as err:
             report(row.line, err.message)
             continue
@@ -238,7 +268,7 @@ def _record_items(pipe: Any, args: argparse.Namespace, fields: tuple[str, ...],
         values = {f: row.values[f] for f in fields}
         try:
             for f in fields:
-                _check_text(values[f], f, args.max_chars)
+                _text_record(None, values[f], f, args.max_chars)
             record = pipe.to_records([values])[0]
         except DapengError as err:
             report(row.line, err.message)
@@ -246,19 +276,17 @@ def _record_items(pipe: Any, args: argparse.Namespace, fields: tuple[str, ...],
         yield _Item(row.line, row.values, values[fields[0]], record)
 
 
-def _check_text(value: Any, column: str, max_chars: int) -> None:
+def _text_record(pipe: Any, value: Any, column: str, max_chars: int) -> Any:
+    """The pipeline's record of a text cell (the checked text itself with `pipe` None)."""
     if not isinstance(value, str):
         raise DataError(f"{column!r} must be a string, not {type(value).__name__}")
     if len(value) > max_chars:
         raise DataError(f"{column!r} has {len(value)} characters, over --max-chars {max_chars}")
+    return value if pipe is None else pipe.to_records([value])[0]
 
 
-def _text_record(pipe: Any, value: Any, column: str, max_chars: int) -> dict[str, Any]:
-    _check_text(value, column, max_chars)
-    return pipe.to_records([value])[0]
-
-
-def _image_record(pipe: Any, value: Any, column: str, source: Path) -> dict[str, Any]:
+def _image_record(pipe: Any, value: Any, column: str, source: Path) -> Any:
+    """The pipeline's record of an image-path cell (the pixels themselves with `pipe` None)."""
     from dapeng.data.readers import load_image
 
     if not isinstance(value, str):
@@ -268,7 +296,8 @@ def _image_record(pipe: Any, value: Any, column: str, source: Path) -> dict[str,
         path = source.parent / path  # paths in a data file are relative to the file, as in training data
     if not path.is_file():
         raise DataError(f"no image file {path}")
-    return pipe.to_records([load_image(path)])[0]
+    pixels = load_image(path)
+    return pixels if pipe is None else pipe.to_records([pixels])[0]
 
 
 def _run_columns(source: str) -> dict[str, str]:

@@ -433,6 +433,51 @@ CATALOG: dict[str, DatasetEntry] = {
             splits=SplitSpec(eval=4, test=4, stratify=None, group="work"),
         ),
         DatasetEntry(
+            name="easy-vqa",
+            description="easy-VQA: 64x64 rendered shapes with questions and answers; 4,000 + 1,000 images, "
+            "38,575 + 9,673 QA pairs, 13 answers, question types yes/no, shape, color",
+            kind="visual-question-answering",
+            license="MIT (easy-vqa package, Victor Zhou); synthetic images",
+            homepage="https://github.com/vzhou842/easy-VQA",
+            # The wheel is cached whole: its 5,000 PNGs are read out of it, never unpacked one by one.
+            files=(
+                DataFile(
+                    "easy_vqa-1.0-py3-none-any.whl",
+                    "fcb51b309b78c7b00f97b64cdbcbcf5c105f94da1b39c0796cee5a787c4f650f",
+                    3215672,
+                ),
+            ),
+            origins=(_archive(PyPI("easy-vqa", "1.0"), {"easy_vqa-1.0-py3-none-any.whl": None}),),
+            loader="dapeng.data.datasets:easy_vqa",
+            # Questions about one image stay together: an eval question's image is never a training image.
+            splits=SplitSpec(eval=400, official_test=True, stratify=None, group="image_id"),
+            citation="Zhou (2020), easy-VQA, https://github.com/vzhou842/easy-VQA",
+        ),
+        DatasetEntry(
+            name="easy-vqa-captions",
+            description="easy-VQA's 4,000 + 1,000 images, each with one caption (\"a red circle\") read off its "
+            "QA pairs (dapeng.data.captions)",
+            kind="image-text-contrastive",
+            license="MIT (easy-vqa package, Victor Zhou); synthetic images",
+            homepage="https://github.com/vzhou842/easy-VQA",
+            files=(),  # made from easy-vqa's cached files
+            origins=(),
+            loader="dapeng.data.captions:easy_vqa_captions",
+            splits=SplitSpec(eval=400, official_test=True, stratify=None),
+        ),
+        DatasetEntry(
+            name="fashion-mnist-captions",
+            description="Fashion-MNIST's 60,000 + 10,000 images, each described by a template around its "
+            "class name (\"a picture of a sneaker\"; dapeng.data.captions)",
+            kind="image-text-contrastive",
+            license="MIT (Expat), Zalando SE",
+            homepage="https://github.com/zalandoresearch/fashion-mnist",
+            files=(),  # made from fashion-mnist's cached files
+            origins=(),
+            loader="dapeng.data.captions:fashion_mnist_captions",
+            splits=SplitSpec(eval=5000, official_test=True),
+        ),
+        DatasetEntry(
             name="glove-6b-50d",
             description="GloVe 6B word vectors: 400,000 lower-cased words x 50 dimensions",
             kind="embedding",

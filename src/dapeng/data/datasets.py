@@ -13,6 +13,7 @@ import io
 import json
 import re
 import tarfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -265,3 +266,46 @@ def ddtp_summary(folder: Path) -> Records:
             records.append({"text": "\n".join(en["paragraphs"]), "target": en["synopsis"],
                             "package": row["package"], "md5": row["md5"]})
     return {"all": records}
+
+
+EASY_VQA_SHAPES = ("circle", "rectangle", "triangle")
+EASY_VQA_COLORS = ("black", "blue", "brown", "gray", "green", "red", "teal", "yellow")
+
+
+def easy_vqa_type(answer: str) -> str:
+    """The question type of an easy-VQA answer: "yes/no", "shape" or "color" (the data has no type field)."""
+    if answer in ("yes", "no"):
+        return "yes/no"
+    return "shape" if answer in EASY_VQA_SHAPES else "color"
+
+
+def easy_vqa(folder: Path) -> Records:
+    """easy-VQA QA pairs as `{"image", "text" (the question), "label" (the answer), "type", "image_id"}`.
+
+    Records of one image share one read-only uint8 (64, 64, 3) array; `type` comes from the
+    answer (`easy_vqa_type`). Question and answer use the record keys every classifier reads.
+    """
+    import json
+
+    from PIL import Image
+
+    splits: Records = {}
+    with zipfile.ZipFile(folder / "easy_vqa-1.0-py3-none-any.whl") as zf:
+        for split in ("train", "test"):
+            questions = json.loads(zf.read(f"easy_vqa/data/{split}/questions.json"))
+            images: dict[int, np.ndarray] = {}
+            for image_id in sorted({int(q[2]) for q in questions}):
+                with zf.open(f"easy_vqa/data/{split}/images/{image_id}.png") as f, Image.open(f) as im:
+                    array = np.asarray(im.convert("RGB"), dtype=np.uint8)
+                array.setflags(write=False)
+                images[image_id] = array
+            splits[split] = [
+                {"image": images[int(image_id)], "text": text, "label": answer, "type": easy_vqa_type(answer),
+                 "image_id": f"{split}/{image_id}"}
+                for text, answer, image_id in questions
+            ]
+    expected = {"train": 38575, "test": 9673}
+    if {k: len(v) for k, v in splits.items()} != expected:
+        raise DataError(f"{folder}: expected 38,575 + 9,673 questions, found "
+                        f"{len(splits['train']):,} + {len(splits['test']):,}", "the cached file may be damaged")
+    return splits

@@ -139,12 +139,19 @@ def read_csv(
 
 
 def read_jsonl(
-    path: Path | str, text_column: str = "text", label_column: str = "label", require_label: bool = True
+    path: Path | str,
+    text_column: str = "text",
+    label_column: str = "label",
+    require_label: bool = True,
+    image_column: str = "image",
 ) -> list[Record]:
     """Read one JSON object per line; `text_column`/`label_column` keys become "text"/"label".
 
     Other keys are kept as they are, so JSONL also carries records of other tasks:
     a record with "tokens" (`{"tokens": [...], "tags": [...]}`) needs no text or label.
+    A string under `image_column` is an image file's path, relative to the JSONL file's
+    folder: it is read into "image" (uint8 (H, W[, C])), for image+text tasks
+    (`{"image": "img/1.png", "text": "what color is the shape?", "label": "red"}`).
     """
     path = Path(path)
     _check_file(path)
@@ -182,6 +189,8 @@ def read_jsonl(
                         f"{path}:{line_no}: no key {label_column!r}; keys found: {found}",
                         "set data.label_column to one of them",
                     )
+                if isinstance(obj.get(image_column), str):
+                    obj["image"] = _image_at(path, line_no, obj.pop(image_column))
                 obj["_source"] = f"{path}:{line_no}"
                 records.append(obj)
     except UnicodeDecodeError as err:
@@ -189,6 +198,15 @@ def read_jsonl(
     if not records:
         raise DataError(f"{path}: no records (only blank lines)", "add one JSON object per line")
     return records
+
+
+def _image_at(path: Path, line_no: int, relative: str) -> np.ndarray:
+    """The image a JSONL line names, read relative to the JSONL file's folder."""
+    image = path.parent / relative
+    if not image.is_file():
+        raise DataError(f"{path}:{line_no}: image {relative!r} not found (looked for {image})",
+                        "image paths are relative to the JSONL file's folder")
+    return load_image(image)
 
 
 def _check_tagged(obj: dict[str, Any], where: str, require_label: bool) -> None:
@@ -554,12 +572,14 @@ def read_records(
     tag_column: int = -1,
     source_column: str | None = None,
     target_column: str = "target",
+    image_column: str = "image",
 ) -> list[Record]:
     """Read any supported file or folder; `format` defaults to `infer_format(path)`.
 
-    `text_column`/`label_column` name the columns of CSV and JSONL files; `token_column`/
-    `tag_column` are the 0-based columns of a CoNLL file (`read_conll`). With `source_column`,
-    a CSV/TSV/JSONL file holds source → target pairs (`read_pairs`).
+    `text_column`/`label_column` name the columns of CSV and JSONL files; `image_column` the
+    JSONL key holding an image path (relative to the file); `token_column`/`tag_column` are
+    the 0-based columns of a CoNLL file (`read_conll`). With `source_column`, a CSV/TSV/JSONL
+    file holds source → target pairs (`read_pairs`).
     """
     path = Path(path)
     if source_column is not None:
@@ -568,7 +588,7 @@ def read_records(
     if fmt == "csv":
         return read_csv(path, text_column, label_column, require_label)
     if fmt == "jsonl":
-        return read_jsonl(path, text_column, label_column, require_label)
+        return read_jsonl(path, text_column, label_column, require_label, image_column)
     if fmt == "imagefolder":
         return read_image_folder(path, require_label)
     if fmt == "idx":

@@ -28,7 +28,7 @@ def _read(path: Path, cfg: DataConfig) -> list[Record]:
     return read_records(
         path, cfg.format, cfg.text_column, cfg.label_column,
         token_column=cfg.token_column, tag_column=cfg.tag_column, require_label=not cfg.unlabeled,
-        source_column=cfg.source_column, target_column=cfg.target_column,
+        source_column=cfg.source_column, target_column=cfg.target_column, image_column=cfg.image_column,
     )
 
 

@@ -189,6 +189,8 @@ def _explain_one(
         ids = torch.tensor([pipeline.task.prompt_ids(text)], device=_device(pipeline.model))
         return _explain_prompt(pipeline, ids, align_words(pipeline.task, text, ids[0].tolist()), method, target)
     batch = _batch(pipeline.task, record, _device(pipeline.model))
+    if caps.input == "image+text":
+        return _explain_image_text(pipeline, record, raw, batch, method, target, budget, steps)
     if caps.input == "image":
         return _explain_image(pipeline, record, raw, batch, method, target, budget, steps)
     return _explain_text(pipeline, record, batch, method, target, budget, steps, tags=caps.output == "tags")
@@ -420,3 +422,65 @@ def _explain_image(
         completeness=result.completeness[0] if result.completeness else None, **common,
     )
 
+
+class _ImageSide(nn.Module):
+    """An image+text model seen as an image model: the question bound (Grad-CAM's view)."""
+
+    def __init__(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.model, self.ids, self.mask = model, ids, mask
+
+    @property
+    def cam_layer(self) -> nn.Module:
+        return self.model.cam_layer
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        rows = images.shape[0]
+        return self.model(images, self.ids.expand(rows, -1), self.mask.expand(rows, -1))
+
+
+class _TextSide(nn.Module):
+    """An image+text model seen as a text model: the image bound (word attributions' view)."""
+
+    def __init__(self, model: nn.Module, images: torch.Tensor) -> None:
+        super().__init__()
+        self.model, self.images = model, images
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        images = self.images.expand(input_ids.shape[0], *self.images.shape[1:])
+        return self.model(images, input_ids, attention_mask)
+
+
+def _explain_image_text(
+    pipeline: Any, record: dict[str, Any], raw: Any, batch: dict[str, Any], method: str, target: Any,
+    budget: float, steps: tuple[int, int],
+) -> Explanation:
+    """A question about an image: Grad-CAM over the image and Integrated Gradients over the question's
+    words, both for the same answer (`method` "gradcam" names the image half)."""
+    if method != "gradcam":
+        raise ModelError(f"an image+text model is explained by gradcam, not {method!r}",
+                         "use method gradcam: a map over the image and word attributions of the question")
+    model, task = pipeline.model, pipeline.task
+    images = batch["images"][:1].float()  # (1, C, H, W)
+    ids, mask = batch["input_ids"][:1], batch["attention_mask"][:1]  # (1, T)
+    with torch.no_grad():
+        probs = model(images, ids, mask).float()[0].softmax(-1)
+    labels = _label_names(pipeline, probs.numel())
+    k = resolve_target(labels, target, probs)
+    predicted = int(probs.argmax())
+    cam = image_attributions(_ImageSide(model, ids, mask), images, images, k, "gradcam", *steps, budget)
+    alignment = align_words(task, record["text"], ids[0].tolist())
+    keep = torch.tensor([w is not None for w in alignment.word_of_token], device=ids.device)
+    baseline = torch.where(keep, torch.full_like(ids, _pad_id(task, alignment)), ids)
+    words = text_attributions(_TextSide(model, images), ids, mask, baseline, [k], "ig", *steps, budget)
+    return Explanation(
+        method=method, kind="image", label=labels[k], label_index=k, probability=float(probs[k]),
+        predicted=labels[predicted], predicted_probability=float(probs[predicted]),
+        scores=cam.scores[0], image=_display_image(raw, *images.shape[-2:]), text=alignment.text,
+        words=alignment.words, spans=alignment.spans,
+        completeness=words.completeness[0] if words.completeness else None,
+        extra={"word_scores": merge_tokens(words.scores[0], alignment).tolist()},
+    )

@@ -173,6 +173,13 @@ def to_html(e: Explanation) -> str:
     else:
         png = base64.b64encode(to_png(e)).decode("ascii")
         body = head + f'<p><img alt="{html.escape(headline(e))}" src="data:image/png;base64,{png}"></p>'
+        if e.kind == "image" and e.words and "word_scores" in e.extra:  # an image+text input: its question too
+            scores = np.asarray(e.extra["word_scores"], dtype=np.float64)
+            body += (
+                "<h2>Question, word attributions (Integrated Gradients)</h2>"
+                + _legend(e.label, bool((scores < 0).any()))
+                + f'<div class="text">{_shaded_words(e, scores, _scale(scores))}</div>'
+            )
         if e.kind == "attention" and e.words:
             scores = np.asarray(e.scores, dtype=np.float64)
             body += (

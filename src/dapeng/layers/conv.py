@@ -84,3 +84,26 @@ class GlobalPool(nn.Module):
 
     def extra_repr(self) -> str:
         return self.mode
+
+
+class ConvEncoder(nn.Module):
+    """A strided stem and one residual block per stage → a grid of features (the image tower of
+    the multimodal models: VQA, CLIP).
+
+    Args:
+        in_channels: image channels.
+        widths: channels per stage; the stem and every stage after the first halve the resolution.
+    """
+
+    def __init__(self, in_channels: int, widths: tuple[int, ...]) -> None:
+        super().__init__()
+        self.stem = ConvNormAct(in_channels, widths[0], 3, stride=2)
+        blocks, channels = [], widths[0]
+        for i, width in enumerate(widths):
+            blocks.append(ResidualBlock(channels, width, stride=1 if i == 0 else 2))
+            channels = width
+        self.stages = nn.Sequential(*blocks)
+        self.out_channels = channels
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.stages(self.stem(images))  # (B, C', S / 2^len(widths), ...)

@@ -30,6 +30,12 @@ Constructors take plain typed keyword arguments only.
   `posterior`, `topic_words() -> (K, V)`; kwargs `vocab_size`, `num_topics`, `context_dim`.
   Models with inputs of their own kind give `example_inputs(batch)` (`dapeng models show`).
 
+* `vqa`: `forward(images (B, C, S, S), input_ids (B, T), attention_mask (B, T)) -> (B, K)` answer
+  logits; kwargs `vocab_size`, `num_labels`, `pad_id`, `in_channels`, `image_size`, `fusion`;
+  `forward_features` gives the fused (B, F) vector; `cam_layer`; `get_input_embeddings()`.
+* `clip`: `forward(images, input_ids, attention_mask) -> {"image_embeds", "text_embeds", "logits"}`;
+  `encode_image`, `encode_text` (unit vectors), `scale()` (the learned inverse temperature).
+
 Attention weights: `dapeng.layers.attention.capture_attention(model)`.
 `dapeng.models.introspect` summarises and draws any registered model (`dapeng models`).
 """
@@ -59,6 +65,8 @@ BUILTIN_MODELS: dict[str, str] = {
     "lm": "dapeng.models.lm:LlamaLM",
     "seq2seq": "dapeng.models.seq2seq:Seq2SeqTransformer",
     "prodlda": "dapeng.models.prodlda:ProdLDA",
+    "vqa": "dapeng.models.vqa:VQAModel",
+    "clip": "dapeng.models.clip:CLIPModel",
 }
 for _name, _target in BUILTIN_MODELS.items():
     MODELS.register(_name, _target)

@@ -347,7 +347,8 @@ def create_app(pipelines: Mapping[str, Any], config: ServeConfig | None = None) 
     """
     config = config or ServeConfig()
     state = ServeState(pipelines, config)
-    bodies = build_request_models(config)
+    bodies = build_request_models(config, [s.capabilities.input_schema() for s in state.slots.values()
+                                           if s.capabilities.supports("predict")])
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -674,7 +675,8 @@ def _add_model_routes(app: _GatedApp, router: APIRouter, state: ServeState, bodi
         slot.require_method(body.method)  # type: ignore[attr-defined]
         records = slot.records(body.instances, config, "explain")  # type: ignore[attr-defined]
         field = slot.capabilities.input
-        inputs = [r[field] if isinstance(r, dict) else r for r in records]
+        # an image+text input is its record ({"image", "text"}); others are the record's one field
+        inputs = [r[field] if isinstance(r, dict) and field in r else r for r in records]
 
         def run() -> Any:
             return to_json(slot.pipeline.explain(inputs, method=body.method, target=body.target))  # type: ignore[attr-defined]

@@ -29,11 +29,7 @@ class ErrorBody(BaseModel):
 
 def predict_response(output_schemas: list[dict[str, Any]]) -> type[BaseModel]:
     """The `:predict` answer, each prediction described by the served tasks' output schemas."""
-    unique = [s for i, s in enumerate(output_schemas) if s not in output_schemas[:i]]
-    if not unique or not all(unique):  # a model without a schema may answer anything
-        items: dict[str, Any] = {}
-    else:
-        items = unique[0] if len(unique) == 1 else {"anyOf": unique}
+    items = _one_of(output_schemas)  # a model without a schema may answer anything
     return create_model(
         "PredictResponse",
         predictions=(list[Any], Field(description="one output per instance, in order",
@@ -262,8 +258,19 @@ class RequestModels(NamedTuple):
     embedding: type[BaseModel]
 
 
-def build_request_models(config: ServeConfig) -> RequestModels:
+def _one_of(schemas: list[dict[str, Any]]) -> dict[str, Any]:
+    """One schema for values of any of `schemas` (duplicates dropped; {} when one of them is open)."""
+    unique = [s for i, s in enumerate(schemas) if s not in schemas[:i]]
+    if not unique or not all(unique):
+        return {}
+    return unique[0] if len(unique) == 1 else {"anyOf": unique}
+
+
+def build_request_models(config: ServeConfig, input_schemas: list[dict[str, Any]] | None = None) -> RequestModels:
     """The request bodies, with this server's limits in their schemas.
+
+    `input_schemas` are the served tasks' declared inputs (`Capabilities.input_schema`): the
+    OpenAPI document states what one instance is, e.g. `{"image": {"b64": ...}, "text": ...}`.
 
     Where OpenAI's API leaves a default open, the server takes `dapeng generate`'s: no
     top-k, no penalties; the token budget is the rest of the model's context, up to the
@@ -271,7 +278,8 @@ def build_request_models(config: ServeConfig) -> RequestModels:
     """
     instances = Annotated[
         list[Instance],
-        Field(min_length=1, max_length=config.max_items, description="the inputs, one prediction each"),
+        Field(min_length=1, max_length=config.max_items, description="the inputs, one prediction each",
+              json_schema_extra={"items": _one_of(input_schemas or [])}),
     ]
     predict = create_model("PredictRequest", __base__=_Strict, instances=(instances, ...))
     explain = create_model(

@@ -2,9 +2,10 @@
 
 The tensor names and types follow the task's declared `Capabilities`: one input named
 after the task's input field (`text` and `tokens` as BYTES `[N]`; `image` as UINT8
-`[N, H, W]` / `[N, H, W, C]` pixels, or BYTES `[N]` of base64 image files), and outputs by
+`[N, H, W]` / `[N, H, W, C]` pixels, or BYTES `[N]` of base64 image files; `image+text` as the
+two tensors `image` and `text`, one element each per instance), and outputs by
 what `predict` gives (`label`: BYTES `label`, FP32 `score` and, with known labels, FP32
-`probabilities` `[N, labels]`; `vector`: FP32 `embedding` `[N, D]`; `tags` and `text`: one
+`probabilities` `[N, labels]`; `vector`: FP32 `embedding` `[N, D]`; `score`: FP32 `score` `[N]`; `tags` and `text`: one
 BYTES element per input, tags as the prediction's JSON). Inputs come as JSON data or in
 the binary tensor extension (`tritonclient`'s default); outputs are always JSON.
 """
@@ -35,9 +36,13 @@ class TensorSpec(NamedTuple):
 
 
 def input_specs(capabilities: Any) -> list[TensorSpec]:
-    """The input tensors a task reads: one, or a BYTES tensor per field of a record input (question, context)."""
+    """The input tensors a task reads: one, `image` and `text` for an image+text task, or a BYTES
+    tensor per field of a record input (question, context)."""
+    image = TensorSpec("image", "UINT8", [-1, -1, -1, -1])
     if capabilities.input == "image":
-        return [TensorSpec("image", "UINT8", [-1, -1, -1, -1])]
+        return [image]
+    if capabilities.input == "image+text":
+        return [image, TensorSpec("text", "BYTES", [-1])]
     return [TensorSpec(field, "BYTES", [-1]) for field in capabilities.fields]
 
 
@@ -50,71 +55,67 @@ def output_specs(capabilities: Any, labels: Sequence[str] | None) -> list[Tensor
         return specs
     if capabilities.output == "vector":
         return [TensorSpec("embedding", "FP32", [-1, -1])]
+    if capabilities.output == "score":
+        return [TensorSpec("score", "FP32", [-1])]
     return [TensorSpec(capabilities.output, "BYTES", [-1])]
 
 
 def instances_from(inputs: Sequence[Any], capabilities: Any, max_items: int) -> list[Any]:
     """The raw inputs (one per batch row) in V2 input tensors, for `Pipeline.to_records`.
 
+    An image+text task reads two tensors of the same batch size, `image` and `text`, into
+    `{"image": ..., "text": ...}` instances.
+
     Raises:
         DapengError: naming the tensor or field that is wrong.
     """
     specs = input_specs(capabilities)
-    if len(specs) > 1:
-        return _records_from(inputs, specs, max_items)
-    (spec,) = specs
-    if len(inputs) != 1 or inputs[0].name != spec.name:
-        names = [t.name for t in inputs]
-        raise DapengError(f"inputs: expected one tensor named {spec.name!r}, got {names}",
-                          "see GET /v2/models/NAME for the inputs it reads")
-    return _rows(inputs[0], spec, max_items)
+    names = [t.name for t in inputs]
+    if sorted(names) != sorted(s.name for s in specs):
+        wanted = f"one tensor named {specs[0].name!r}" if len(specs) == 1 else f"tensors {[s.name for s in specs]}"
+        raise DapengError(f"inputs: expected {wanted}, got {names}", "see GET /v2/models/NAME for the inputs it reads")
+    columns = {t.name: _instances(t, next(s for s in specs if s.name == t.name), k, max_items)
+               for k, t in enumerate(inputs)}
+    if len(specs) == 1:
+        return columns[specs[0].name]
+    sizes = {name: len(values) for name, values in columns.items()}
+    if len(set(sizes.values())) != 1:
+        raise DapengError(f"inputs: the tensors' batch sizes differ: {sizes}", "send one element of each per instance")
+    return [dict(zip(columns, row)) for row in zip(*columns.values())]
 
 
-def _rows(tensor: Any, spec: TensorSpec, max_items: int) -> list[Any]:
-    """The rows of one input tensor that `spec` describes."""
+def _instances(tensor: Any, spec: TensorSpec, k: int, max_items: int) -> list[Any]:
+    """The batch rows of one input tensor (`inputs[k]`) that `spec` describes."""
+    at = f"inputs[{k}]"
     shape = list(tensor.shape)
     if not shape or not 1 <= shape[0] <= max_items:
-        raise DapengError(f"inputs[0].shape: the first dimension is the batch size, 1 to {max_items}, not {shape}")
+        raise DapengError(f"{at}.shape: the first dimension is the batch size, 1 to {max_items}, not {shape}")
     if tensor.data is None:
-        raise DapengError("inputs[0].data is missing", "send the elements, or binary data with binary_data_size")
+        raise DapengError(f"{at}.data is missing", "send the elements, or binary data with binary_data_size")
     data = _flatten(tensor.data)
     if len(data) != _product(shape):
-        raise DapengError(f"inputs[0].data: {len(data)} elements for shape {shape}")
+        raise DapengError(f"{at}.data: {len(data)} elements for shape {shape}")
     if tensor.datatype == "BYTES":
         if len(shape) > 2 or _product(shape[1:]) != 1:
-            raise DapengError(f"inputs[0].shape: BYTES inputs are [N] or [N, 1], not {shape}")
+            raise DapengError(f"{at}.shape: BYTES inputs are [N] or [N, 1], not {shape}")
         if not all(isinstance(x, str | bytes) for x in data):
-            raise DapengError("inputs[0].data: BYTES elements must be strings")
+            raise DapengError(f"{at}.data: BYTES elements must be strings")
         if spec.datatype == "UINT8":  # encoded image files: base64 in JSON, the bytes themselves in binary
             return [{"b64": x} if isinstance(x, str) else x for x in data]
         try:
             return [x.decode() if isinstance(x, bytes) else x for x in data]
         except UnicodeDecodeError:
-            raise DapengError("inputs[0].data: BYTES text must be UTF-8") from None
+            raise DapengError(f"{at}.data: BYTES text must be UTF-8") from None
     if spec.datatype != "UINT8" or tensor.datatype != "UINT8":
-        raise DapengError(f"inputs[0].datatype: {spec.name!r} is {spec.datatype}, not {tensor.datatype}")
+        raise DapengError(f"{at}.datatype: {spec.name!r} is {spec.datatype}, not {tensor.datatype}")
     if len(shape) not in (3, 4):
-        raise DapengError(f"inputs[0].shape: images are [N, H, W] or [N, H, W, C], not {shape}")
+        raise DapengError(f"{at}.shape: images are [N, H, W] or [N, H, W, C], not {shape}")
     import numpy as np
 
     if not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= 255 for x in data):
-        raise DapengError("inputs[0].data: UINT8 elements must be integers 0 to 255")
+        raise DapengError(f"{at}.data: UINT8 elements must be integers 0 to 255")
     pixels = np.asarray(data, dtype=np.uint8).reshape(shape)
     return list(pixels)
-
-
-def _records_from(inputs: Sequence[Any], specs: Sequence[TensorSpec], max_items: int) -> list[dict[str, Any]]:
-    """Records `{field: text}` from one BYTES tensor per field, all of the same batch size."""
-    wanted = [spec.name for spec in specs]
-    if sorted(t.name for t in inputs) != sorted(wanted):
-        raise DapengError(f"inputs: expected the tensors {wanted}, got {[t.name for t in inputs]}",
-                          "see GET /v2/models/NAME for the inputs it reads")
-    by_name = {spec.name: spec for spec in specs}
-    columns = {tensor.name: _rows(tensor, by_name[tensor.name], max_items) for tensor in inputs}
-    sizes = {len(column) for column in columns.values()}
-    if len(sizes) != 1:
-        raise DapengError(f"inputs: {', '.join(wanted)} must hold as many rows each")
-    return [dict(zip(columns, row)) for row in zip(*columns.values())]
 
 
 def outputs_from(

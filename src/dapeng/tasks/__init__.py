@@ -19,6 +19,8 @@ BUILTIN_TASKS: dict[str, str] = {
     "question-answering": "dapeng.tasks.question_answering:QuestionAnswering",
     "translation": "dapeng.tasks.seq2seq:Translation",
     "summarization": "dapeng.tasks.seq2seq:Summarization",
+    "visual-question-answering": "dapeng.tasks.vqa:VQATask",
+    "image-text-contrastive": "dapeng.tasks.image_text:ImageTextContrastiveTask",
 }
 for _name, _target in BUILTIN_TASKS.items():
     TASKS.register(_name, _target)

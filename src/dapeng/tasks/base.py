@@ -38,10 +38,10 @@ __all__ = ["Batch", "Capabilities", "Item", "Metric", "Record", "Task", "Unsuppo
 
 
 VERBS = ("predict", "generate", "embed", "explain")
-INPUTS = ("text", "image", "tokens", "question")
-OUTPUTS = ("label", "tags", "vector", "text", "span")
+INPUTS = ("text", "image", "tokens", "question", "image+text")
+OUTPUTS = ("label", "tags", "vector", "text", "span", "score")
 # The record fields one raw input fills, for input kinds that take more than their own field.
-INPUT_FIELDS = {"question": ("question", "context")}
+INPUT_FIELDS = {"question": ("question", "context"), "image+text": ("image", "text")}
 
 
 class UnsupportedError(DapengError):
@@ -55,11 +55,13 @@ class Capabilities:
     Args:
         input: the record field raw inputs go into: "text" (a string), "image" (pixels, a
             file, base64) or "tokens" (a list of words, or a sentence split into words with their
-            character offsets, `dapeng.data.tokenizers.split_words`) or "question" (a record
-            `{"question", "context"}`: `fields` lists the strings one input holds).
+            character offsets, `dapeng.data.tokenizers.split_words`), "question" (a record
+            `{"question", "context"}`: `fields` lists the strings one input holds) or "image+text"
+            (an object with both, `{"image": ..., "text": "..."}`: a question about an image).
         output: what `predict` gives per input: "label" (`{"label", "score", "probabilities"}`),
-            "tags" (`{"tokens", "tags", ...}`), "vector" (an embedding), "text" (generation) or
-            "span" (`{"answer", "score", "start", "end"}`: a piece of the input's context).
+            "tags" (`{"tokens", "tags", ...}`), "vector" (an embedding), "text" (generation),
+            "span" (`{"answer", "score", "start", "end"}`: a piece of the input's context) or
+            "score" (`{"score"}`: how well an image+text pair matches).
         verbs: which of `VERBS` the task supports.
         explain: the explanation methods (`dapeng.explain.METHODS`) it supports.
         batching: whether `predict` requests may be batched together by the server.
@@ -103,8 +105,10 @@ class Capabilities:
     def input_schema(self) -> dict[str, Any]:
         """JSON schema of one raw input."""
         if self.input == "image":
-            return {"anyOf": [{"type": "object", "properties": {"b64": {"type": "string"}}, "required": ["b64"]},
-                              {"type": "array", "description": "pixel values 0..255, (H, W) or (H, W, C)"}]}
+            return IMAGE_INPUT
+        if self.input == "image+text":
+            return {"type": "object", "properties": {"image": IMAGE_INPUT, "text": {"type": "string"}},
+                    "required": ["image", "text"]}
         if len(self.fields) > 1:
             return {"type": "object", "properties": {f: {"type": "string"} for f in self.fields},
                     "required": list(self.fields)}
@@ -118,6 +122,8 @@ class Capabilities:
                 "explain": list(self.explain), "batching": self.batching}
 
 
+IMAGE_INPUT = {"anyOf": [{"type": "object", "properties": {"b64": {"type": "string"}}, "required": ["b64"]},
+                         {"type": "array", "description": "pixel values 0..255, (H, W) or (H, W, C)"}]}
 LABEL_OUTPUT = {
     "type": "object",
     "properties": {"label": {"type": "string"}, "score": {"type": "number"},

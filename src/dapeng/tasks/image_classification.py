@@ -62,6 +62,37 @@ def _to_array(image: Any, record: Record, i: int) -> np.ndarray:
     return image
 
 
+def image_tensor(record: Record, i: int, in_channels: int, image_size: int) -> torch.Tensor:
+    """A record's image as uint8 (C, S, S): channels matched to `in_channels`, resized to `image_size`."""
+    image = _to_array(record.get("image"), record, i)
+    x = torch.from_numpy(np.array(image, order="C"))  # a copy: catalog images are read-only views
+    x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)  # (C, H, W)
+    if x.shape[0] == 4:
+        x = x[:3]  # drop alpha
+    if x.shape[0] != in_channels:
+        x = x.expand(3, -1, -1) if in_channels == 3 else x.float().mean(0, keepdim=True).round().to(torch.uint8)
+    if x.shape[1:] != (image_size, image_size):
+        size = (image_size, image_size)
+        x = F.interpolate(x[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+        x = x.round().clamp(0, 255).to(torch.uint8)
+    return x.contiguous()
+
+
+def image_geometry(train: Sequence[Record], image_size: int | None) -> tuple[int, int]:
+    """The channel count (3 if any training image has colour, else 1) and the square size to use."""
+    shapes = {_to_array(r.get("image"), r, i).shape for i, r in enumerate(train)}
+    channels = 3 if any(len(s) == 3 and s[2] >= 3 for s in shapes) else 1
+    if image_size:
+        return channels, image_size
+    return channels, max(max(s[0], s[1]) for s in shapes)
+
+
+def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 (N, C, S, S) images, in 0..1."""
+    pixels = images.double().div_(255).transpose(0, 1).reshape(images.shape[1], -1)
+    return pixels.mean(1).tolist(), pixels.std(1).clamp_min(1e-3).tolist()
+
+
 class ImageClassificationTask(ClassificationTask):
     """Images in, one label out. Options: see `ImageOptions` (all keyword arguments)."""
 
@@ -86,17 +117,9 @@ class ImageClassificationTask(ClassificationTask):
 
     def fit_images(self, train: Sequence[Record]) -> None:
         """Learn the channel count, the size and the per-channel mean/std of the training images."""
-        shapes = {_to_array(r.get("image"), r, i).shape for i, r in enumerate(train)}
-        self.in_channels = 3 if any(len(s) == 3 and s[2] >= 3 for s in shapes) else 1
-        if self.options.image_size:
-            self.image_size = self.options.image_size
-        else:
-            heights, widths = zip(*((s[0], s[1]) for s in shapes))
-            self.image_size = max(max(heights), max(widths))
-        images = self._tensors(train[: min(len(train), 20000)])  # statistics from up to 20k images
-        pixels = images.double().div_(255).transpose(0, 1).reshape(self.in_channels, -1)
-        self.mean = pixels.mean(1).tolist()
-        self.std = pixels.std(1).clamp_min(1e-3).tolist()
+        self.in_channels, self.image_size = image_geometry(train, self.options.image_size)
+        # statistics from up to 20k images
+        self.mean, self.std = channel_stats(self._tensors(train[: min(len(train), 20000)]))
 
     def model_kwargs(self) -> dict[str, Any]:
         return {
@@ -106,25 +129,7 @@ class ImageClassificationTask(ClassificationTask):
         }
 
     def _tensor(self, record: Record, i: int) -> torch.Tensor:
-        """One image as uint8 (C, S, S): channels matched, resized if needed."""
-        image = _to_array(record.get("image"), record, i)
-        x = torch.from_numpy(np.array(image, order="C"))  # a copy: catalog images are read-only views
-        x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)  # (C, H, W)
-        if x.shape[0] == 4:
-            x = x[:3]  # drop alpha
-        if x.shape[0] != self.in_channels:
-            x = (
-                x.expand(3, -1, -1)
-                if self.in_channels == 3
-                else x.float().mean(0, keepdim=True).round().to(torch.uint8)
-            )
-        if x.shape[1:] != (self.image_size, self.image_size):
-            size = (self.image_size, self.image_size)
-            x = F.interpolate(
-                x[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False
-            )[0]
-            x = x.round().clamp(0, 255).to(torch.uint8)
-        return x.contiguous()
+        return image_tensor(record, i, self.in_channels, self.image_size)
 
     def _tensors(self, records: Sequence[Record]) -> torch.Tensor:
         return torch.stack([self._tensor(r, i) for i, r in enumerate(records)])
