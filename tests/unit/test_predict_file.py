@@ -209,6 +209,7 @@ ORDERS = {
     "export": ("export r --format onnx --out d --json", "export --format onnx --json r --out d"),
     "quantize": ("quantize r --method int8-dynamic --max-drop 1 --json", "quantize --json --method int8-dynamic r --max-drop 1"),
     "prune": ("prune r --sparsity 0.5 --structured --json", "prune --json --structured r --sparsity 0.5"),
+    "topics": ("topics r --top 5 --doc x --json", "topics --json --doc x r --top 5"),
 }
 
 
