@@ -241,8 +241,8 @@ def test_user_conll_split_keeps_documents_whole(tmp_path):
     docs = "".join("-DOCSTART- O\n\n" + "".join(f"d{d}s{s} O\n\n" for s in range(5)) for d in range(20))
     f = write(tmp_path / "docs.conll", docs)
     splits = load_splits(DataConfig(train=f, eval_fraction=0.1, test_fraction=0.1))
-    parts = [{r["doc"] for r in part} for part in splits]
-    assert [len(p) for p in parts] == [16, 2, 2] and [len(p) for p in splits] == [80, 10, 10]
+    parts = [{r["doc"] for r in part} for part in (splits.train, splits.eval, splits.test)]
+    assert [len(p) for p in parts] == [16, 2, 2] and [len(p) for p in (splits.train, splits.eval, splits.test)] == [80, 10, 10]
     assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
 
 
