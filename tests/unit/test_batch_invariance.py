@@ -35,7 +35,7 @@ TEXT_CLASSIFIERS = {
     "transformer": [TRANSFORMER, {**TRANSFORMER, "pooling": "cls"}, {**TRANSFORMER, "pooling": "max"},
                     {**TRANSFORMER, "norm_first": True}],
 }
-NOT_TEXT_CLASSIFIERS = {"mlp", "lenet", "resnet", "lm", "seq2seq", "bilstm-crf", "prodlda"}  # the tagger: test_tagger_model.py
+NOT_TEXT_CLASSIFIERS = {"mlp", "lenet", "resnet", "lm", "seq2seq", "bilstm-crf", "prodlda", "vqa", "clip"}  # the tagger: test_tagger_model.py
 CASES = [(name, kwargs) for name, variants in TEXT_CLASSIFIERS.items() for kwargs in variants]
 
 

@@ -462,6 +462,7 @@ CATALOG: dict[str, DatasetEntry] = {
             homepage="https://github.com/vzhou842/easy-VQA",
             files=(),  # made from easy-vqa's cached files
             origins=(),
+            extra={"derived_from": "easy-vqa"},
             loader="dapeng.data.captions:easy_vqa_captions",
             splits=SplitSpec(eval=400, official_test=True, stratify=None),
         ),
@@ -474,6 +475,7 @@ CATALOG: dict[str, DatasetEntry] = {
             homepage="https://github.com/zalandoresearch/fashion-mnist",
             files=(),  # made from fashion-mnist's cached files
             origins=(),
+            extra={"derived_from": "fashion-mnist"},
             loader="dapeng.data.captions:fashion_mnist_captions",
             splits=SplitSpec(eval=5000, official_test=True),
         ),
