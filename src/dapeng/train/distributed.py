@@ -227,11 +227,11 @@ def wrap(model: nn.Module, strategy: str, device: torch.device) -> nn.Module:
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        # each repeated block its own unit (its weights gathered only while it runs), the embedding
-        # tables too (MiniLM's words are half its weights; the root unit stays gathered through
-        # forward and backward), then the rest
-        for unit in [*_blocks(model), *_embeddings(model)]:
-            fully_shard(unit, mesh=mesh)
+        # each repeated block its own unit (its weights gathered only while it runs), then the rest.
+        # Not the embedding tables on their own: a model that reads a table's weight outside its
+        # forward (positions sliced, a tied head) would meet a sharded DTensor there.
+        for block in _blocks(model):
+            fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
         return model
     tensor_parallel(model, mesh)
@@ -281,14 +281,6 @@ def tensor_parallel(model: nn.Module, mesh: Any) -> nn.Module:
 def _blocks(model: nn.Module) -> list[nn.Module]:
     """The members of the model's repeated-layer lists (transformer blocks, ResNet stages, ...)."""
     return [block for module in model.modules() if isinstance(module, nn.ModuleList) for block in module]
-
-
-def _embeddings(model: nn.Module) -> list[nn.Module]:
-    """The embedding tables outside the repeated blocks, unless tied to another module's weight (an LM head)."""
-    inside = {id(m) for block in _blocks(model) for m in block.modules()}
-    tables = [m for m in model.modules() if isinstance(m, nn.Embedding) and id(m) not in inside]
-    weights = [p for m in model.modules() if not isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)]
-    return [t for t in tables if not any(t.weight is p for p in weights)]
 
 
 def remap_groups(groups: Sequence[dict[str, Any]] | None, names: dict[int, str], model: nn.Module) -> list[dict] | None:
